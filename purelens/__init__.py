@@ -1,0 +1,47 @@
+"""purelens: look inside neural networks and change what happens there, purely.
+
+Interventions are immutable pytrees; `run` interleaves them with any
+`torch.nn.Module`'s forward pass and returns a `Record`. Nothing is mutable,
+so experiments compose with `torch.func.grad`, `vmap` and `jacrev`.
+
+Example:
+    >>> import torch, purelens as pl
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> rec = pl.run(model, torch.randn(3, 4), [pl.save("1"), pl.add("0", torch.ones(8))])
+    >>> rec["1"].shape
+    torch.Size([3, 8])
+"""
+
+from ._errors import PurelensError as PurelensError
+from ._errors import SiteError as SiteError
+from ._interventions import Intervention as Intervention
+from ._interventions import ablate as ablate
+from ._interventions import add as add
+from ._interventions import patch as patch
+from ._interventions import replace as replace
+from ._interventions import save as save
+from ._interventions import scale as scale
+from ._interventions import skip as skip
+from ._interventions import stop as stop
+from ._record import Record as Record
+from ._run import run as run
+from ._site import sites as sites
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Intervention",
+    "PurelensError",
+    "Record",
+    "SiteError",
+    "ablate",
+    "add",
+    "patch",
+    "replace",
+    "run",
+    "save",
+    "scale",
+    "sites",
+    "skip",
+    "stop",
+]

@@ -1,0 +1,120 @@
+"""The only place that touches a model: hooks installed for one call, removed in `finally`.
+
+Hooks are registered per call on the modules the plan names, and they act only
+when the context variable `CURRENT` holds their own pass. So a run in another
+thread, or a run nested inside an intervention's function, passes through
+hooks that are not its own untouched.
+
+`pl.skip` must keep a module from running at all, which no hook can do: the
+module's ``forward`` is swapped for a dispatcher, shared by concurrent runs
+(reference-counted under a lock) and restored when the last one ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from torch import nn
+
+from ._pass import Pass, SitePlan
+
+__all__ = ["CURRENT", "installed"]
+
+CURRENT: contextvars.ContextVar[Pass | None] = contextvars.ContextVar("purelens_pass", default=None)
+
+
+def _output_hook(pass_: Pass, site: SitePlan) -> Callable[..., Any]:
+    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        if CURRENT.get() is not pass_:
+            return None
+        return pass_.on_output(site, output)
+
+    return hook
+
+
+def _input_hook(pass_: Pass, site: SitePlan) -> Callable[..., Any]:
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if CURRENT.get() is not pass_:
+            return None
+        return pass_.on_input(site, args, kwargs)
+
+    return hook
+
+
+class _Swap:
+    """A module's ``forward`` replaced by a skip dispatcher, and how to restore it."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.users = 0
+        self.had_own = "forward" in module.__dict__
+        self.own = module.__dict__.get("forward")
+        original = module.forward
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            pass_ = CURRENT.get()
+            if pass_ is not None:
+                skipped, output = pass_.on_skip(module, args, kwargs)
+                if skipped:
+                    return output
+            return original(*args, **kwargs)
+
+        self.forward = forward
+
+    def restore(self, module: nn.Module) -> None:
+        if self.had_own:
+            module.forward = self.own  # type: ignore[method-assign, assignment]
+        else:
+            del module.forward
+
+
+_swaps: dict[int, _Swap] = {}
+_swaps_lock = threading.Lock()
+
+
+def _swap_in(module: nn.Module) -> None:
+    with _swaps_lock:
+        swap = _swaps.get(id(module))
+        if swap is None:
+            swap = _swaps[id(module)] = _Swap(module)
+            module.forward = swap.forward  # type: ignore[method-assign]
+        swap.users += 1
+
+
+def _swap_out(module: nn.Module) -> None:
+    with _swaps_lock:
+        swap = _swaps[id(module)]
+        swap.users -= 1
+        if swap.users == 0:
+            swap.restore(module)
+            del _swaps[id(module)]
+
+
+@contextlib.contextmanager
+def installed(pass_: Pass) -> Iterator[None]:
+    """Install the hooks of `pass_`'s plan and make it the current pass, for one call."""
+    handles = []
+    swapped: list[nn.Module] = []
+    token = CURRENT.set(pass_)
+    try:
+        for site in pass_.plan.sites:
+            if site.port == "input":
+                handle = site.module.register_forward_pre_hook(
+                    _input_hook(pass_, site), with_kwargs=True
+                )
+            else:
+                handle = site.module.register_forward_hook(_output_hook(pass_, site))
+            handles.append(handle)
+        for module in pass_.plan.skip_modules:
+            _swap_in(module)
+            swapped.append(module)
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module in swapped:
+            _swap_out(module)
+        CURRENT.reset(token)

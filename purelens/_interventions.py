@@ -1,0 +1,442 @@
+"""Interventions: frozen pytree nodes, and the builders users call.
+
+Tensor arguments (a replacement, a steering vector, a factor) are the leaves;
+sites, functions, names and selectors are static metadata. Nodes never change:
+`torch.func.vmap` over a steering vector is `vmap` over the `add` node's leaf.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from . import _select
+from ._errors import PurelensError
+from ._select import Rows, Steps
+from ._site import parse_site
+from ._tree import hashable, pytree_node, static_field
+
+__all__ = [
+    "Ablate",
+    "Add",
+    "Intervention",
+    "Patch",
+    "Replace",
+    "Save",
+    "Scale",
+    "Skip",
+    "Stop",
+    "Writer",
+    "ablate",
+    "add",
+    "flatten_interventions",
+    "patch",
+    "replace",
+    "save",
+    "scale",
+    "skip",
+    "stop",
+]
+
+_NOT_CALLABLE = "`{arg}` of {builder}({site!r}, ...) must be callable, got {value!r}."
+_NOT_INTERVENTION = (
+    "`interventions` must hold purelens interventions (pl.save, pl.patch, ...), "
+    "possibly in nested lists or tuples; got {value!r}."
+)
+_BAD_RESULT = (
+    "{what} at site {site!r} returned {got}, but the value there is {want}.\n"
+    "  A patch must keep the shape and dtype of the value it replaces{rows}."
+)
+_NOT_TENSOR = "{what} at site {site!r} returned {value!r}, not a torch.Tensor."
+_BAD_ABLATE = "`how` of pl.ablate({site!r}) must be 'zero' or 'mean', got {how!r}."
+_BAD_BROADCAST = (
+    "{what} at site {site!r}: a value of shape {got} does not broadcast to the site's shape {want}."
+)
+
+
+def describe(value: Any) -> str:
+    """A short description of a value: ``float32[2, 5, 64]`` for a tensor."""
+    if isinstance(value, Tensor):
+        return f"{str(value.dtype).removeprefix('torch.')}{list(value.shape)}"
+    return repr(value)
+
+
+class Intervention:
+    """Base class of every intervention node.
+
+    Subclasses are frozen dataclasses registered as pytrees; their tensor
+    fields are leaves. Two nodes are equal when they are of one type, with
+    equal static fields and the same leaves (tensors by identity).
+    """
+
+    __slots__ = ()
+    site: str
+    step: Steps
+
+    def _key(self) -> tuple[Any, ...]:
+        values = (getattr(self, f.name) for f in dataclasses.fields(self))  # type: ignore[arg-type]
+        return (type(self), *(id(v) if isinstance(v, Tensor) else hashable(v) for v in values))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Intervention):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        parts = []
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if f.metadata and f.name != "site" and value == f.default:
+                continue
+            shown = getattr(value, "__name__", None) if callable(value) else None
+            parts.append(f"{f.name}={shown or describe(value)}")
+        return f"{type(self).__name__.lower()}({', '.join(parts)})"
+
+
+@pytree_node
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
+class Save(Intervention):
+    """Record `fn(value)` (or `value`) under `name`."""
+
+    site: str = static_field()
+    fn: Callable[[Tensor], Any] | None = static_field(default=None)
+    name: str = static_field(default="")
+    step: Steps = static_field(default=None)
+    batch: Rows = static_field(default=None)
+
+    def record(self, value: Tensor) -> Any:
+        value = _select.take_rows(value, self.batch, self.site)
+        return value if self.fn is None else self.fn(value)
+
+
+class Writer(Intervention):
+    """An intervention that replaces the value at its site (on the selected rows)."""
+
+    __slots__ = ()
+    batch: Rows
+
+    def new_value(self, rows: Tensor, saved: Mapping[str, Any]) -> Any:
+        raise NotImplementedError
+
+    def write(self, value: Tensor, saved: Mapping[str, Any]) -> Tensor:
+        """`value` with this intervention applied, checked against its shape and dtype."""
+        rows = _select.take_rows(value, self.batch, self.site)
+        new = self.new_value(rows, saved)
+        if not isinstance(new, Tensor):
+            raise PurelensError(_NOT_TENSOR.format(what=repr(self), site=self.site, value=new))
+        if new.shape != rows.shape or new.dtype != rows.dtype:
+            raise PurelensError(
+                _BAD_RESULT.format(
+                    what=repr(self),
+                    site=self.site,
+                    got=describe(new),
+                    want=describe(rows),
+                    rows=f" (the rows selected by batch={self.batch!r})"
+                    if self.batch is not None
+                    else "",
+                )
+            )
+        if new.device != rows.device:
+            new = new.to(rows.device)
+        return _select.put_rows(value, self.batch, new, self.site)
+
+
+def _takes_saved(fn: Callable[..., Any]) -> bool:
+    """Whether `fn` takes a second positional argument (the saved mapping)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # builtins without a signature take the value only
+        return False
+    positional = [
+        p
+        for p in params
+        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
+    return len(positional) >= 2
+
+
+@pytree_node
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
+class Patch(Writer):
+    """Replace the value with `fn(value)` or `fn(value, saved)`."""
+
+    site: str = static_field()
+    fn: Callable[..., Tensor] = static_field(default=None)  # type: ignore[assignment]
+    step: Steps = static_field(default=None)
+    batch: Rows = static_field(default=None)
+    takes_saved: bool = static_field(default=False)
+
+    def new_value(self, rows: Tensor, saved: Mapping[str, Any]) -> Any:
+        return self.fn(rows, saved) if self.takes_saved else self.fn(rows)
+
+
+def _broadcast(what: Writer, value: Tensor, rows: Tensor) -> Tensor:
+    value = value.to(device=rows.device, dtype=rows.dtype)
+    try:
+        return torch.broadcast_to(value, rows.shape)
+    except RuntimeError:
+        raise PurelensError(
+            _BAD_BROADCAST.format(
+                what=repr(what), site=what.site, got=list(value.shape), want=list(rows.shape)
+            )
+        ) from None
+
+
+@pytree_node
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
+class Replace(Writer):
+    """Replace the value with a tensor, broadcast to the site's shape."""
+
+    site: str = static_field()
+    value: Tensor = None  # type: ignore[assignment]
+    step: Steps = static_field(default=None)
+    batch: Rows = static_field(default=None)
+
+    def new_value(self, rows: Tensor, saved: Mapping[str, Any]) -> Tensor:
+        return _broadcast(self, torch.as_tensor(self.value), rows)
+
+
+@pytree_node
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
+class Add(Writer):
+    """Add `delta` to the value (steering); `delta` is cast to the value's dtype."""
+
+    site: str = static_field()
+    delta: Tensor | float = 0.0
+    step: Steps = static_field(default=None)
+    batch: Rows = static_field(default=None)
+
+    def new_value(self, rows: Tensor, saved: Mapping[str, Any]) -> Tensor:
+        return rows + _broadcast(self, torch.as_tensor(self.delta), rows)
+
+
+@pytree_node
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
+class Scale(Writer):
+    """Multiply the value by `factor`."""
+
+    site: str = static_field()
+    factor: Tensor | float = 1.0
+    step: Steps = static_field(default=None)
+    batch: Rows = static_field(default=None)
+
+    def new_value(self, rows: Tensor, saved: Mapping[str, Any]) -> Tensor:
+        return rows * _broadcast(self, torch.as_tensor(self.factor), rows)
+
+
+@pytree_node
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
+class Ablate(Writer):
+    """Zero the value, or replace it with its mean over batch and position."""
+
+    site: str = static_field()
+    how: Literal["zero", "mean"] = static_field(default="zero")
+    step: Steps = static_field(default=None)
+    batch: Rows = static_field(default=None)
+
+    def new_value(self, rows: Tensor, saved: Mapping[str, Any]) -> Tensor:
+        if self.how == "zero":
+            return torch.zeros_like(rows)
+        # Every dimension but the last (features) is batch or position.
+        dims = tuple(range(rows.ndim - 1))
+        return rows.mean(dim=dims, keepdim=True).expand_as(rows) if dims else rows
+
+
+@pytree_node
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
+class Stop(Intervention):
+    """End the forward pass right after the site has run."""
+
+    site: str = static_field()
+    step: Steps = static_field(default=None)
+
+
+@pytree_node
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
+class Skip(Intervention):
+    """Do not run the module; its output is `fn(input)`, or the input itself."""
+
+    site: str = static_field()
+    fn: Callable[[Tensor], Any] | None = static_field(default=None)
+    step: Steps = static_field(default=None)
+
+
+def flatten_interventions(interventions: Any) -> tuple[Intervention, ...]:
+    """The interventions of a (nested) list or tuple, in order."""
+    if isinstance(interventions, Intervention):
+        return (interventions,)
+    if isinstance(interventions, list | tuple):
+        out: list[Intervention] = []
+        for item in interventions:
+            out.extend(flatten_interventions(item))
+        return tuple(out)
+    raise PurelensError(_NOT_INTERVENTION.format(value=interventions))
+
+
+def _check_callable(fn: Any, arg: str, builder: str, site: str) -> None:
+    if not callable(fn):
+        raise PurelensError(_NOT_CALLABLE.format(arg=arg, builder=builder, site=site, value=fn))
+
+
+def save(
+    site: str,
+    fn: Callable[[Tensor], Any] | None = None,
+    *,
+    name: str | None = None,
+    step: Any = None,
+    batch: Any = None,
+) -> Save:
+    """Record the value at `site` (or `fn(value)`) under `name` in the `Record`.
+
+    Args:
+        site: where, e.g. ``"h.5"``, ``"h.5:input"``, ``"h.-1.attn"``.
+        fn: applied to the value before it is kept (e.g. ``lambda v: v[:, -1]``).
+        name: the key in the `Record`; default the site as written.
+        step: generation steps to save at (default every step).
+        batch: rows to keep (int, slice or list of ints; an int keeps the dim).
+
+    Example:
+        >>> import torch, purelens as pl
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU())
+        >>> rec = pl.run(model, torch.ones(2, 3), [pl.save("0"), pl.save("1", name="act")])
+        >>> rec["0"].shape, rec["act"].shape
+        (torch.Size([2, 4]), torch.Size([2, 4]))
+    """
+    parse_site(site)
+    if fn is not None:
+        _check_callable(fn, "fn", "pl.save", site)
+    if name is not None and not isinstance(name, str):
+        raise PurelensError(f"`name` of pl.save({site!r}) must be a string, got {name!r}.")
+    return Save(
+        site,
+        fn,
+        site if name is None else name,
+        _select.check_steps(step),
+        _select.check_rows(batch),
+    )
+
+
+def patch(site: str, fn: Callable[..., Tensor], *, step: Any = None, batch: Any = None) -> Patch:
+    """Replace the value at `site` with `fn(value)` or `fn(value, saved)`.
+
+    `saved` is a read-only mapping of what was saved earlier in the same pass.
+    The result must have the value's shape and dtype.
+
+    Example:
+        >>> import torch, purelens as pl
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU())
+        >>> rec = pl.run(model, torch.ones(2, 3), [pl.patch("0", lambda v: -v.abs())])
+        >>> bool((rec.output == 0).all())
+        True
+    """
+    parse_site(site)
+    _check_callable(fn, "fn", "pl.patch", site)
+    return Patch(site, fn, _select.check_steps(step), _select.check_rows(batch), _takes_saved(fn))
+
+
+def replace(site: str, value: Tensor | float, *, step: Any = None, batch: Any = None) -> Replace:
+    """Replace the value at `site` with `value` (broadcast to its shape).
+
+    Example:
+        >>> import torch, purelens as pl
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Identity())
+        >>> pl.run(model, torch.ones(2, 3), [pl.replace("0", torch.arange(4.0))]).output[1]
+        tensor([0., 1., 2., 3.])
+    """
+    parse_site(site)
+    return Replace(site, value, _select.check_steps(step), _select.check_rows(batch))  # type: ignore[arg-type]
+
+
+def add(site: str, delta: Tensor | float, *, step: Any = None, batch: Any = None) -> Add:
+    """Add `delta` to the value at `site` (a steering vector, broadcast).
+
+    Example:
+        >>> import torch, purelens as pl
+        >>> model = torch.nn.Sequential(torch.nn.Identity(), torch.nn.Identity())
+        >>> pl.run(model, torch.zeros(1, 2), [pl.add("0", torch.tensor([1.0, 2.0]))]).output
+        tensor([[1., 2.]])
+    """
+    parse_site(site)
+    return Add(site, delta, _select.check_steps(step), _select.check_rows(batch))
+
+
+def scale(site: str, factor: Tensor | float, *, step: Any = None, batch: Any = None) -> Scale:
+    """Multiply the value at `site` by `factor`.
+
+    Example:
+        >>> import torch, purelens as pl
+        >>> model = torch.nn.Sequential(torch.nn.Identity())
+        >>> pl.run(model, torch.ones(1, 2), [pl.scale("0", 3.0)]).output
+        tensor([[3., 3.]])
+    """
+    parse_site(site)
+    return Scale(site, factor, _select.check_steps(step), _select.check_rows(batch))
+
+
+def ablate(
+    site: str, how: Literal["zero", "mean"] = "zero", *, step: Any = None, batch: Any = None
+) -> Ablate:
+    """Zero the value at `site`, or replace it with its mean over batch and position.
+
+    ``"mean"`` averages over every dimension but the last (over the selected
+    rows when `batch=` is given).
+
+    Example:
+        >>> import torch, purelens as pl
+        >>> model = torch.nn.Sequential(torch.nn.Identity())
+        >>> pl.run(model, torch.tensor([[1.0, 2.0], [3.0, 4.0]]), [pl.ablate("0", "mean")]).output
+        tensor([[2., 3.],
+                [2., 3.]])
+    """
+    parse_site(site)
+    if how not in ("zero", "mean"):
+        raise PurelensError(_BAD_ABLATE.format(site=site, how=how))
+    return Ablate(site, how, _select.check_steps(step), _select.check_rows(batch))
+
+
+def stop(site: str, *, step: Any = None) -> Stop:
+    """End the forward pass right after `site` has run; `rec.output` is then None.
+
+    Everything saved up to that point is kept; modules after the site do not run.
+
+    Example:
+        >>> import torch, purelens as pl
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+        >>> rec = pl.run(model, torch.ones(1, 2), [pl.save("0"), pl.stop("0")])
+        >>> rec.output is None, rec["0"].shape
+        (True, torch.Size([1, 2]))
+    """
+    parse_site(site)
+    return Stop(site, _select.check_steps(step))
+
+
+def skip(site: str, fn: Callable[[Tensor], Any] | None = None, *, step: Any = None) -> Skip:
+    """Do not run the module at `site`; its output is `fn(input)` (default: the input).
+
+    `input` is the module's first positional tensor argument. When the module
+    returns a tuple or a ``ModelOutput``, `fn` must return what the callers
+    of the module expect.
+
+    Example:
+        >>> import torch, purelens as pl
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+        >>> pl.run(model, -torch.ones(1, 2), [pl.skip("0"), pl.skip("1")]).output
+        tensor([[-1., -1.]])
+    """
+    path, port = parse_site(site)
+    if port != "output":
+        raise PurelensError(
+            f"pl.skip({site!r}): skip replaces a whole module, so its site names a module "
+            f"without a port; use pl.skip({path!r})."
+        )
+    if fn is not None:
+        _check_callable(fn, "fn", "pl.skip", site)
+    return Skip(site, fn, _select.check_steps(step))

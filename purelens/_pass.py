@@ -1,0 +1,222 @@
+"""One forward pass: the plan of what happens at each site, and the pass's own state.
+
+A `Plan` is built from the interventions of one call (sites resolved, grouped
+by module and port). A `Pass` holds what that call has saved so far. Neither
+lives on the model: hooks find the pass through a context variable
+(see `_hooks`), which is what makes runs thread-safe and re-entrant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+from torch import Tensor, nn
+
+from ._errors import PurelensError
+from ._interventions import Intervention, Save, Skip, Stop, Writer
+from ._primary import primary_input, primary_output
+from ._select import step_selected
+from ._site import Port, resolve
+
+__all__ = ["Pass", "Plan", "SitePlan", "StopPass"]
+
+_DUPLICATE_NAME = (
+    "two saves are named {name!r} ({first!r} and {second!r}).\n"
+    "  Give one a different name: pl.save(site, name='...')."
+)
+_TWO_SKIPS = "two pl.skip interventions on site {site!r}; a module can be skipped once."
+_RAN_TWICE = (
+    "site {site!r} ran more than once in one pass, and pl.save keeps one value "
+    "per pass.\n  The module is called more than once by the model; save a module "
+    "that runs once, or wrap the repeated call in a module of its own."
+)
+_NEVER_RAN = (
+    "{what} never applied: {why}.\n"
+    "  An intervention whose site does not run is an error rather than a silent no-op."
+)
+_NO_TENSOR = "site {site!r}: the module {port} is {kind}, which holds no tensor to intervene on."
+_CHANGED_IN_PLACE = (
+    "the value saved as {name!r} was changed in place by the model after it was "
+    "saved, so the record would not hold the value at the site.\n"
+    "  Save a copy instead: pl.save({site!r}, torch.clone, name={name!r})."
+)
+
+
+class StopPass(Exception):
+    """Raised by a hook after a `pl.stop` site ran; caught by the run it belongs to."""
+
+    def __init__(self, owner: Pass) -> None:
+        super().__init__("purelens stopped the forward pass")
+        self.owner = owner
+
+
+@dataclasses.dataclass(frozen=True)
+class SitePlan:
+    """The interventions on one (module, port), in the order they were given."""
+
+    name: str
+    module: nn.Module
+    port: Port
+    site: str  # as the user first wrote it, for messages
+    steps: tuple[tuple[int, Intervention], ...]  # (position in the run's list, node)
+
+    @property
+    def stops(self) -> bool:
+        return any(isinstance(iv, Stop) for _, iv in self.steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Every intervention of one call, resolved against the model."""
+
+    interventions: tuple[Intervention, ...]
+    sites: tuple[SitePlan, ...]
+    skips: Mapping[int, tuple[int, Skip]]  # id(module) -> (position, skip)
+    skip_modules: tuple[nn.Module, ...]
+
+    @classmethod
+    def build(cls, model: nn.Module, interventions: tuple[Intervention, ...]) -> Plan:
+        grouped: dict[tuple[str, Port], list[tuple[int, Intervention]]] = {}
+        modules: dict[str, nn.Module] = {}
+        first_site: dict[tuple[str, Port], str] = {}
+        skips: dict[int, tuple[int, Skip]] = {}
+        skip_modules: list[nn.Module] = []
+        names: dict[str, str] = {}
+        for i, iv in enumerate(interventions):
+            name, module, port = resolve(model, iv.site)
+            if isinstance(iv, Save):
+                if iv.name in names:
+                    raise PurelensError(
+                        _DUPLICATE_NAME.format(name=iv.name, first=names[iv.name], second=iv.site)
+                    )
+                names[iv.name] = iv.site
+            if isinstance(iv, Skip):
+                if id(module) in skips:
+                    raise PurelensError(_TWO_SKIPS.format(site=iv.site))
+                skips[id(module)] = (i, iv)
+                skip_modules.append(module)
+                continue
+            key = (name, port)
+            modules[name] = module
+            first_site.setdefault(key, iv.site)
+            grouped.setdefault(key, []).append((i, iv))
+        sites = tuple(
+            SitePlan(name, modules[name], port, first_site[(name, port)], tuple(steps))
+            for (name, port), steps in grouped.items()
+        )
+        return cls(interventions, sites, MappingProxyType(skips), tuple(skip_modules))
+
+
+class Pass:
+    """The state of one call: what was saved and which interventions applied."""
+
+    def __init__(self, plan: Plan, model: nn.Module, step: int = 0) -> None:
+        self.plan = plan
+        self.model = model
+        self.step = step
+        self.saved: dict[str, Any] = {}
+        self.saved_view = MappingProxyType(self.saved)
+        self.applied: set[int] = set()
+        self.stopped_at: str | None = None
+        self.ran: set[int] = set()  # ids of the SitePlans whose hook fired
+        self._saved_versions: list[tuple[str, str, Tensor, int]] = []
+
+    # --- called by the hooks -------------------------------------------------
+
+    def on_output(self, site: SitePlan, output: Any) -> Any:
+        """The module's output with the site's interventions applied (None: unchanged)."""
+        split = primary_output(output)
+        if split is None:
+            raise PurelensError(
+                _NO_TENSOR.format(site=site.site, port="output", kind=type(output).__name__)
+            )
+        value, rebuild = split
+        new = self._apply(site, value)
+        self._maybe_stop(site)
+        return None if new is value else rebuild(new)
+
+    def on_input(
+        self, site: SitePlan, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        split = primary_input(args, kwargs)
+        if split is None:
+            raise PurelensError(_NO_TENSOR.format(site=site.site, port="input", kind="no tensor"))
+        value, rebuild = split
+        new = self._apply(site, value)
+        self._maybe_stop(site)
+        return None if new is value else rebuild(new)
+
+    def on_skip(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[bool, Any]:
+        """Whether this pass skips `module` now, and the output it gets instead."""
+        entry = self.plan.skips.get(id(module))
+        if entry is None or not step_selected(entry[1].step, self.step):
+            return False, None
+        position, skip = entry
+        split = primary_input(args, kwargs)
+        if split is None:
+            raise PurelensError(_NO_TENSOR.format(site=skip.site, port="input", kind="no tensor"))
+        self.applied.add(position)
+        value = split[0]
+        return True, value if skip.fn is None else skip.fn(value)
+
+    # --- internals -----------------------------------------------------------
+
+    def _apply(self, site: SitePlan, value: Tensor) -> Tensor:
+        self.ran.add(id(site))
+        for position, iv in site.steps:
+            if iv.step is not None and not step_selected(iv.step, self.step):
+                continue
+            if isinstance(iv, Writer):
+                value = iv.write(value, self.saved_view)
+            elif isinstance(iv, Save):
+                self._save(iv, iv.record(value), position)
+            self.applied.add(position)
+        return value
+
+    def _save(self, iv: Save, value: Any, position: int) -> None:
+        if iv.name in self.saved:
+            raise PurelensError(_RAN_TWICE.format(site=iv.site))
+        self.saved[iv.name] = value
+        if isinstance(value, Tensor) and not value.is_inference():
+            self._saved_versions.append((iv.name, iv.site, value, value._version))
+
+    def _maybe_stop(self, site: SitePlan) -> None:
+        if site.stops and self.stopped_at is None:
+            self.stopped_at = site.site
+            raise StopPass(self)
+
+    def check_finished(self) -> None:
+        """Raise if an intervention never applied or a saved value was changed in place."""
+        for name, site, value, version in self._saved_versions:
+            if value._version != version:
+                raise PurelensError(_CHANGED_IN_PLACE.format(name=name, site=site))
+        missing = [(i, iv) for i, iv in enumerate(self.plan.interventions) if i not in self.applied]
+        if not missing:
+            return
+        i, iv = missing[0]
+        if self.stopped_at is not None:
+            why = (
+                f"the pass was stopped at {self.stopped_at!r}, "
+                f"and site {iv.site!r} had not run by then"
+            )
+        elif iv.step is not None and self._site_ran(i):
+            why = (
+                f"site {iv.site!r} ran, but not at the selected step={iv.step!r} "
+                f"(this pass was step {self.step})"
+            )
+        else:
+            why = f"site {iv.site!r} did not run in this forward pass"
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise PurelensError(_NEVER_RAN.format(what=repr(iv) + more, why=why))
+
+    def _site_ran(self, position: int) -> bool:
+        return any(
+            id(site) in self.ran
+            for site in self.plan.sites
+            if any(p == position for p, _ in site.steps)
+        )

@@ -1,0 +1,120 @@
+"""run(): one forward pass of any module, with interventions, returning a Record."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._errors import PurelensError
+from ._hooks import installed
+from ._inputs import call_arguments
+from ._interventions import flatten_interventions
+from ._pass import Pass, Plan, StopPass
+from ._record import Record
+
+__all__ = ["run"]
+
+_NOT_A_MODULE = "`model` must be a torch.nn.Module, got {kind}."
+_BAD_PARAMS = (
+    "`params` must be a mapping from parameter or buffer names to tensors; "
+    "{problem}.\n  Names are those of model.named_parameters() and model.named_buffers(), "
+    "e.g. {example!r}."
+)
+
+
+def run(
+    model: nn.Module,
+    inputs: Any,
+    interventions: Any = (),
+    *,
+    params: Mapping[str, Tensor] | None = None,
+    loss: Any = None,
+    tokenizer: Any = None,
+    validate: bool = False,
+    **model_kwargs: Any,
+) -> Record:
+    """Run `model` on `inputs` once, applying `interventions`, and return a `Record`.
+
+    Interventions apply in list order (nested lists are flattened); several
+    on one site compose. The model is never changed: hooks live for this call
+    only and are removed in ``finally``, and they act only for this call, so
+    runs are thread-safe and may nest (a `run` inside a patch function).
+
+    Args:
+        model: any `torch.nn.Module`.
+        inputs: a tensor (first positional argument), a tuple (positional
+            arguments), a dict (keyword arguments), or text with `tokenizer`.
+        interventions: `pl.save`, `pl.patch`, ... or (nested) lists of them.
+        params: names -> tensors used instead of the model's own parameters
+            and buffers (through `torch.func.functional_call`), so that
+            `torch.func.grad` with respect to them composes.
+        loss: reserved for gradients (`pl.save_grad`); not supported yet.
+        tokenizer: turns text `inputs` into a padded batch.
+        validate: check every site before any compute.
+        **model_kwargs: further keyword arguments of the model call.
+
+    Returns:
+        A `Record`: ``rec[name]`` for saved values, ``rec.output`` for what
+        the model returned (None after `pl.stop`).
+
+    Raises:
+        SiteError: a site matches no module, or several.
+        PurelensError: an intervention failed, never applied, or returned a
+            value of the wrong shape or dtype.
+
+    Example:
+        >>> import torch, purelens as pl
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> x = torch.ones(5, 3)
+        >>> rec = pl.run(model, x, [pl.save("1"), pl.ablate("1")])
+        >>> rec["1"].shape, torch.allclose(rec.output, model[2].bias.expand(5, 2))
+        (torch.Size([5, 4]), True)
+    """
+    if not isinstance(model, nn.Module):
+        raise PurelensError(_NOT_A_MODULE.format(kind=type(model).__name__))
+    if loss is not None:
+        raise PurelensError("`loss=` is not supported yet; use torch.func.grad around run.")
+    plan = Plan.build(model, flatten_interventions(interventions))
+    args, kwargs = call_arguments(inputs, tokenizer, model_kwargs)
+    if params is not None:
+        _check_params(model, params)
+    pass_ = Pass(plan, model)
+    output = _forward(model, pass_, args, kwargs, params)
+    pass_.check_finished()
+    return Record(pass_.saved, output)
+
+
+def _forward(
+    model: nn.Module,
+    pass_: Pass,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    params: Mapping[str, Tensor] | None,
+) -> Any:
+    with installed(pass_):
+        try:
+            if params is None:
+                return model(*args, **kwargs)
+            return torch.func.functional_call(model, dict(params), args, kwargs, strict=False)
+        except StopPass as stop:
+            if stop.owner is not pass_:
+                raise
+            return None
+
+
+def _check_params(model: nn.Module, params: Any) -> None:
+    if not isinstance(params, Mapping):
+        problem = f"got {type(params).__name__}"
+    else:
+        known = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+        known.update(name for name, _ in model.named_buffers(remove_duplicate=False))
+        unknown = [k for k in params if k not in known]
+        if not unknown:
+            return
+        problem = f"{unknown[0]!r} is not one of the model's"
+    example = next((name for name, _ in model.named_parameters()), "weight")
+    raise PurelensError(_BAD_PARAMS.format(problem=problem, example=example))

@@ -1,0 +1,96 @@
+"""The `batch=` and `step=` selectors: check them once, apply them per call.
+
+`batch=` picks rows of the site's first dimension. An int keeps that
+dimension (size 1), so functions see the layout the model uses. Rows are
+written back out of place, so selection composes with `vmap` and `grad`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._errors import PurelensError
+
+__all__ = ["Rows", "Steps", "check_rows", "check_steps", "put_rows", "step_selected", "take_rows"]
+
+Rows = int | slice | tuple[int, ...] | None
+Steps = int | slice | frozenset[int] | None
+
+_BAD_ROWS = (
+    "`batch` must be an int, a slice or a list of ints, got {value!r}.\n"
+    "  Example: batch=0, batch=slice(0, 4) or batch=[0, 2]."
+)
+_BAD_STEPS = (
+    "`step` must be an int, a slice or an iterable of ints, got {value!r}.\n"
+    "  Example: step=0 (the prompt pass), step=slice(3, None) or step=[1, 2]."
+)
+_ROWS_OUT_OF_RANGE = (
+    "`batch={rows!r}` at site {site!r} selects rows outside the batch of size {size}."
+)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_rows(batch: Any) -> Rows:
+    """Validate a `batch=` selector and make it hashable (a list becomes a tuple)."""
+    if batch is None or _is_int(batch) or isinstance(batch, slice):
+        return batch
+    if isinstance(batch, list | tuple | range) and all(_is_int(b) for b in batch):
+        return tuple(batch)
+    raise PurelensError(_BAD_ROWS.format(value=batch))
+
+
+def check_steps(step: Any) -> Steps:
+    """Validate a `step=` selector; an iterable becomes a frozenset."""
+    if step is None or _is_int(step) or isinstance(step, slice):
+        return step
+    if isinstance(step, Iterable) and not isinstance(step, str | bytes):
+        steps = tuple(step)
+        if all(_is_int(s) and s >= 0 for s in steps):
+            return frozenset(steps)
+    raise PurelensError(_BAD_STEPS.format(value=step))
+
+
+def step_selected(steps: Steps, step: int) -> bool:
+    """Whether generation step `step` (0 is the prompt pass) is selected."""
+    if steps is None:
+        return True
+    if isinstance(steps, int):
+        return steps == step
+    if isinstance(steps, slice):
+        start, stop, stride = steps.start or 0, steps.stop, steps.step or 1
+        return step >= start and (stop is None or step < stop) and (step - start) % stride == 0
+    return step in steps
+
+
+def _indices(rows: Rows, size: int, site: str) -> list[int]:
+    if isinstance(rows, slice):
+        return list(range(size))[rows]
+    picked = (rows,) if isinstance(rows, int) else rows
+    assert picked is not None
+    if any(not -size <= r < size for r in picked):
+        raise PurelensError(_ROWS_OUT_OF_RANGE.format(rows=rows, site=site, size=size))
+    return [r % size for r in picked]
+
+
+def take_rows(value: Tensor, rows: Rows, site: str) -> Tensor:
+    """The selected rows of `value` (all of it when `rows` is None)."""
+    if rows is None:
+        return value
+    if isinstance(rows, slice):
+        return value[rows]
+    return value[_indices(rows, value.shape[0], site)]
+
+
+def put_rows(value: Tensor, rows: Rows, new: Tensor, site: str) -> Tensor:
+    """`value` with the selected rows replaced by `new`, out of place."""
+    if rows is None:
+        return new
+    index = torch.tensor(_indices(rows, value.shape[0], site), device=value.device)
+    return value.index_put((index,), new)

@@ -1,0 +1,99 @@
+"""Composition with torch.func on a tiny MLP: vmap, grad, jacrev, vmap(grad)."""
+
+from __future__ import annotations
+
+import torch
+from torch.func import grad, jacrev, vmap
+
+import purelens as pl
+from tests.helpers import TinyMLP
+
+
+def steered(mlp: TinyMLP, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return pl.run(mlp, x, [pl.add("0", v)]).output
+
+
+def test_vmap_over_steering_vectors_equals_a_loop(mlp: TinyMLP) -> None:
+    x, vs = torch.randn(2, 4), torch.randn(64, 8)
+    batched = vmap(lambda v: steered(mlp, x, v))(vs)
+    looped = torch.stack([steered(mlp, x, v) for v in vs])
+    assert batched.shape == (64, 2, 3) and torch.allclose(batched, looped, atol=1e-6)
+
+
+def test_vmap_over_whole_interventions(mlp: TinyMLP) -> None:
+    x = torch.randn(2, 4)
+    ivs = [pl.add("0", torch.randn(5, 8)), pl.scale("2", torch.randn(5, 1, 1))]
+    recs = vmap(lambda ivs: pl.run(mlp, x, [*ivs, pl.save("1")]))(ivs)
+    for k in range(5):
+        one = pl.run(
+            mlp, x, [pl.add("0", ivs[0].delta[k]), pl.scale("2", ivs[1].factor[k]), pl.save("1")]
+        )
+        assert torch.allclose(recs["1"][k], one["1"], atol=1e-6)
+        assert torch.allclose(recs.output[k], one.output, atol=1e-6)
+
+
+def test_vmap_over_inputs(mlp: TinyMLP) -> None:
+    xs = torch.randn(7, 3, 4)
+    recs = vmap(lambda x: pl.run(mlp, x, [pl.save("1"), pl.ablate("0", "mean")]))(xs)
+    for k in range(7):
+        one = pl.run(mlp, xs[k], [pl.save("1"), pl.ablate("0", "mean")])
+        assert torch.allclose(recs["1"][k], one["1"], atol=1e-6)
+
+
+def finite_difference(f, v: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    out = torch.zeros_like(v)
+    for i in range(v.numel()):
+        e = torch.zeros_like(v).flatten()
+        e[i] = eps
+        e = e.view_as(v)
+        out.view(-1)[i] = (f(v + e) - f(v - e)) / (2 * eps)
+    return out
+
+
+def test_grad_with_respect_to_a_steering_vector(mlp: TinyMLP) -> None:
+    mlp = mlp.double()
+    x = torch.randn(2, 4, dtype=torch.float64)
+
+    def f(v: torch.Tensor) -> torch.Tensor:
+        return pl.run(mlp, x, [pl.add("0", v)]).output[0, 1]
+
+    v = torch.randn(8, dtype=torch.float64)
+    assert torch.allclose(grad(f)(v), finite_difference(f, v), atol=1e-6)
+
+
+def test_grad_through_a_saved_value_and_batch_patch(mlp: TinyMLP) -> None:
+    mlp = mlp.double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+
+    def f(v: torch.Tensor) -> torch.Tensor:
+        rec = pl.run(mlp, x, [pl.add("0", v, batch=[0, 2]), pl.save("1")])
+        return rec["1"].pow(2).sum()
+
+    v = torch.randn(8, dtype=torch.float64)
+    assert torch.allclose(grad(f)(v), finite_difference(f, v), atol=1e-6)
+
+
+def test_jacrev_and_vmap_of_grad(mlp: TinyMLP) -> None:
+    x = torch.randn(2, 4)
+    vs = torch.randn(6, 8)
+    jac = jacrev(lambda v: steered(mlp, x, v)[0])(vs[0])
+    assert jac.shape == (3, 8)
+    grads = vmap(grad(lambda v: steered(mlp, x, v)[0, 0]))(vs)
+    for k in range(6):
+        assert torch.allclose(
+            grads[k], jacrev(lambda v: steered(mlp, x, v)[0, 0])(vs[k]), atol=1e-6
+        )
+
+
+def test_grad_with_respect_to_params(mlp: TinyMLP) -> None:
+    x = torch.randn(2, 4)
+    params = {k: v.detach() for k, v in mlp.named_parameters()}
+
+    def loss(p: dict[str, torch.Tensor]) -> torch.Tensor:
+        return pl.run(mlp, x, [pl.scale("1", 2.0)], params=p).output.sum()
+
+    g = grad(loss)(params)
+    mlp.zero_grad()
+    pl.run(mlp, x, [pl.scale("1", 2.0)]).output.sum().backward()
+    for name, p in mlp.named_parameters():
+        assert torch.allclose(g[name], p.grad, atol=1e-6), name

@@ -1,0 +1,54 @@
+"""Concurrent and nested runs on one model each see only their own interventions."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+import purelens as pl
+from tests.helpers import hooks_on, tiny_gpt2
+
+
+def test_eight_threads_twenty_runs_each_see_only_their_own() -> None:
+    model = tiny_gpt2(n_layer=2)
+    x = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = {
+            k: pl.run(model, x, [pl.add("h.0", float(k)), pl.save("h.1")])["h.1"] for k in range(8)
+        }
+        plain = pl.run(model, x, [pl.save("h.1")])["h.1"]
+
+    def worker(k: int) -> list[bool]:
+        results = []
+        with torch.no_grad():
+            for i in range(20):
+                if i % 3 == 2:  # sprinkle runs with skips and a stop on the same model
+                    rec = pl.run(model, x, [pl.skip("h.0"), pl.save("h.1"), pl.stop("h.1")])
+                    results.append(rec.output is None and rec["h.1"].shape == plain.shape)
+                    continue
+                rec = pl.run(model, x, [pl.add("h.0", float(k)), pl.save("h.1")])
+                results.append(torch.equal(rec["h.1"], expected[k]))
+        return results
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        outcomes = list(pool.map(worker, range(8)))
+    assert all(all(r) for r in outcomes), outcomes
+    assert hooks_on(model) == 0
+    assert torch.equal(pl.run(model, x, [pl.save("h.1")])["h.1"], plain)
+
+
+def test_a_run_inside_an_intervention_function(mlp) -> None:  # type: ignore[no-untyped-def]
+    x = torch.randn(2, 4)
+    inner = {}
+
+    def patch_with_inner_run(v: torch.Tensor) -> torch.Tensor:
+        rec = pl.run(mlp, x * 2, [pl.save("0")])  # the same model, a different pass
+        inner["rec"] = rec
+        return rec["0"]
+
+    rec = pl.run(mlp, x, [pl.patch("0", patch_with_inner_run), pl.save("0")])
+    assert torch.equal(inner["rec"]["0"], mlp.layers[0](x * 2))
+    assert torch.equal(rec["0"], mlp.layers[0](x * 2))
+    assert torch.allclose(inner["rec"].output, mlp(x * 2))  # the outer patch did not leak in
+    assert hooks_on(mlp) == 0
