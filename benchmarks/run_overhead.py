@@ -1,0 +1,160 @@
+"""The cost of `pl.run` against hand-written hooks and a bare forward.
+
+Prints one Markdown table: median wall time per call over interleaved repeats,
+and the ratio to hand-written raw hooks doing the same thing.
+
+    python benchmarks/run_overhead.py            # GPT-2-small shape, batch 8 x 32
+    python benchmarks/run_overhead.py --quick    # seconds: a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+import purelens as pl
+
+
+def gpt2(n_layer: int, n_embd: int, n_head: int, vocab: int) -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab)
+    return GPT2LMHeadModel(config).eval()
+
+
+def raw_save(module: nn.Module, model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
+    saved: dict[str, Any] = {}
+    handle = module.register_forward_hook(lambda m, a, o: saved.__setitem__("h", o))
+    try:
+        saved["out"] = model(x)
+    finally:
+        handle.remove()
+    return saved
+
+
+def raw_patch(module: nn.Module, model: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> Any:
+    handle = module.register_forward_hook(lambda m, a, o: o + delta)
+    try:
+        return model(x)
+    finally:
+        handle.remove()
+
+
+def measure(cases: dict[str, Callable[[], Any]], repeats: int, inner: int) -> dict[str, float]:
+    """Median seconds per call of each case, the cases interleaved in every repeat."""
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for fn in cases.values():  # warm up
+        fn()
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            start = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            times[name].append((time.perf_counter() - start) / inner)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def table(title: str, medians: dict[str, float], raw: dict[str, str], unit: str) -> str:
+    scale = 1e6 if unit == "us" else 1e3
+    lines = [
+        f"### {title}",
+        "",
+        f"| case | median ({unit}) | ratio to raw hooks | difference ({unit}) |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, t in medians.items():
+        base = raw.get(name)
+        ratio = f"{t / medians[base]:.3f}" if base else "-"
+        diff = f"{(t - medians[base]) * scale:+.1f}" if base else "-"
+        lines.append(f"| {name} | {t * scale:.2f} | {ratio} | {diff} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and few repeats")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    warnings.filterwarnings("ignore", message="There is a performance drop")
+
+    if args.quick:
+        model, shape, repeats, inner = gpt2(2, 64, 4, 500), (2, 8), 3, 2
+    else:
+        model, shape, repeats, inner = gpt2(12, 768, 12, 50257), (8, 32), 15, 2
+    x = torch.randint(0, model.config.vocab_size, shape)
+    block = model.transformer.h[len(model.transformer.h) // 2]
+    site = f"h.{len(model.transformer.h) // 2}"
+    delta = torch.randn(model.config.n_embd) * 0.01
+    save, add = [pl.save(site)], [pl.add(site, delta)]
+
+    with torch.no_grad():
+        assert torch.equal(pl.run(model, x, save)[site], raw_save(block, model, x)["h"])
+        assert torch.allclose(
+            pl.run(model, x, add).output.logits, raw_patch(block, model, x, delta).logits
+        )
+        big = measure(
+            {
+                "bare forward": lambda: model(x),
+                "raw hook: save 1 block": lambda: raw_save(block, model, x),
+                "pl.run: save 1 block": lambda: pl.run(model, x, save),
+                "raw hook: add to 1 block": lambda: raw_patch(block, model, x, delta),
+                "pl.run: add to 1 block": lambda: pl.run(model, x, add),
+            },
+            repeats,
+            inner,
+        )
+
+        torch.manual_seed(0)
+        mlp = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16)).eval()
+        xs = torch.randn(4, 16)
+        mlp_delta = torch.ones(16)
+        mlp_save, mlp_add = [pl.save("1")], [pl.add("1", mlp_delta)]
+        small = measure(
+            {
+                "bare forward": lambda: mlp(xs),
+                "raw hook: save": lambda: raw_save(mlp[1], mlp, xs),
+                "pl.run: save": lambda: pl.run(mlp, xs, mlp_save),
+                "raw hook: add": lambda: raw_patch(mlp[1], mlp, xs, mlp_delta),
+                "pl.run: add": lambda: pl.run(mlp, xs, mlp_add),
+            },
+            repeats=5 if args.quick else 25,
+            inner=20 if args.quick else 400,
+        )
+
+    n = len(model.transformer.h)
+    out = "\n\n".join(
+        [
+            f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, "
+            f"torch {torch.__version__}",
+            table(
+                f"GPT-2 shape ({n} layers, d={model.config.n_embd}), batch {shape[0]} x {shape[1]}",
+                big,
+                {
+                    "pl.run: save 1 block": "raw hook: save 1 block",
+                    "pl.run: add to 1 block": "raw hook: add to 1 block",
+                },
+                "ms",
+            ),
+            table(
+                "Per-call overhead: 2-layer MLP (16 wide), batch 4",
+                small,
+                {"pl.run: save": "raw hook: save", "pl.run: add": "raw hook: add"},
+                "us",
+            ),
+        ]
+    )
+    print(out)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,18 @@
+"""The benchmark scripts still run (tiny sizes): they must never rot. No timings asserted."""
+
+from __future__ import annotations
+
+import runpy
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in BENCHMARKS.glob("*.py")))
+def test_benchmark_runs_quick(script: str, capsys: pytest.CaptureFixture[str]) -> None:
+    main = runpy.run_path(str(BENCHMARKS / script))["main"]
+    main(["--quick"])
+    printed = capsys.readouterr().out
+    assert "| case |" in printed and "Machine:" in printed
