@@ -14,6 +14,7 @@ from ._inputs import call_arguments
 from ._interventions import flatten_interventions
 from ._pass import Pass, Plan, StopPass
 from ._record import Record
+from ._validate import fake_pass
 
 __all__ = ["run"]
 
@@ -53,7 +54,10 @@ def run(
             `torch.func.grad` with respect to them composes.
         loss: reserved for gradients (`pl.save_grad`); not supported yet.
         tokenizer: turns text `inputs` into a padded batch.
-        validate: check every site before any compute.
+        validate: first run the whole plan on fake tensors (shapes, no data),
+            so that a bad site or a patch of the wrong shape raises before
+            any real compute. It swaps the model's parameters for fake ones
+            during that check, as `params=` does.
         **model_kwargs: further keyword arguments of the model call.
 
     Returns:
@@ -82,6 +86,8 @@ def run(
     args, kwargs = call_arguments(inputs, tokenizer, model_kwargs)
     if params is not None:
         _check_params(model, params)
+    if validate:
+        fake_pass(model, Pass(plan, model), args, kwargs, params, _forward)
     pass_ = Pass(plan, model)
     output = _forward(model, pass_, args, kwargs, params)
     pass_.check_finished()

@@ -68,6 +68,7 @@ class _Table:
     def __init__(self, model: nn.Module) -> None:
         self.names = [name for name, _ in model.named_modules(remove_duplicate=False)]
         self.resolved: dict[str, str] = {}
+        self.fresh = True  # scanned for the current call: a miss is then real
 
 
 _tables: weakref.WeakKeyDictionary[nn.Module, _Table] = weakref.WeakKeyDictionary()
@@ -79,6 +80,8 @@ def _table(model: nn.Module, fresh: bool = False) -> _Table:
         table = None if fresh else _tables.get(model)
         if table is None:
             table = _tables[model] = _Table(model)
+        else:
+            table.fresh = False
         return table
 
 
@@ -146,7 +149,14 @@ def resolve(model: nn.Module, site: str) -> tuple[str, nn.Module, Port]:
         except AttributeError:
             # The module tree changed since the path was cached: scan it again.
             table = _table(model, fresh=True)
-    name = _search(model, table, site, path)
+    try:
+        name = _search(model, table, site, path)
+    except SiteError:
+        if table.fresh:
+            raise
+        # Modules may have been added since the tree was scanned: look again once.
+        table = _table(model, fresh=True)
+        name = _search(model, table, site, path)
     table.resolved[path] = name
     return name, model.get_submodule(name), port
 

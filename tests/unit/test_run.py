@@ -335,3 +335,40 @@ def test_patching_a_mapping_output_keeps_its_type_and_other_items() -> None:
     out = pl.run(model, x, [pl.scale("0", 2.0)]).output
     assert type(out) is OrderedDict and list(out) == ["hidden", "mask"]
     assert torch.equal(out["hidden"], x * 6) and torch.equal(out["mask"], x > 0)
+
+
+def test_validate_raises_before_any_real_compute(mlp: TinyMLP, x: torch.Tensor) -> None:
+    seen = []
+
+    def narrows(v: torch.Tensor) -> torch.Tensor:
+        seen.append(type(v).__name__)
+        return v[:, :2]
+
+    def keeps(v: torch.Tensor) -> torch.Tensor:
+        seen.append(type(v).__name__)
+        return v
+
+    with pytest.raises(pl.PurelensError, match=r"float32\[3, 2\].*float32\[3, 8\]"):
+        pl.run(mlp, x, [pl.save("1"), pl.patch("1", narrows)], validate=True)
+    assert seen == ["FakeTensor"]  # the real pass never started
+    seen.clear()
+    mlp.unused = nn.Linear(4, 4)
+    with pytest.raises(pl.PurelensError, match="site 'unused' did not run"):
+        pl.run(mlp, x, [pl.patch("1", keeps), pl.save("unused")], validate=True)
+    assert seen == ["FakeTensor"]
+
+
+def test_validate_passes_a_good_plan_and_changes_nothing(mlp: TinyMLP, x: torch.Tensor) -> None:
+    ivs = [pl.save("1"), pl.add("0", torch.ones(8)), pl.ablate("2", batch=1)]
+    checked = pl.run(mlp, x, ivs, validate=True)
+    plain = pl.run(mlp, x, ivs)
+    assert torch.equal(checked.output, plain.output) and torch.equal(checked["1"], plain["1"])
+    assert all(type(p) is nn.Parameter for p in mlp.parameters())
+
+
+def test_validate_reports_what_it_cannot_trace(mlp: TinyMLP, x: torch.Tensor) -> None:
+    def data_dependent(v: torch.Tensor) -> torch.Tensor:
+        return v * 0 if v.sum().item() > 0 else v
+
+    with pytest.raises(pl.PurelensError, match="could not run the plan on fake tensors"):
+        pl.run(mlp, x, [pl.patch("0", data_dependent)], validate=True)

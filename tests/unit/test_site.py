@@ -115,3 +115,20 @@ def test_a_replaced_submodule_is_the_one_hooked(mlp: TinyMLP) -> None:
     pl.run(mlp, x, [pl.save("1")])
     mlp.layers[1] = nn.ReLU()
     assert torch.equal(pl.run(mlp, x, [pl.save("1")])["1"], torch.relu(mlp.layers[0](x)))
+
+
+def test_a_module_added_after_the_first_run_is_found(mlp: TinyMLP) -> None:
+    x = torch.randn(2, 4)
+    pl.run(mlp, x, [pl.save("1")])
+
+    class WithExtra(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, v: torch.Tensor) -> torch.Tensor:
+            return self.inner(v) + 1
+
+    mlp.layers[1] = WithExtra(nn.Tanh())
+    rec = pl.run(mlp, x, [pl.save("1.inner")])
+    assert torch.equal(rec["1.inner"], torch.tanh(mlp.layers[0](x)))
