@@ -45,7 +45,7 @@ def fake_pass(
     def fake(value: Any) -> Any:
         return mode.from_tensor(value) if isinstance(value, Tensor) else value
 
-    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors: dict[str, Tensor] = dict(model.named_parameters(remove_duplicate=False))
     tensors.update(model.named_buffers(remove_duplicate=False))
     tensors.update(params or {})
     try:
