@@ -97,3 +97,18 @@ def test_grad_with_respect_to_params(mlp: TinyMLP) -> None:
     pl.run(mlp, x, [pl.scale("1", 2.0)]).output.sum().backward()
     for name, p in mlp.named_parameters():
         assert torch.allclose(g[name], p.grad, atol=1e-6), name
+
+
+def test_jacrev_with_respect_to_params_and_intervention_leaves(mlp: TinyMLP) -> None:
+    x = torch.randn(2, 4)
+    params = {k: v.detach() for k, v in mlp.named_parameters()}
+    iv = pl.add("0", torch.zeros(8))
+
+    def f(p: dict[str, torch.Tensor], iv: pl.Intervention) -> torch.Tensor:
+        return pl.run(mlp, x, [iv], params=p).output[0]
+
+    jac_p, jac_iv = jacrev(f, argnums=(0, 1))(params, iv)
+    assert jac_p["layers.2.bias"].shape == (3, 3)
+    assert torch.allclose(jac_p["layers.2.bias"], torch.eye(3))
+    assert isinstance(jac_iv, pl.Intervention) and jac_iv.delta.shape == (3, 8)
+    assert torch.allclose(jac_iv.delta, jacrev(lambda v: steered(mlp, x, v)[0])(torch.zeros(8)))
