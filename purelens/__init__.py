@@ -14,6 +14,8 @@ Example:
 
 from ._errors import PurelensError as PurelensError
 from ._errors import SiteError as SiteError
+from ._grads import patch_grad as patch_grad
+from ._grads import save_grad as save_grad
 from ._interventions import Intervention as Intervention
 from ._interventions import ablate as ablate
 from ._interventions import add as add
@@ -37,9 +39,11 @@ __all__ = [
     "ablate",
     "add",
     "patch",
+    "patch_grad",
     "replace",
     "run",
     "save",
+    "save_grad",
     "scale",
     "sites",
     "skip",

@@ -37,10 +37,12 @@ __all__ = [
     "flatten_interventions",
     "patch",
     "replace",
+    "rewrite",
     "save",
     "scale",
     "skip",
     "stop",
+    "takes_saved",
 ]
 
 _NOT_CALLABLE = "`{arg}` of {builder}({site!r}, ...) must be callable, got {value!r}."
@@ -49,8 +51,8 @@ _NOT_INTERVENTION = (
     "possibly in nested lists or tuples; got {value!r}."
 )
 _BAD_RESULT = (
-    "{what} at site {site!r} returned {got}, but the value there is {want}.\n"
-    "  A patch must keep the shape and dtype of the value it replaces{rows}."
+    "{what} at site {site!r} returned {got}, but the {noun} there is {want}.\n"
+    "  A patch must keep the shape and dtype of the {noun} it replaces{rows}."
 )
 _NOT_TENSOR = "{what} at site {site!r} returned {value!r}, not a torch.Tensor."
 _BAD_ABLATE = "`how` of pl.ablate({site!r}) must be 'zero' or 'mean', got {how!r}."
@@ -128,28 +130,39 @@ class Writer(Intervention):
 
     def write(self, value: Tensor, saved: Mapping[str, Any]) -> Tensor:
         """`value` with this intervention applied, checked against its shape and dtype."""
-        rows = _select.take_rows(value, self.batch, self.site)
-        new = self.new_value(rows, saved)
-        if not isinstance(new, Tensor):
-            raise PurelensError(_NOT_TENSOR.format(what=repr(self), site=self.site, value=new))
-        if new.shape != rows.shape or new.dtype != rows.dtype:
-            raise PurelensError(
-                _BAD_RESULT.format(
-                    what=repr(self),
-                    site=self.site,
-                    got=describe(new),
-                    want=describe(rows),
-                    rows=f" (the rows selected by batch={self.batch!r})"
-                    if self.batch is not None
-                    else "",
-                )
+        return rewrite(self, value, lambda rows: self.new_value(rows, saved))
+
+
+def rewrite(
+    node: Intervention, value: Tensor, compute: Callable[[Tensor], Any], noun: str = "value"
+) -> Tensor:
+    """`value` with `compute` applied to the rows `node.batch` selects, checked.
+
+    The result must be a tensor of the rows' shape and dtype; it is moved to
+    their device and written back out of place.
+    """
+    batch = getattr(node, "batch", None)
+    rows = _select.take_rows(value, batch, node.site)
+    new = compute(rows)
+    if not isinstance(new, Tensor):
+        raise PurelensError(_NOT_TENSOR.format(what=repr(node), site=node.site, value=new))
+    if new.shape != rows.shape or new.dtype != rows.dtype:
+        raise PurelensError(
+            _BAD_RESULT.format(
+                what=repr(node),
+                site=node.site,
+                got=describe(new),
+                noun=noun,
+                want=describe(rows),
+                rows=f" (the rows selected by batch={batch!r})" if batch is not None else "",
             )
-        if new.device != rows.device:
-            new = new.to(rows.device)
-        return _select.put_rows(value, self.batch, new, self.site)
+        )
+    if new.device != rows.device:
+        new = new.to(rows.device)
+    return _select.put_rows(value, batch, new, node.site)
 
 
-def _takes_saved(fn: Callable[..., Any]) -> bool:
+def takes_saved(fn: Callable[..., Any]) -> bool:
     """Whether `fn` takes a second positional argument (the saved mapping)."""
     try:
         params = inspect.signature(fn).parameters.values()
@@ -339,7 +352,7 @@ def patch(site: str, fn: Callable[..., Tensor], *, step: Any = None, batch: Any 
     """
     parse_site(site)
     _check_callable(fn, "fn", "pl.patch", site)
-    return Patch(site, fn, _select.check_steps(step), _select.check_rows(batch), _takes_saved(fn))
+    return Patch(site, fn, _select.check_steps(step), _select.check_rows(batch), takes_saved(fn))
 
 
 def replace(site: str, value: Tensor | float, *, step: Any = None, batch: Any = None) -> Replace:

@@ -16,6 +16,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ._errors import PurelensError
+from ._grads import PatchGrad, SaveGrad, mark, tap
 from ._interventions import Intervention, Save, Skip, Stop, Writer
 from ._primary import primary_input, primary_output
 from ._select import step_selected
@@ -24,8 +25,8 @@ from ._site import Port, resolve
 __all__ = ["Pass", "Plan", "SitePlan", "StopPass"]
 
 _DUPLICATE_NAME = (
-    "two saves are named {name!r} ({first!r} and {second!r}).\n"
-    "  Give one a different name: pl.save(site, name='...')."
+    "two {kind} are named {name!r} ({first!r} and {second!r}).\n"
+    "  Give one a different name: pl.{builder}(site, name='...')."
 )
 _TWO_SKIPS = "two pl.skip interventions on site {site!r}; a module can be skipped once."
 _RAN_TWICE = (
@@ -76,6 +77,7 @@ class Plan:
     sites: tuple[SitePlan, ...]
     skips: Mapping[int, tuple[int, Skip]]  # id(module) -> (position, skip)
     skip_modules: tuple[nn.Module, ...]
+    save_grads: tuple[SaveGrad, ...]
 
     @classmethod
     def build(cls, model: nn.Module, interventions: tuple[Intervention, ...]) -> Plan:
@@ -85,14 +87,25 @@ class Plan:
         skips: dict[int, tuple[int, Skip]] = {}
         skip_modules: list[nn.Module] = []
         names: dict[str, str] = {}
+        grad_names: dict[str, str] = {}
         for i, iv in enumerate(interventions):
             name, module, port = resolve(model, iv.site)
-            if isinstance(iv, Save):
-                if iv.name in names:
-                    raise PurelensError(
-                        _DUPLICATE_NAME.format(name=iv.name, first=names[iv.name], second=iv.site)
+            if isinstance(iv, Save | SaveGrad):
+                taken = names if isinstance(iv, Save) else grad_names
+                if iv.name in taken:
+                    kind, builder = (
+                        ("saves", "save") if taken is names else ("save_grads", "save_grad")
                     )
-                names[iv.name] = iv.site
+                    raise PurelensError(
+                        _DUPLICATE_NAME.format(
+                            kind=kind,
+                            name=iv.name,
+                            first=taken[iv.name],
+                            second=iv.site,
+                            builder=builder,
+                        )
+                    )
+                taken[iv.name] = iv.site
             if isinstance(iv, Skip):
                 if id(module) in skips:
                     raise PurelensError(_TWO_SKIPS.format(site=iv.site))
@@ -107,7 +120,8 @@ class Plan:
             SitePlan(name, modules[name], port, first_site[(name, port)], tuple(steps))
             for (name, port), steps in grouped.items()
         )
-        return cls(interventions, sites, MappingProxyType(skips), tuple(skip_modules))
+        save_grads = tuple(iv for iv in interventions if isinstance(iv, SaveGrad))
+        return cls(interventions, sites, MappingProxyType(skips), tuple(skip_modules), save_grads)
 
 
 class Pass:
@@ -122,6 +136,7 @@ class Pass:
         self.applied: set[int] = set()
         self.stopped_at: str | None = None
         self.ran: set[int] = set()  # ids of the SitePlans whose hook fired
+        self.grad_targets: dict[str, tuple[Tensor, SaveGrad]] = {}
         self._saved_versions: list[tuple[str, str, Tensor, int]] = []
 
     # --- called by the hooks -------------------------------------------------
@@ -168,6 +183,8 @@ class Pass:
 
     def _apply(self, site: SitePlan, value: Tensor) -> Tensor:
         self.ran.add(id(site))
+        patch_grads: list[PatchGrad] = []
+        save_grads: list[SaveGrad] = []
         for position, iv in site.steps:
             if iv.step is not None and not step_selected(iv.step, self.step):
                 continue
@@ -175,7 +192,19 @@ class Pass:
                 value = iv.write(value, self.saved_view)
             elif isinstance(iv, Save):
                 self._save(iv, iv.record(value), position)
+            elif isinstance(iv, PatchGrad):
+                patch_grads.append(iv)
+            elif isinstance(iv, SaveGrad):
+                save_grads.append(iv)
             self.applied.add(position)
+        # Gradient taps sit downstream of every forward intervention (see _grads).
+        if patch_grads:
+            value = tap(value, patch_grads)
+        for node in save_grads:
+            if node.name in self.grad_targets:
+                raise PurelensError(_RAN_TWICE.format(site=node.site))
+            value = mark(value, node)
+            self.grad_targets[node.name] = (value, node)
         return value
 
     def _save(self, iv: Save, value: Any, position: int) -> None:

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ._errors import PurelensError
+from ._grads import call_loss, check_loss_allowed, detached, gradients
 from ._hooks import installed
 from ._inputs import call_arguments
 from ._interventions import flatten_interventions
@@ -52,7 +53,15 @@ def run(
         params: names -> tensors used instead of the model's own parameters
             and buffers (through `torch.func.functional_call`), so that
             `torch.func.grad` with respect to them composes.
-        loss: reserved for gradients (`pl.save_grad`); not supported yet.
+        loss: ``loss(output)`` or ``loss(output, saved)`` returning a scalar
+            tensor (or a dict of named scalars). `run` then enables gradients
+            for its pass, takes ``torch.autograd.grad`` of the loss with
+            respect to the values `pl.save_grad` marks (``rec.grads[name]``,
+            a dict by loss name when the loss is a dict), sets ``rec.loss``,
+            and returns every tensor detached. It never calls ``.backward()``
+            and never touches ``param.grad``. Not inside `torch.func`
+            transforms: there, return the loss and let the transform
+            differentiate.
         tokenizer: turns text `inputs` into a padded batch.
         validate: first run the whole plan on fake tensors (shapes, no data),
             so that a bad site or a patch of the wrong shape raises before
@@ -80,18 +89,25 @@ def run(
     """
     if not isinstance(model, nn.Module):
         raise PurelensError(_NOT_A_MODULE.format(kind=type(model).__name__))
-    if loss is not None:
-        raise PurelensError("`loss=` is not supported yet; use torch.func.grad around run.")
     plan = Plan.build(model, flatten_interventions(interventions))
+    check_loss_allowed(loss, list(plan.save_grads))
     args, kwargs = call_arguments(inputs, tokenizer, model_kwargs)
     if params is not None:
         _check_params(model, params)
     if validate:
         fake_pass(model, Pass(plan, model), args, kwargs, params, _forward)
     pass_ = Pass(plan, model)
-    output = _forward(model, pass_, args, kwargs, params)
-    pass_.check_finished()
-    return Record(pass_.saved, output)
+    if loss is None:
+        output = _forward(model, pass_, args, kwargs, params)
+        pass_.check_finished()
+        return Record(pass_.saved, output)
+    with torch.enable_grad():
+        output = _forward(model, pass_, args, kwargs, params)
+        pass_.check_finished()
+        loss_value = call_loss(loss, output, pass_.saved_view)
+        grads = gradients(loss_value, pass_.grad_targets)
+    # Detached, so that no autograd graph outlives the call.
+    return Record(detached(pass_.saved), detached(output), grads, detached(loss_value))
 
 
 def _forward(

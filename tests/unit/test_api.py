@@ -18,6 +18,8 @@ DOCUMENTED = {
     "ablate",
     "stop",
     "skip",
+    "save_grad",
+    "patch_grad",
     # running
     "run",
     "Record",
