@@ -10,25 +10,13 @@ and the ratio to hand-written raw hooks doing the same thing.
 from __future__ import annotations
 
 import argparse
-import platform
-import statistics
-import time
-import warnings
-from collections.abc import Callable
 from typing import Any
 
 import torch
+from _common import gpt2, machine, measure, setup, table
 from torch import nn
 
 import purelens as pl
-
-
-def gpt2(n_layer: int, n_embd: int, n_head: int, vocab: int) -> nn.Module:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    config = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab)
-    return GPT2LMHeadModel(config).eval()
 
 
 def raw_save(module: nn.Module, model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
@@ -49,42 +37,11 @@ def raw_patch(module: nn.Module, model: nn.Module, x: torch.Tensor, delta: torch
         handle.remove()
 
 
-def measure(cases: dict[str, Callable[[], Any]], repeats: int, inner: int) -> dict[str, float]:
-    """Median seconds per call of each case, the cases interleaved in every repeat."""
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for fn in cases.values():  # warm up
-        fn()
-    for _ in range(repeats):
-        for name, fn in cases.items():
-            start = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            times[name].append((time.perf_counter() - start) / inner)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-def table(title: str, medians: dict[str, float], raw: dict[str, str], unit: str) -> str:
-    scale = 1e6 if unit == "us" else 1e3
-    lines = [
-        f"### {title}",
-        "",
-        f"| case | median ({unit}) | ratio to raw hooks | difference ({unit}) |",
-        "|---|---:|---:|---:|",
-    ]
-    for name, t in medians.items():
-        base = raw.get(name)
-        ratio = f"{t / medians[base]:.3f}" if base else "-"
-        diff = f"{(t - medians[base]) * scale:+.1f}" if base else "-"
-        lines.append(f"| {name} | {t * scale:.2f} | {ratio} | {diff} |")
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few repeats")
     args = parser.parse_args(argv)
-    torch.set_num_threads(2)
-    warnings.filterwarnings("ignore", message="There is a performance drop")
+    setup()
 
     if args.quick:
         model, shape, repeats, inner = gpt2(2, 64, 4, 500), (2, 8), 3, 2
@@ -133,8 +90,7 @@ def main(argv: list[str] | None = None) -> str:
     n = len(model.transformer.h)
     out = "\n\n".join(
         [
-            f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, "
-            f"torch {torch.__version__}",
+            machine(),
             table(
                 f"GPT-2 shape ({n} layers, d={model.config.n_embd}), batch {shape[0]} x {shape[1]}",
                 big,

@@ -23,7 +23,7 @@ class TinyMLP(nn.Module):
         return self.layers(x)
 
 
-def tiny_gpt2(n_layer: int = 3, attn: str = "sdpa", seed: int = 0) -> nn.Module:
+def tiny_gpt2(n_layer: int = 3, attn: str = "sdpa", seed: int = 0, init: float = 0.02) -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
@@ -36,6 +36,7 @@ def tiny_gpt2(n_layer: int = 3, attn: str = "sdpa", seed: int = 0) -> nn.Module:
         bos_token_id=0,
         eos_token_id=0,
         attn_implementation=attn,
+        initializer_range=init,
     )
     return GPT2LMHeadModel(config).eval()
 

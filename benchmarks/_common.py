@@ -1,0 +1,62 @@
+"""Helpers shared by the benchmark scripts: models, timing, tables."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def setup() -> None:
+    """Two threads (this machine's cores) and no SDPA-under-vmap warning."""
+    torch.set_num_threads(2)
+    warnings.filterwarnings("ignore", message="There is a performance drop")
+
+
+def machine() -> str:
+    threads = torch.get_num_threads()
+    return f"Machine: {platform.machine()}, {threads} threads, torch {torch.__version__}"
+
+
+def gpt2(n_layer: int, n_embd: int, n_head: int, vocab: int) -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab)
+    return GPT2LMHeadModel(config).eval()
+
+
+def measure(cases: dict[str, Callable[[], Any]], repeats: int, inner: int) -> dict[str, float]:
+    """Median seconds per call of each case, the cases interleaved in every repeat."""
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for fn in cases.values():  # warm up
+        fn()
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            start = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            times[name].append((time.perf_counter() - start) / inner)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def table(title: str, medians: dict[str, float], raw: dict[str, str], unit: str) -> str:
+    scale = 1e6 if unit == "us" else 1e3
+    lines = [
+        f"### {title}",
+        "",
+        f"| case | median ({unit}) | ratio to raw hooks | difference ({unit}) |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, t in medians.items():
+        base = raw.get(name)
+        ratio = f"{t / medians[base]:.3f}" if base else "-"
+        diff = f"{(t - medians[base]) * scale:+.1f}" if base else "-"
+        lines.append(f"| {name} | {t * scale:.2f} | {ratio} | {diff} |")
+    return "\n".join(lines)
