@@ -129,3 +129,28 @@ def test_grad_with_respect_to_gpt2_params(gpt2: nn.Module, tokens: torch.Tensor)
         expected = p.grad if p.grad is not None else torch.zeros_like(p)
         assert torch.allclose(g[name], expected, atol=1e-6), name
     gpt2.zero_grad(set_to_none=True)
+
+
+def test_save_grad_on_gpt2_equals_hand_written_hooks(gpt2: nn.Module, tokens: torch.Tensor) -> None:
+    names = ["transformer.h.0", "transformer.h.2.attn", "transformer.ln_f"]
+    values: list[torch.Tensor] = []
+    handles = [
+        gpt2.get_submodule(n).register_forward_hook(lambda m, a, o: values.append(primary(o)))
+        for n in names
+    ]
+    try:
+        loss = gpt2(tokens).logits[:, -1, 3].sum()
+        expected = torch.autograd.grad(loss, values)
+    finally:
+        for h in handles:
+            h.remove()
+    rec = pl.run(
+        gpt2,
+        tokens,
+        [pl.save_grad("h.0"), pl.save_grad("h.-1.attn"), pl.save_grad("ln_f")],
+        loss=lambda out: out.logits[:, -1, 3].sum(),
+        use_cache=False,
+    )
+    for site, g in zip(["h.0", "h.-1.attn", "ln_f"], expected, strict=True):
+        assert torch.allclose(rec.grads[site], g, atol=1e-6), site
+    assert all(p.grad is None for p in gpt2.parameters())

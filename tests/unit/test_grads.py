@@ -240,3 +240,15 @@ def test_duplicate_save_grad_names_are_an_error(mlp: TinyMLP) -> None:
             [pl.save_grad("0", name="g"), pl.save_grad("1", name="g")],
             loss=torch.sum,
         )
+
+
+def test_vjp_and_jacrev_compose_with_patch_grad(mlp64: TinyMLP, x64: torch.Tensor) -> None:
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return pl.run(mlp64, x, [pl.patch_grad("2", lambda g: -g)]).output
+
+    out, vjp_fn = torch.func.vjp(f, x64)
+    (vx,) = vjp_fn(torch.ones_like(out))
+    plain = grad(lambda x: mlp64(x).sum())(x64)
+    assert torch.allclose(vx, -plain)
+    jac = torch.func.jacrev(lambda x: f(x)[0, 0])(x64)
+    assert torch.allclose(jac, -grad(lambda x: mlp64(x)[0, 0])(x64))
