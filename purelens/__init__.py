@@ -14,8 +14,10 @@ Example:
 
 from ._errors import PurelensError as PurelensError
 from ._errors import SiteError as SiteError
+from ._generate import generate as generate
 from ._grads import patch_grad as patch_grad
 from ._grads import save_grad as save_grad
+from ._inputs import tokenize as tokenize
 from ._interventions import Intervention as Intervention
 from ._interventions import ablate as ablate
 from ._interventions import add as add
@@ -25,6 +27,10 @@ from ._interventions import save as save
 from ._interventions import scale as scale
 from ._interventions import skip as skip
 from ._interventions import stop as stop
+from ._interventions import transplant as transplant
+from ._positions import at as at
+from ._positions import last_token as last_token
+from ._positions import token_index as token_index
 from ._record import Record as Record
 from ._run import run as run
 from ._site import sites as sites
@@ -38,6 +44,9 @@ __all__ = [
     "SiteError",
     "ablate",
     "add",
+    "at",
+    "generate",
+    "last_token",
     "patch",
     "patch_grad",
     "replace",
@@ -48,4 +57,7 @@ __all__ = [
     "sites",
     "skip",
     "stop",
+    "token_index",
+    "tokenize",
+    "transplant",
 ]

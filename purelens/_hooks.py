@@ -45,6 +45,14 @@ def _input_hook(pass_: Pass, site: SitePlan) -> Callable[..., Any]:
     return hook
 
 
+def _step_hook(pass_: Pass) -> Callable[..., Any]:
+    def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+        if CURRENT.get() is pass_:
+            pass_.begin_step()
+
+    return hook
+
+
 class _Swap:
     """A module's ``forward`` replaced by a skip dispatcher, and how to restore it."""
 
@@ -100,6 +108,8 @@ def installed(pass_: Pass) -> Iterator[None]:
     swapped: list[nn.Module] = []
     token = CURRENT.set(pass_)
     try:
+        if pass_.multi_step:  # each call of the root module is one generation step
+            handles.append(pass_.model.register_forward_pre_hook(_step_hook(pass_), prepend=True))
         for site in pass_.plan.sites:
             if site.port == "input":
                 handle = site.module.register_forward_pre_hook(

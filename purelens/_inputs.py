@@ -1,25 +1,40 @@
-"""Turn `run`'s `inputs` into the positional and keyword arguments of one model call."""
+"""Turn `run`'s `inputs` into the arguments of one model call; tokenize text.
+
+Text and token-id lists become a padded batch with an attention mask. The
+user's tokenizer is never changed: when it has no pad token, the batch is
+padded here with its end-of-sequence token (masked out anyway).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+import functools
+import inspect
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ._errors import PurelensError
 
-__all__ = ["call_arguments"]
+__all__ = ["call_arguments", "pad_id", "position_ids", "tokenize"]
+
+Side = Literal["left", "right"]
 
 _NEEDS_TOKENIZER = (
-    "`inputs` is text ({value!r}), so `run` needs `tokenizer=` to turn it into token ids.\n"
+    "`inputs` is text ({value!r}), so it needs `tokenizer=` to become token ids.\n"
     "  Pass the model's tokenizer: pl.run(model, text, ivs, tokenizer=tokenizer)."
+)
+_RAGGED_IDS = (
+    "`inputs` holds token-id rows of different lengths ({lengths}); padding them "
+    "needs `tokenizer=` (for its pad token), or pad them yourself and pass a dict "
+    "with `input_ids` and `attention_mask`."
 )
 _BAD_INPUTS = (
     "`inputs` must be a tensor (the first positional argument), a tuple (positional "
-    "arguments), a dict (keyword arguments), or text with `tokenizer=`; got {kind}."
+    "arguments), a dict (keyword arguments), text or token-id lists; got {kind}."
 )
+_BAD_SIDE = "`padding_side` must be 'left' or 'right', got {side!r}."
 
 
 def _is_text(inputs: Any) -> bool:
@@ -28,37 +43,129 @@ def _is_text(inputs: Any) -> bool:
     )
 
 
+def _is_ids(inputs: Any) -> bool:
+    def row(r: Any) -> bool:
+        return isinstance(r, list) and all(isinstance(i, int) for i in r)
+
+    return (
+        isinstance(inputs, list) and bool(inputs) and (row(inputs) or all(row(r) for r in inputs))
+    )
+
+
 def call_arguments(
-    inputs: Any, tokenizer: Any, model_kwargs: Mapping[str, Any]
+    inputs: Any,
+    tokenizer: Any,
+    model_kwargs: Mapping[str, Any],
+    model: nn.Module | None = None,
+    padding_side: Side | None = None,
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """The ``(args, kwargs)`` that call the model on `inputs`."""
+    """The ``(args, kwargs)`` that call the model on `inputs`.
+
+    Text and token-id lists are padded (on `padding_side`, else the
+    tokenizer's); when the padding is on the left and `model` takes
+    ``position_ids``, they are added so that every row sees the positions it
+    would see alone.
+    """
     if isinstance(inputs, Tensor):
         return (inputs,), dict(model_kwargs)
     if isinstance(inputs, tuple):
         return inputs, dict(model_kwargs)
     if isinstance(inputs, Mapping):
         return (), {**inputs, **model_kwargs}
-    if _is_text(inputs):
-        if tokenizer is None:
+    if _is_text(inputs) or _is_ids(inputs):
+        if tokenizer is None and _is_text(inputs):
             raise PurelensError(_NEEDS_TOKENIZER.format(value=inputs))
-        return (), {**_tokenize(tokenizer, inputs), **model_kwargs}
+        batch = tokenize(tokenizer, inputs, padding_side=padding_side)
+        if (
+            model is not None
+            and "position_ids" not in model_kwargs
+            and _accepts_position_ids(model)
+        ):
+            mask = batch["attention_mask"]
+            if bool((mask[:, 0] == 0).any()):  # left padding shifts the positions
+                batch["position_ids"] = position_ids(mask)
+        return (), {**batch, **model_kwargs}
     raise PurelensError(_BAD_INPUTS.format(kind=type(inputs).__name__))
 
 
-def _tokenize(tokenizer: Any, text: str | list[str]) -> dict[str, Tensor]:
-    batch = [text] if isinstance(text, str) else text
-    if getattr(tokenizer, "pad_token_id", None) is not None:
-        encoded = tokenizer(batch, return_tensors="pt", padding=True)
-        return {k: v for k, v in encoded.items() if isinstance(v, Tensor)}
-    # No pad token: pad here with eos (masked out anyway), rather than setting a
-    # pad token on the user's tokenizer.
-    rows = [list(tokenizer(t)["input_ids"]) for t in batch]
-    pad_id = getattr(tokenizer, "eos_token_id", None) or 0
-    width = max(len(r) for r in rows)
-    left = getattr(tokenizer, "padding_side", "right") == "left"
-    ids, mask = [], []
-    for r in rows:
-        fill = width - len(r)
-        ids.append([pad_id] * fill + r if left else r + [pad_id] * fill)
-        mask.append([0] * fill + [1] * len(r) if left else [1] * len(r) + [0] * fill)
-    return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
+def tokenize(
+    tokenizer: Any,
+    inputs: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]],
+    *,
+    padding_side: Side | None = None,
+) -> dict[str, Tensor]:
+    """A padded batch (``input_ids``, ``attention_mask``, ...) of text or token ids.
+
+    This is what `run` and `generate` feed the model for text, so that
+    positions can be computed from the same attention mask beforehand. The
+    tokenizer is never changed; with no pad token, rows are padded with its
+    end-of-sequence token (masked out).
+
+    Args:
+        tokenizer: a HF tokenizer (may be None for equal-length token-id rows).
+        inputs: a string, a list of strings, or token-id rows.
+        padding_side: ``"left"`` or ``"right"``; default the tokenizer's.
+
+    Example:
+        >>> import purelens as pl
+        >>> pl.tokenize(None, [[5, 6, 7], [8, 9, 10]])["attention_mask"]
+        tensor([[1, 1, 1],
+                [1, 1, 1]])
+    """
+    side = padding_side or getattr(tokenizer, "padding_side", None) or "right"
+    if side not in ("left", "right"):
+        raise PurelensError(_BAD_SIDE.format(side=side))
+    items: list[Any]
+    if isinstance(inputs, str):
+        items = [inputs]
+    elif inputs and all(isinstance(i, int) for i in inputs):
+        items = [list(inputs)]
+    else:
+        items = list(inputs)
+    if all(isinstance(r, str) for r in items):
+        rows = [dict(tokenizer(text)) for text in items]
+    else:
+        rows = [{"input_ids": list(r)} for r in items]
+    lengths = [len(r["input_ids"]) for r in rows]
+    if tokenizer is None and len(set(lengths)) > 1:
+        raise PurelensError(_RAGGED_IDS.format(lengths=lengths))
+    width = max(lengths)
+    batch: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": []}
+    keys = [k for k in rows[0] if k not in batch and isinstance(rows[0][k], list)]
+    for key in keys:
+        batch[key] = []
+    for row, n in zip(rows, lengths, strict=True):
+        row["attention_mask"] = [1] * n
+        fills = {"input_ids": pad_id(tokenizer)}
+        for key in batch:
+            fill = [fills.get(key, 0)] * (width - n)
+            values = list(row[key])
+            batch[key].append(fill + values if side == "left" else values + fill)
+    return {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
+
+
+def pad_id(tokenizer: Any) -> int:
+    for attr in ("pad_token_id", "eos_token_id", "unk_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def position_ids(attention_mask: Tensor) -> Tensor:
+    """Positions counted over real tokens only (pads get 1), as HF ``generate`` does."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 1)
+
+
+@functools.lru_cache(maxsize=256)
+def _forward_takes(cls: Any, name: str) -> bool:
+    try:
+        return name in inspect.signature(cls.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _accepts_position_ids(model: nn.Module) -> bool:
+    cls: Any = type(model)
+    return _forward_takes(cls, "position_ids")

@@ -8,6 +8,7 @@ sites, functions, names and selectors are static metadata. Nodes never change:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
@@ -31,6 +32,7 @@ __all__ = [
     "Scale",
     "Skip",
     "Stop",
+    "Transplant",
     "Writer",
     "ablate",
     "add",
@@ -43,6 +45,7 @@ __all__ = [
     "skip",
     "stop",
     "takes_saved",
+    "transplant",
 ]
 
 _NOT_CALLABLE = "`{arg}` of {builder}({site!r}, ...) must be callable, got {value!r}."
@@ -162,7 +165,8 @@ def rewrite(
     return _select.put_rows(value, batch, new, node.site)
 
 
-def takes_saved(fn: Callable[..., Any]) -> bool:
+@functools.lru_cache(maxsize=1024)
+def _signature_takes_saved(fn: Callable[..., Any]) -> bool:
     """Whether `fn` takes a second positional argument (the saved mapping)."""
     try:
         params = inspect.signature(fn).parameters.values()
@@ -174,6 +178,14 @@ def takes_saved(fn: Callable[..., Any]) -> bool:
         if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     ]
     return len(positional) >= 2
+
+
+def takes_saved(fn: Callable[..., Any]) -> bool:
+    """Whether `fn` takes a second positional argument (the saved mapping)."""
+    try:
+        return _signature_takes_saved(fn)
+    except TypeError:  # unhashable callables are inspected each time
+        return _signature_takes_saved.__wrapped__(fn)
 
 
 @pytree_node
@@ -261,6 +273,28 @@ class Ablate(Writer):
         # Every dimension but the last (features) is batch or position.
         dims = tuple(range(rows.ndim - 1))
         return rows.mean(dim=dims, keepdim=True).expand_as(rows) if dims else rows
+
+
+@pytree_node
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
+class Transplant(Writer):
+    """Copy the value of rows `src` into rows `dst` (cross-prompt patching)."""
+
+    site: str = static_field()
+    src: tuple[int, ...] = static_field(default=())
+    dst: tuple[int, ...] = static_field(default=())
+    step: Steps = static_field(default=None)
+    batch: Rows = static_field(default=None, init=False, repr=False)
+
+    def new_value(self, rows: Tensor, saved: Mapping[str, Any]) -> Tensor:
+        size = rows.shape[0]
+        for r in self.src + self.dst:
+            if not -size <= r < size:
+                raise PurelensError(
+                    f"{self!r}: row {r} is outside the batch of size {size} at site {self.site!r}."
+                )
+        dst = torch.tensor([r % size for r in self.dst], device=rows.device)
+        return rows.index_put((dst,), rows[list(self.src)])
 
 
 @pytree_node
@@ -413,6 +447,40 @@ def ablate(
     if how not in ("zero", "mean"):
         raise PurelensError(_BAD_ABLATE.format(site=site, how=how))
     return Ablate(site, how, _select.check_steps(step), _select.check_rows(batch))
+
+
+def transplant(
+    site: str, *, src: int | list[int], dst: int | list[int], step: Any = None
+) -> Transplant:
+    """Copy the value at `site` from batch rows `src` into rows `dst`, in one pass.
+
+    The common case of cross-prompt patching: run clean and corrupted prompts
+    as one batch and move the clean activation into the corrupted row. `src`
+    may be one row copied into every `dst` row.
+
+    Example:
+        >>> import torch, purelens as pl
+        >>> model = torch.nn.Sequential(torch.nn.Identity(), torch.nn.Identity())
+        >>> x = torch.tensor([[1.0], [2.0], [3.0]])
+        >>> pl.run(model, x, [pl.transplant("0", src=0, dst=[1, 2])]).output
+        tensor([[1.],
+                [1.],
+                [1.]])
+    """
+    parse_site(site)
+    srcs, dsts = _select.check_rows(src), _select.check_rows(dst)
+    srcs = (srcs,) if isinstance(srcs, int) else srcs
+    dsts = (dsts,) if isinstance(dsts, int) else dsts
+    if not isinstance(srcs, tuple) or not isinstance(dsts, tuple):
+        raise PurelensError(f"pl.transplant({site!r}): `src` and `dst` are ints or lists of ints.")
+    if len(srcs) == 1:
+        srcs = srcs * len(dsts)
+    if len(srcs) != len(dsts):
+        raise PurelensError(
+            f"pl.transplant({site!r}): {len(srcs)} `src` rows for {len(dsts)} `dst` rows; "
+            "give one src row, or one per dst row."
+        )
+    return Transplant(site, srcs, dsts, _select.check_steps(step))
 
 
 def stop(site: str, *, step: Any = None) -> Stop:

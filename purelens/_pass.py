@@ -125,14 +125,22 @@ class Plan:
 
 
 class Pass:
-    """The state of one call: what was saved and which interventions applied."""
+    """The state of one call: what was saved and which interventions applied.
 
-    def __init__(self, plan: Plan, model: nn.Module, step: int = 0) -> None:
+    A generation call is one `Pass` over several forward steps (`begin_step`
+    is called at the start of each, 0 being the prompt pass); a value saved
+    at several steps is then a tuple.
+    """
+
+    def __init__(self, plan: Plan, model: nn.Module, *, steps: bool = False) -> None:
         self.plan = plan
         self.model = model
-        self.step = step
-        self.saved: dict[str, Any] = {}
+        self.multi_step = steps
+        self.step = -1 if steps else 0
+        self.saved: dict[str, Any] = {}  # the latest value of each name
         self.saved_view = MappingProxyType(self.saved)
+        self.history: dict[str, list[Any]] = {}
+        self._saved_at: dict[str, int] = {}
         self.applied: set[int] = set()
         self.stopped_at: str | None = None
         self.ran: set[int] = set()  # ids of the SitePlans whose hook fired
@@ -207,10 +215,26 @@ class Pass:
             self.grad_targets[node.name] = (value, node)
         return value
 
+    def begin_step(self) -> None:
+        self.step += 1
+
+    def record_saved(self) -> dict[str, Any]:
+        """The saved values for the Record: per step a tuple, unless `step=` was one int."""
+        if not self.multi_step:
+            return dict(self.saved)
+        kinds = {iv.name: iv.step for iv in self.plan.interventions if isinstance(iv, Save)}
+        return {
+            name: values[0] if isinstance(kinds[name], int) else tuple(values)
+            for name, values in self.history.items()
+        }
+
     def _save(self, iv: Save, value: Any, position: int) -> None:
-        if iv.name in self.saved:
+        if self._saved_at.get(iv.name) == self.step:
             raise PurelensError(_RAN_TWICE.format(site=iv.site))
+        self._saved_at[iv.name] = self.step
         self.saved[iv.name] = value
+        if self.multi_step:
+            self.history.setdefault(iv.name, []).append(value)
         if isinstance(value, Tensor) and not value.is_inference():
             self._saved_versions.append((iv.name, iv.site, value, value._version))
 
@@ -234,10 +258,8 @@ class Pass:
                 f"and site {iv.site!r} had not run by then"
             )
         elif iv.step is not None and self._site_ran(i):
-            why = (
-                f"site {iv.site!r} ran, but not at the selected step={iv.step!r} "
-                f"(this pass was step {self.step})"
-            )
+            ran = f"generation ran steps 0 to {self.step}" if self.multi_step else "run is step 0"
+            why = f"site {iv.site!r} ran, but not at the selected step={iv.step!r} ({ran})"
         else:
             why = f"site {iv.site!r} did not run in this forward pass"
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""

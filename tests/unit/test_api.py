@@ -20,6 +20,13 @@ DOCUMENTED = {
     "skip",
     "save_grad",
     "patch_grad",
+    "transplant",
+    # language models
+    "generate",
+    "tokenize",
+    "last_token",
+    "token_index",
+    "at",
     # running
     "run",
     "Record",

@@ -1,0 +1,144 @@
+"""generate(): HF-style generation with interventions at every (or selected) step.
+
+One `Pass` spans the whole generation; each call of the root module is a
+step (0 is the prompt pass; with the KV cache on, later steps see only the
+new token). Interventions with `step=` act at the steps it selects.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._errors import PurelensError
+from ._grads import check_loss_allowed
+from ._hooks import installed
+from ._inputs import call_arguments, pad_id
+from ._interventions import Stop, flatten_interventions
+from ._pass import Pass, Plan
+from ._primary import primary_output
+from ._record import Record
+
+__all__ = ["generate"]
+
+_NO_STOP = (
+    "{what} has no meaning in pl.generate: it ends one forward pass, and "
+    "generation is many.\n  Use pl.run for a single pass."
+)
+_LOOP_KWARGS = (
+    "{names} cannot be used with a model that has no `.generate` method: purelens "
+    "then runs a small loop of its own, which takes `do_sample`, `temperature` "
+    "and `eos_token_id` only."
+)
+
+
+def generate(
+    model: nn.Module,
+    inputs: Any,
+    interventions: Any = (),
+    *,
+    max_new_tokens: int,
+    tokenizer: Any = None,
+    **generate_kwargs: Any,
+) -> Record:
+    """Generate with `interventions` applied at every forward step (or as `step=` selects).
+
+    Runs the model's own HF ``generate`` (KV cache on, greedy or sampling,
+    streamers and stopping criteria passed through), with hooks for the whole
+    call. Text is padded on the left, as decoder-only generation needs.
+
+    Args:
+        model: a HF model with ``.generate``, or any module mapping token ids
+            ``(batch, seq)`` to logits ``(batch, seq, vocab)`` (a small greedy
+            or sampling loop without cache is used then; see the README).
+        inputs: token ids (tensor or lists), a dict (``input_ids``,
+            ``attention_mask``), or text with `tokenizer`.
+        interventions: as in `pl.run`; `step=` selects steps (0 is the
+            prompt pass).
+        max_new_tokens: how many tokens to generate.
+        tokenizer: turns text into a left-padded batch.
+        **generate_kwargs: passed to ``model.generate``.
+
+    Returns:
+        A `Record` whose ``output`` is what ``generate`` returns (the token
+        ids, prompt included). A value saved at several steps is a tuple with
+        one tensor per step; with ``step=`` a single int, the tensor itself.
+
+    Example:
+        >>> import torch, purelens as pl
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=20)).eval()
+        >>> rec = pl.generate(model, torch.tensor([[1, 2, 3]]), [pl.save("h.0")],
+        ...                   max_new_tokens=3, pad_token_id=0)
+        >>> rec.output.shape, [v.shape[1] for v in rec["h.0"]]
+        (torch.Size([1, 6]), [3, 1, 1])
+    """
+    if not isinstance(model, nn.Module):
+        raise PurelensError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise PurelensError(f"`max_new_tokens` must be a positive int, got {max_new_tokens!r}.")
+    plan = Plan.build(model, flatten_interventions(interventions))
+    check_loss_allowed(None, list(plan.save_grads))
+    for iv in plan.interventions:
+        if isinstance(iv, Stop):
+            raise PurelensError(_NO_STOP.format(what=repr(iv)))
+    encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+    args, kwargs = call_arguments(
+        inputs, tokenizer, {}, padding_side="right" if encoder_decoder else "left"
+    )
+    if tokenizer is not None and "pad_token_id" not in generate_kwargs:
+        generation_config = getattr(model, "generation_config", None)
+        if getattr(generation_config, "pad_token_id", None) is None:
+            # The id the batch was padded with; spares HF's warning.
+            generate_kwargs["pad_token_id"] = pad_id(tokenizer)
+    pass_ = Pass(plan, model, steps=True)
+    with installed(pass_):
+        hf_generate = getattr(model, "generate", None)
+        if callable(hf_generate):
+            output = hf_generate(*args, max_new_tokens=max_new_tokens, **kwargs, **generate_kwargs)
+        else:
+            output = _loop(model, args, kwargs, max_new_tokens, **generate_kwargs)
+    pass_.check_finished()
+    return Record(pass_.record_saved(), output)
+
+
+@torch.no_grad()
+def _loop(
+    model: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    max_new_tokens: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    eos_token_id: int | None = None,
+    **unknown: Any,
+) -> Tensor:
+    """Greedy or sampled decoding for a plain module: each step reruns the whole sequence."""
+    extra = [k for k in kwargs if k not in ("input_ids", "attention_mask")]
+    if unknown or extra:
+        raise PurelensError(_LOOP_KWARGS.format(names=", ".join(map(repr, [*unknown, *extra]))))
+    ids = args[0] if args else kwargs["input_ids"]
+    if "attention_mask" in kwargs and not bool(kwargs["attention_mask"].all()):
+        raise PurelensError(
+            "a padded batch needs the model's own `.generate`; the plain loop takes "
+            "equal-length rows only."
+        )
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    for _ in range(max_new_tokens):
+        split = primary_output(model(ids))
+        if split is None:
+            raise PurelensError("the model returned no tensor of logits to decode from.")
+        logits = split[0][:, -1].float()
+        if do_sample:
+            token = torch.multinomial(torch.softmax(logits / temperature, -1), 1)[:, 0]
+        else:
+            token = logits.argmax(-1)
+        if eos_token_id is not None:
+            token = token.masked_fill(done, eos_token_id)
+            done = done | (token == eos_token_id)
+        ids = torch.cat([ids, token[:, None].to(ids.dtype)], dim=-1)
+        if eos_token_id is not None and bool(done.all()):
+            break
+    return ids

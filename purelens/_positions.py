@@ -1,0 +1,117 @@
+"""Token positions that stay right under padding, and `at` to use them.
+
+With a padded batch, "the last token" is at a different index in every row,
+and left padding moves "token 0" too. These helpers read the attention mask
+(`pl.tokenize` gives the same one `run` uses) and return one index per row;
+`pl.at` turns such indices into a function for `pl.save` or `pl.patch`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._errors import PurelensError
+from ._interventions import takes_saved
+
+__all__ = ["at", "last_token", "token_index"]
+
+_OUT_OF_RANGE = (
+    "token {i} does not exist in row {row}, which has {count} real tokens.\n"
+    "  Count from the start (0, 1, ...) or from the end (-1 is the last real token)."
+)
+_ROWS_MISMATCH = (
+    "pl.at: {n} positions for a value with {rows} rows.\n"
+    "  Give one position per row of the value at the site (with batch=, per selected row)."
+)
+
+
+def _check_mask(attention_mask: Tensor) -> Tensor:
+    if not isinstance(attention_mask, Tensor) or attention_mask.ndim != 2:
+        raise PurelensError(
+            f"`attention_mask` must be a 2-D tensor (batch, positions), got {attention_mask!r}."
+        )
+    return attention_mask != 0
+
+
+def token_index(attention_mask: Tensor, i: int) -> Tensor:
+    """The index of real token `i` in each row (negative counts from the end).
+
+    Example:
+        >>> import torch, purelens as pl
+        >>> mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])  # left padding
+        >>> pl.token_index(mask, 0), pl.token_index(mask, -1)
+        (tensor([2, 0]), tensor([4, 4]))
+    """
+    real = _check_mask(attention_mask)
+    counts = real.sum(-1)
+    k = torch.full_like(counts, i) if i >= 0 else counts + i
+    bad = ((k < 0) | (k >= counts)).nonzero()
+    if len(bad):
+        row = int(bad[0, 0])
+        raise PurelensError(_OUT_OF_RANGE.format(i=i, row=row, count=int(counts[row])))
+    hit = (real.long().cumsum(-1) == (k + 1)[:, None]) & real
+    return hit.long().argmax(-1)
+
+
+def last_token(attention_mask: Tensor) -> Tensor:
+    """The index of the last real token in each row, for left or right padding.
+
+    Example:
+        >>> import torch, purelens as pl
+        >>> pl.last_token(torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]))  # right padding
+        tensor([1, 3])
+    """
+    return token_index(attention_mask, -1)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class at:
+    """Act at one position per row: a function for `pl.save` or `pl.patch`.
+
+    ``pl.save(site, pl.at(index))`` keeps ``value[row, index[row]]`` for each
+    row (shape ``(batch, ...)``); ``pl.patch(site, pl.at(index, fn))``
+    replaces those entries with ``fn(entries)`` (or ``fn(entries, saved)``)
+    and leaves every other position alone.
+
+    Args:
+        index: one position per row (e.g. `pl.last_token(mask)`), or an int
+            for the same position in every row.
+        fn: for patches, applied to the ``(batch, ...)`` entries.
+
+    Example:
+        >>> import torch, purelens as pl
+        >>> model = torch.nn.Sequential(torch.nn.Identity())
+        >>> x = torch.arange(12.0).view(2, 3, 2)
+        >>> pl.run(model, x, [pl.save("0", pl.at(torch.tensor([2, 0])))])["0"]
+        tensor([[4., 5.],
+                [6., 7.]])
+        >>> pl.run(model, x, [pl.patch("0", pl.at(-1, torch.zeros_like))]).output[0]
+        tensor([[0., 1.],
+                [2., 3.],
+                [0., 0.]])
+    """
+
+    index: Tensor | int
+    fn: Callable[..., Tensor] | None = None
+
+    def _rows_and_index(self, value: Tensor) -> tuple[Tensor, Tensor]:
+        rows = torch.arange(value.shape[0], device=value.device)
+        if isinstance(self.index, int):
+            return rows, torch.full_like(rows, self.index % value.shape[1])
+        index = self.index.to(value.device)
+        if index.shape != rows.shape:
+            raise PurelensError(_ROWS_MISMATCH.format(n=list(index.shape), rows=value.shape[0]))
+        return rows, index
+
+    def __call__(self, value: Tensor, saved: Mapping[str, Any] | None = None) -> Tensor:
+        rows, index = self._rows_and_index(value)
+        entries = value[rows, index]
+        if self.fn is None:
+            return entries
+        new = self.fn(entries, saved) if takes_saved(self.fn) else self.fn(entries)
+        return value.index_put((rows, index), new.to(value.dtype))

@@ -1,0 +1,165 @@
+"""pl.generate over HF generate, and over a plain module's own loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+import purelens as pl
+from tests.helpers import hooks_on, tiny_gpt2, word_tokenizer
+
+
+@pytest.fixture(scope="module")
+def model() -> nn.Module:
+    return tiny_gpt2(n_layer=2, seed=6, init=0.2)
+
+
+@pytest.fixture
+def prompt() -> torch.Tensor:
+    return torch.randint(3, 97, (2, 5), generator=torch.Generator().manual_seed(7))
+
+
+def test_no_interventions_equals_hf_generate_greedy_and_sampled(
+    model: nn.Module, prompt: torch.Tensor
+) -> None:
+    expected = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(
+        pl.generate(model, prompt, max_new_tokens=6, do_sample=False, pad_token_id=0).output,
+        expected,
+    )
+    torch.manual_seed(3)
+    sampled = model.generate(prompt, max_new_tokens=6, do_sample=True, top_k=0, pad_token_id=0)
+    torch.manual_seed(3)
+    ours = pl.generate(
+        model, prompt, max_new_tokens=6, do_sample=True, top_k=0, pad_token_id=0
+    ).output
+    assert torch.equal(ours, sampled)
+    assert hooks_on(model) == 0
+
+
+def test_saves_one_tensor_per_step(model: nn.Module, prompt: torch.Tensor) -> None:
+    rec = pl.generate(
+        model,
+        prompt,
+        [pl.save("h.0"), pl.save("lm_head", name="logits"), pl.save("h.1", step=0, name="prompt")],
+        max_new_tokens=4,
+        pad_token_id=0,
+    )
+    assert isinstance(rec["h.0"], tuple) and len(rec["h.0"]) == 4
+    assert [v.shape for v in rec["h.0"]] == [(2, 5, 32)] + [(2, 1, 32)] * 3  # KV cache on
+    assert rec["prompt"].shape == (2, 5, 32)  # step= one int: the tensor itself
+    greedy = [step_logits[:, -1].argmax(-1) for step_logits in rec["logits"]]
+    assert torch.equal(torch.stack(greedy, 1), rec.output[:, 5:])
+
+
+def test_step_selection(model: nn.Module, prompt: torch.Tensor) -> None:
+    rec = pl.generate(
+        model,
+        prompt,
+        [
+            pl.save("h.0", step=slice(1, None, 2), name="odd"),
+            pl.save("h.0", step=[0, 3], name="some"),
+        ],
+        max_new_tokens=5,
+        pad_token_id=0,
+    )
+    assert len(rec["odd"]) == 2 and len(rec["some"]) == 2
+    assert rec["some"][0].shape[1] == 5 and rec["some"][1].shape[1] == 1
+
+
+def test_an_intervention_at_step_3_changes_tokens_from_step_3_on(
+    model: nn.Module, prompt: torch.Tensor
+) -> None:
+    clean = pl.generate(model, prompt, max_new_tokens=6, pad_token_id=0).output
+    target = 42
+    assert (clean[:, 5 + 3] != target).all()
+    push = 50 * model.transformer.wte.weight[target].detach()
+    steered = pl.generate(
+        model, prompt, [pl.add("ln_f", push, step=3)], max_new_tokens=6, pad_token_id=0
+    ).output
+    assert torch.equal(steered[:, : 5 + 3], clean[:, : 5 + 3])  # prompt and steps 0-2 untouched
+    assert (steered[:, 5 + 3] == target).all()
+
+
+def test_text_is_left_padded_for_generation(model: nn.Module) -> None:
+    tok = word_tokenizer(padding_side="right")  # generate pads on the left regardless
+    prompts = ["the cat sat on the mat", "a dog"]
+    rec = pl.generate(model, prompts, max_new_tokens=3, tokenizer=tok)
+    alone = pl.generate(model, prompts[1], max_new_tokens=3, tokenizer=tok)
+    assert torch.equal(rec.output[1, -3:], alone.output[0, -3:])
+    assert tok.padding_side == "right" and tok.pad_token is None
+
+
+def test_streamer_and_stopping_criteria_pass_through(model: nn.Module) -> None:
+    tok = word_tokenizer()
+    streamer = TextIteratorStreamer(tok)
+
+    class AfterTwo(StoppingCriteria):
+        def __call__(
+            self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: object
+        ) -> torch.Tensor:
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] >= 5, dtype=torch.bool)
+
+    rec = pl.generate(
+        model,
+        "the cat sat",
+        [pl.save("h.0")],
+        max_new_tokens=10,
+        tokenizer=tok,
+        streamer=streamer,
+        stopping_criteria=StoppingCriteriaList([AfterTwo()]),
+    )
+    assert rec.output.shape[1] == 5 and len(rec["h.0"]) == 2
+    assert "the cat sat" in "".join(streamer)
+
+
+def test_intervention_at_a_step_that_never_came_is_an_error(
+    model: nn.Module, prompt: torch.Tensor
+) -> None:
+    with pytest.raises(
+        pl.PurelensError, match=r"not at the selected step=9 \(generation ran steps 0 to 3\)"
+    ):
+        pl.generate(model, prompt, [pl.ablate("h.0", step=9)], max_new_tokens=4, pad_token_id=0)
+
+
+def test_stop_and_save_grad_are_refused(model: nn.Module, prompt: torch.Tensor) -> None:
+    with pytest.raises(pl.PurelensError, match=r"no meaning in pl\.generate"):
+        pl.generate(model, prompt, [pl.stop("h.0")], max_new_tokens=2)
+    with pytest.raises(pl.PurelensError, match="needs `loss=`"):
+        pl.generate(model, prompt, [pl.save_grad("h.0")], max_new_tokens=2)
+
+
+class LoopLM(nn.Module):
+    """An LMPlay-style language model: forward(x, cache=None), no `.generate`."""
+
+    def __init__(self, vocab: int = 20, d: int = 16) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList([nn.Linear(d, d) for _ in range(2)])
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, x: torch.Tensor, cache: object = None) -> torch.Tensor:
+        h = self.embed(x).cumsum(1)  # causal: each position sees the ones before
+        for block in self.blocks:
+            h = h + torch.tanh(block(h))
+        return self.head(h)
+
+
+def test_plain_module_generates_with_the_builtin_loop() -> None:
+    model = LoopLM()
+    ids = torch.tensor([[1, 2, 3]])
+    rec = pl.generate(model, ids, [pl.save("blocks.-1")], max_new_tokens=4)
+    expected = ids
+    for _ in range(4):
+        expected = torch.cat([expected, model(expected)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(rec.output, expected)
+    assert [v.shape[1] for v in rec["blocks.-1"]] == [3, 4, 5, 6]  # no cache: whole sequence
+    zeroed = pl.generate(
+        model, ids, [pl.ablate("head", step=slice(2, None))], max_new_tokens=4
+    ).output
+    assert torch.equal(zeroed[:, :5], expected[:, :5]) and (zeroed[:, 5:] == 0).all()
+    with pytest.raises(pl.PurelensError, match="'top_k' cannot be used"):
+        pl.generate(model, ids, max_new_tokens=2, top_k=5)
