@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterator
 
@@ -11,6 +12,9 @@ from hypothesis import HealthCheck, settings
 from torch import nn
 
 from tests.helpers import TinyMLP, tiny_gpt2
+
+# Models come from configs or from packages that ship weights: never from a hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # Torch's first calls are slow (lazy init), which is not slow input generation.
 settings.register_profile(
