@@ -12,6 +12,7 @@ Example:
     torch.Size([3, 8])
 """
 
+from ._edit import edit as edit
 from ._errors import PurelensError as PurelensError
 from ._errors import SiteError as SiteError
 from ._generate import generate as generate
@@ -33,6 +34,8 @@ from ._positions import last_token as last_token
 from ._positions import token_index as token_index
 from ._record import Record as Record
 from ._run import run as run
+from ._shapes import Shapes as Shapes
+from ._shapes import shapes as shapes
 from ._site import sites as sites
 
 __version__ = "0.1.0"
@@ -41,10 +44,12 @@ __all__ = [
     "Intervention",
     "PurelensError",
     "Record",
+    "Shapes",
     "SiteError",
     "ablate",
     "add",
     "at",
+    "edit",
     "generate",
     "last_token",
     "patch",
@@ -54,6 +59,7 @@ __all__ = [
     "save",
     "save_grad",
     "scale",
+    "shapes",
     "sites",
     "skip",
     "stop",

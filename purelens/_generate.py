@@ -7,6 +7,7 @@ new token). Interventions with `step=` act at the steps it selects.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -20,6 +21,8 @@ from ._interventions import Stop, flatten_interventions
 from ._pass import Pass, Plan
 from ._primary import primary_output
 from ._record import Record
+from ._run import forward_pass
+from ._validate import fake_pass
 
 __all__ = ["generate"]
 
@@ -41,6 +44,7 @@ def generate(
     *,
     max_new_tokens: int,
     tokenizer: Any = None,
+    validate: bool = False,
     **generate_kwargs: Any,
 ) -> Record:
     """Generate with `interventions` applied at every forward step (or as `step=` selects).
@@ -59,6 +63,9 @@ def generate(
             prompt pass).
         max_new_tokens: how many tokens to generate.
         tokenizer: turns text into a left-padded batch.
+        validate: first run the prompt pass on fake tensors with every
+            intervention (whatever its `step=`), so that a bad site or a
+            patch of the wrong shape raises before any real compute.
         **generate_kwargs: passed to ``model.generate``.
 
     Returns:
@@ -93,6 +100,12 @@ def generate(
         if getattr(generation_config, "pad_token_id", None) is None:
             # The id the batch was padded with; spares HF's warning.
             generate_kwargs["pad_token_id"] = pad_id(tokenizer)
+    if validate:
+        every_step = Plan.build(
+            model,
+            tuple(dataclasses.replace(iv, step=None) for iv in plan.interventions),  # type: ignore[type-var]
+        )
+        fake_pass(model, Pass(every_step, model), args, kwargs, None, forward_pass)
     pass_ = Pass(plan, model, steps=True)
     with installed(pass_):
         hf_generate = getattr(model, "generate", None)

@@ -1,9 +1,11 @@
 """The only place that touches a model: hooks installed for one call, removed in `finally`.
 
 Hooks are registered per call on the modules the plan names, and they act only
-when the context variable `CURRENT` holds their own pass. So a run in another
-thread, or a run nested inside an intervention's function, passes through
-hooks that are not its own untouched.
+while their own pass is in the context variable `ACTIVE`. A run makes its pass
+the only active one, so a run in another thread, or a run nested inside an
+intervention's function, passes through hooks that are not its own untouched.
+An edited module (`pl.edit`) adds its edits' pass to the active ones for the
+length of its forward, with its hooks ahead of the run's: edits apply first.
 
 `pl.skip` must keep a module from running at all, which no hook can do: the
 module's ``forward`` is swapped for a dispatcher, shared by concurrent runs
@@ -22,14 +24,16 @@ from torch import nn
 
 from ._pass import Pass, SitePlan
 
-__all__ = ["CURRENT", "installed"]
+__all__ = ["ACTIVE", "installed"]
 
-CURRENT: contextvars.ContextVar[Pass | None] = contextvars.ContextVar("purelens_pass", default=None)
+ACTIVE: contextvars.ContextVar[tuple[Pass, ...]] = contextvars.ContextVar(
+    "purelens_passes", default=()
+)
 
 
 def _output_hook(pass_: Pass, site: SitePlan) -> Callable[..., Any]:
     def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-        if CURRENT.get() is not pass_:
+        if pass_ not in ACTIVE.get():
             return None
         return pass_.on_output(site, output)
 
@@ -38,7 +42,7 @@ def _output_hook(pass_: Pass, site: SitePlan) -> Callable[..., Any]:
 
 def _input_hook(pass_: Pass, site: SitePlan) -> Callable[..., Any]:
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if CURRENT.get() is not pass_:
+        if pass_ not in ACTIVE.get():
             return None
         return pass_.on_input(site, args, kwargs)
 
@@ -47,7 +51,7 @@ def _input_hook(pass_: Pass, site: SitePlan) -> Callable[..., Any]:
 
 def _step_hook(pass_: Pass) -> Callable[..., Any]:
     def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-        if CURRENT.get() is pass_:
+        if pass_ in ACTIVE.get():
             pass_.begin_step()
 
     return hook
@@ -63,8 +67,7 @@ class _Swap:
         original = module.forward
 
         def forward(*args: Any, **kwargs: Any) -> Any:
-            pass_ = CURRENT.get()
-            if pass_ is not None:
+            for pass_ in ACTIVE.get():
                 skipped, output = pass_.on_skip(module, args, kwargs)
                 if skipped:
                     return output
@@ -102,21 +105,25 @@ def _swap_out(module: nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def installed(pass_: Pass) -> Iterator[None]:
-    """Install the hooks of `pass_`'s plan and make it the current pass, for one call."""
+def installed(pass_: Pass, *, edit: bool = False) -> Iterator[None]:
+    """Install the hooks of `pass_`'s plan and activate it, for one call.
+
+    A run's pass becomes the only active one; an edit's (``edit=True``) joins
+    the active ones, its hooks ahead of those already there.
+    """
     handles = []
     swapped: list[nn.Module] = []
-    token = CURRENT.set(pass_)
+    token = ACTIVE.set((*ACTIVE.get(), pass_) if edit else (pass_,))
     try:
         if pass_.multi_step:  # each call of the root module is one generation step
             handles.append(pass_.model.register_forward_pre_hook(_step_hook(pass_), prepend=True))
         for site in pass_.plan.sites:
             if site.port == "input":
                 handle = site.module.register_forward_pre_hook(
-                    _input_hook(pass_, site), with_kwargs=True
+                    _input_hook(pass_, site), with_kwargs=True, prepend=edit
                 )
             else:
-                handle = site.module.register_forward_hook(_output_hook(pass_, site))
+                handle = site.module.register_forward_hook(_output_hook(pass_, site), prepend=edit)
             handles.append(handle)
         for module in pass_.plan.skip_modules:
             _swap_in(module)
@@ -127,4 +134,4 @@ def installed(pass_: Pass) -> Iterator[None]:
             handle.remove()
         for module in swapped:
             _swap_out(module)
-        CURRENT.reset(token)
+        ACTIVE.reset(token)

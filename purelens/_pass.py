@@ -132,8 +132,11 @@ class Pass:
     at several steps is then a tuple.
     """
 
-    def __init__(self, plan: Plan, model: nn.Module, *, steps: bool = False) -> None:
+    def __init__(
+        self, plan: Plan, model: nn.Module, *, steps: bool = False, lenient: bool = False
+    ) -> None:
         self.plan = plan
+        self.lenient = lenient  # for surveys (pl.shapes): skip what cannot be saved
         self.model = model
         self.multi_step = steps
         self.step = -1 if steps else 0
@@ -153,6 +156,8 @@ class Pass:
         """The module's output with the site's interventions applied (None: unchanged)."""
         split = primary_output(output)
         if split is None:
+            if self.lenient:
+                return None
             raise PurelensError(
                 _NO_TENSOR.format(site=site.site, port="output", kind=type(output).__name__)
             )
@@ -166,6 +171,8 @@ class Pass:
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         split = primary_input(args, kwargs)
         if split is None:
+            if self.lenient:
+                return None
             raise PurelensError(_NO_TENSOR.format(site=site.site, port="input", kind="no tensor"))
         value, rebuild = split
         new = self._apply(site, value)
@@ -230,6 +237,8 @@ class Pass:
 
     def _save(self, iv: Save, value: Any, position: int) -> None:
         if self._saved_at.get(iv.name) == self.step:
+            if self.lenient:  # keep the first call's value
+                return
             raise PurelensError(_RAN_TWICE.format(site=iv.site))
         self._saved_at[iv.name] = self.step
         self.saved[iv.name] = value

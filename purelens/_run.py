@@ -17,7 +17,7 @@ from ._pass import Pass, Plan, StopPass
 from ._record import Record
 from ._validate import fake_pass
 
-__all__ = ["run"]
+__all__ = ["forward_pass", "run"]
 
 _NOT_A_MODULE = "`model` must be a torch.nn.Module, got {kind}."
 _BAD_PARAMS = (
@@ -95,14 +95,14 @@ def run(
     if params is not None:
         _check_params(model, params)
     if validate:
-        fake_pass(model, Pass(plan, model), args, kwargs, params, _forward)
+        fake_pass(model, Pass(plan, model), args, kwargs, params, forward_pass)
     pass_ = Pass(plan, model)
     if loss is None:
-        output = _forward(model, pass_, args, kwargs, params)
+        output = forward_pass(model, pass_, args, kwargs, params)
         pass_.check_finished()
         return Record(pass_.saved, output)
     with torch.enable_grad():
-        output = _forward(model, pass_, args, kwargs, params)
+        output = forward_pass(model, pass_, args, kwargs, params)
         pass_.check_finished()
         loss_value = call_loss(loss, output, pass_.saved_view)
         grads = gradients(loss_value, pass_.grad_targets)
@@ -110,7 +110,7 @@ def run(
     return Record(detached(pass_.saved), detached(output), grads, detached(loss_value))
 
 
-def _forward(
+def forward_pass(
     model: nn.Module,
     pass_: Pass,
     args: tuple[Any, ...],

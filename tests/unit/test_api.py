@@ -21,6 +21,10 @@ DOCUMENTED = {
     "save_grad",
     "patch_grad",
     "transplant",
+    # model surgery
+    "edit",
+    "shapes",
+    "Shapes",
     # language models
     "generate",
     "tokenize",

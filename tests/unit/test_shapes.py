@@ -1,0 +1,96 @@
+"""pl.shapes and validate=True: the plan on fake tensors, no real compute."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import purelens as pl
+from tests.helpers import TinyMLP
+
+
+class Spy(nn.Module):
+    """Records the type of every tensor it sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(type(x).__name__)
+        return x * 2
+
+
+def test_shapes_of_every_site_in_run_order(mlp: TinyMLP) -> None:
+    shapes = pl.shapes(mlp, torch.ones(5, 4))
+    assert list(shapes) == ["layers.0", "layers.1", "layers.2", "layers", ""]
+    assert shapes["layers.1"] == torch.Size([5, 8]) and shapes[""] == (5, 3)
+    assert set(shapes.dtypes.values()) == {torch.float32}
+    assert "layers.1" in repr(shapes) and "float32" in repr(shapes)
+
+
+def test_shapes_of_chosen_sites_with_ports(mlp: TinyMLP) -> None:
+    shapes = pl.shapes(mlp.double(), torch.ones(2, 4, dtype=torch.float64), ["2:input", "-1", "0"])
+    assert dict(shapes) == {"2:input": (2, 8), "-1": (2, 3), "0": (2, 8)}
+    assert shapes.dtypes["0"] == torch.float64
+    with pytest.raises(KeyError, match="'1' is not among the sites surveyed"):
+        shapes["1"]
+
+
+def test_shapes_never_computes_for_real() -> None:
+    spy = Spy()
+    model = nn.Sequential(nn.Linear(3, 3), spy)
+    assert pl.shapes(model, torch.ones(4, 3))["1"] == (4, 3)
+    assert spy.seen == ["FakeTensor"]
+
+
+def test_shapes_errors_name_the_site(mlp: TinyMLP) -> None:
+    with pytest.raises(pl.SiteError, match=r"'layer\.9'"):
+        pl.shapes(mlp, torch.ones(1, 4), ["layer.9"])
+    mlp.unused = nn.Linear(1, 1)
+    with pytest.raises(pl.PurelensError, match="site 'unused' did not run"):
+        pl.shapes(mlp, torch.ones(1, 4), ["unused"])
+    assert "unused" not in pl.shapes(mlp, torch.ones(1, 4))
+
+
+def test_shapes_of_a_model_reading_values_says_why_it_cannot() -> None:
+    class DataDependent(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x[x > 0]
+
+    with pytest.raises(pl.PurelensError, match="could not run the plan on fake tensors"):
+        pl.shapes(nn.Sequential(DataDependent()), torch.randn(3))
+
+
+def test_generate_validate_checks_every_step_before_generating() -> None:
+    from tests.helpers import tiny_gpt2
+
+    model = tiny_gpt2(n_layer=2)
+    spy_calls: list[str] = []
+
+    def narrows(v: torch.Tensor) -> torch.Tensor:
+        spy_calls.append(type(v).__name__)
+        return v[..., :3]
+
+    with pytest.raises(
+        pl.PurelensError,
+        match=r"returned float32\[1, 4, 3\], but the value there is float32\[1, 4, 32\]",
+    ):
+        pl.generate(
+            model,
+            torch.tensor([[1, 2, 3, 4]]),
+            [pl.patch("h.0", narrows, step=5)],
+            max_new_tokens=6,
+            validate=True,
+        )
+    assert spy_calls == ["FakeTensor"]
+    rec = pl.generate(
+        model,
+        torch.tensor([[1, 2, 3, 4]]),
+        [pl.save("h.0", step=2)],
+        max_new_tokens=3,
+        validate=True,
+        pad_token_id=0,
+    )
+    assert rec["h.0"].shape == (1, 1, 32)
