@@ -104,7 +104,7 @@ def _matches(model: nn.Module, name: str, pattern: list[str]) -> bool:
 
 
 def _closest(names: list[str], path: str) -> str:
-    suffixes = {n.rsplit(".", k)[-1] if k else n for n in names for k in range(3)}
+    suffixes = {".".join(n.split(".")[-k:]) for n in names if n for k in range(1, 4)}
     close = difflib.get_close_matches(path, [n for n in names if n] + sorted(suffixes), n=4)
     if not close:  # nothing alike: show where the tree starts
         close = [n for n in names if n and "." not in n][:4]
