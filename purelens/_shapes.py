@@ -8,17 +8,19 @@ weights are not in memory at all.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from ._errors import MissingSaveError, PurelensError
+from ._errors import MissingSaveError, PurelensError, SiteError
 from ._inputs import call_arguments
 from ._interventions import Save, describe
 from ._pass import Pass, Plan
 from ._run import forward_pass
+from ._site import resolve
 from ._site import sites as all_sites
 from ._validate import fake_pass
 
@@ -37,17 +39,35 @@ class Shapes(Mapping[str, torch.Size]):
         (torch.Size([2, 5]), torch.float32)
     """
 
-    def __init__(self, shapes: Mapping[str, torch.Size], dtypes: Mapping[str, torch.dtype]) -> None:
+    def __init__(
+        self,
+        shapes: Mapping[str, torch.Size],
+        dtypes: Mapping[str, torch.dtype],
+        model: nn.Module | None = None,
+    ) -> None:
         self._shapes = dict(shapes)
-        self.dtypes: Mapping[str, torch.dtype] = dict(dtypes)
+        self.dtypes: Mapping[str, torch.dtype] = _Dtypes(self, dict(dtypes))
+        self._model = weakref.ref(model) if model is not None else None
+
+    def _key(self, site: str) -> str:
+        """`site` as surveyed: as written, or resolved like any site (``"h.1"``)."""
+        if site in self._shapes:
+            return site
+        model = self._model() if self._model is not None else None
+        if model is not None:
+            try:
+                name, _, port = resolve(model, site)
+            except SiteError:
+                pass
+            else:
+                if port == "output" and name in self._shapes:
+                    return name
+        some = ", ".join(repr(s) for s in list(self._shapes)[:8])
+        more = ", ..." if len(self._shapes) > 8 else ""
+        raise MissingSaveError(_NOT_SURVEYED.format(site=site, some=some, more=more))
 
     def __getitem__(self, site: str) -> torch.Size:
-        try:
-            return self._shapes[site]
-        except KeyError:
-            some = ", ".join(repr(s) for s in list(self._shapes)[:8])
-            more = ", ..." if len(self._shapes) > 8 else ""
-            raise MissingSaveError(_NOT_SURVEYED.format(site=site, some=some, more=more)) from None
+        return self._shapes[self._key(site)]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._shapes)
@@ -62,6 +82,22 @@ class Shapes(Mapping[str, torch.Size]):
             for site, shape in self._shapes.items()
         ]
         return "Shapes(\n" + "\n".join(rows) + "\n)"
+
+
+class _Dtypes(Mapping[str, torch.dtype]):
+    """``Shapes.dtypes``: the same keys, and the same site lookup."""
+
+    def __init__(self, owner: Shapes, dtypes: dict[str, torch.dtype]) -> None:
+        self._owner, self._dtypes = owner, dtypes
+
+    def __getitem__(self, site: str) -> torch.dtype:
+        return self._dtypes[self._owner._key(site)]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._dtypes)
+
+    def __len__(self) -> int:
+        return len(self._dtypes)
 
 
 def shapes(
@@ -85,7 +121,9 @@ def shapes(
 
     Returns:
         `Shapes`: a mapping ``{site: torch.Size}`` in the order the model
-        runs them, and ``.dtypes`` ``{site: torch.dtype}``.
+        runs them, and ``.dtypes`` ``{site: torch.dtype}``. Surveyed sites
+        are full module paths; any site that resolves to one (``"h.1"``)
+        looks it up.
 
     Raises:
         SiteError: a site given in `sites` matches no module, or several.
@@ -114,4 +152,4 @@ def shapes(
             f"site {missing[0]!r} gave {describe(values.get(missing[0]))}, not a tensor."
         )
     kept = [s for s in order if s not in missing]
-    return Shapes({s: values[s].shape for s in kept}, {s: values[s].dtype for s in kept})
+    return Shapes({s: values[s].shape for s in kept}, {s: values[s].dtype for s in kept}, model)

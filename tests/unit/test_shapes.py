@@ -94,3 +94,11 @@ def test_generate_validate_checks_every_step_before_generating() -> None:
         pad_token_id=0,
     )
     assert rec["h.0"].shape == (1, 1, 32)
+
+
+def test_survey_keys_resolve_like_sites(mlp: TinyMLP) -> None:
+    shapes = pl.shapes(mlp, torch.ones(5, 4))
+    assert shapes["1"] == shapes["layers.1"] == shapes["layers.-2"] == (5, 8)
+    assert shapes.dtypes["-1"] == torch.float32
+    with pytest.raises(KeyError, match="'1:input' is not among the sites surveyed"):
+        shapes["1:input"]
