@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import platform
 import statistics
 import time
@@ -13,10 +14,21 @@ import torch
 from torch import nn
 
 
-def setup() -> None:
-    """Two threads (this machine's cores) and no SDPA-under-vmap warning."""
-    torch.set_num_threads(2)
+def start(doc: str, argv: list[str] | None) -> bool:
+    """Parse the one flag every benchmark takes; set two threads. Returns `--quick`."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and few repeats")
+    quick = parser.parse_args(argv).quick
+    torch.set_num_threads(2)  # this machine's cores
     warnings.filterwarnings("ignore", message="There is a performance drop")
+    return bool(quick)
+
+
+def gpt2_and_tokens(quick: bool) -> tuple[nn.Module, torch.Tensor]:
+    """GPT-2-small shape (random weights) and a batch of 8 x 32 tokens; tiny when `quick`."""
+    model = gpt2(2, 64, 4, 500) if quick else gpt2(12, 768, 12, 50257)
+    shape = (2, 8) if quick else (8, 32)
+    return model, torch.randint(0, model.config.vocab_size, shape)
 
 
 def machine() -> str:

@@ -9,11 +9,10 @@ repeats, and the ratio to HF `generate` with a hand-written forward hook.
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 import torch
-from _common import gpt2, machine, measure, setup, table
+from _common import gpt2_and_tokens, machine, measure, start, table
 from torch import nn
 
 import purelens as pl
@@ -31,15 +30,10 @@ def hf_with_hook(
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes and few repeats")
-    args = parser.parse_args(argv)
-    setup()
-    if args.quick:
-        model, shape, new, repeats = gpt2(2, 64, 4, 500), (2, 8), 3, 3
-    else:
-        model, shape, new, repeats = gpt2(12, 768, 12, 50257), (8, 32), 8, 9
-    x = torch.randint(0, model.config.vocab_size, shape)
+    quick = start(__doc__, argv)
+    model, x = gpt2_and_tokens(quick)
+    new, repeats = (3, 3) if quick else (8, 9)
+    shape = tuple(x.shape)
     middle = len(model.transformer.h) // 2
     block, ivs = model.transformer.h[middle], [pl.save(f"h.{middle}")]
 

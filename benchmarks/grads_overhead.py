@@ -10,11 +10,10 @@ one Markdown table: median wall time per call over interleaved repeats.
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 import torch
-from _common import gpt2, machine, measure, setup, table
+from _common import gpt2_and_tokens, machine, measure, start, table
 from torch import nn
 
 import purelens as pl
@@ -37,15 +36,9 @@ def raw_grads(model: nn.Module, x: torch.Tensor, blocks: list[nn.Module]) -> lis
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes and few repeats")
-    args = parser.parse_args(argv)
-    setup()
-    if args.quick:
-        model, shape, repeats = gpt2(2, 64, 4, 500), (2, 8), 3
-    else:
-        model, shape, repeats = gpt2(12, 768, 12, 50257), (8, 32), 9
-    x = torch.randint(0, model.config.vocab_size, shape)
+    quick = start(__doc__, argv)
+    model, x = gpt2_and_tokens(quick)
+    repeats, shape = (3 if quick else 9), tuple(x.shape)
     n_layer = len(model.transformer.h)
     medians: dict[str, float] = {}
     pairs: dict[str, str] = {}

@@ -9,11 +9,10 @@ and the ratio to hand-written raw hooks doing the same thing.
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 import torch
-from _common import gpt2, machine, measure, setup, table
+from _common import gpt2_and_tokens, machine, measure, start, table
 from torch import nn
 
 import purelens as pl
@@ -38,16 +37,9 @@ def raw_patch(module: nn.Module, model: nn.Module, x: torch.Tensor, delta: torch
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes and few repeats")
-    args = parser.parse_args(argv)
-    setup()
-
-    if args.quick:
-        model, shape, repeats, inner = gpt2(2, 64, 4, 500), (2, 8), 3, 2
-    else:
-        model, shape, repeats, inner = gpt2(12, 768, 12, 50257), (8, 32), 15, 2
-    x = torch.randint(0, model.config.vocab_size, shape)
+    quick = start(__doc__, argv)
+    model, x = gpt2_and_tokens(quick)
+    repeats, inner, shape = (3 if quick else 15), 2, tuple(x.shape)
     block = model.transformer.h[len(model.transformer.h) // 2]
     site = f"h.{len(model.transformer.h) // 2}"
     delta = torch.randn(model.config.n_embd) * 0.01
@@ -83,8 +75,8 @@ def main(argv: list[str] | None = None) -> str:
                 "raw hook: add": lambda: raw_patch(mlp[1], mlp, xs, mlp_delta),
                 "pl.run: add": lambda: pl.run(mlp, xs, mlp_add),
             },
-            repeats=5 if args.quick else 25,
-            inner=20 if args.quick else 400,
+            repeats=5 if quick else 25,
+            inner=20 if quick else 400,
         )
 
     n = len(model.transformer.h)

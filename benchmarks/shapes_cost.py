@@ -9,13 +9,12 @@ the call (activations, not weights). Prints one Markdown table.
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from _common import gpt2, machine, measure, setup
+from _common import gpt2_and_tokens, machine, measure, start
 from accelerate import init_empty_weights
 from torch.profiler import ProfilerActivity, profile
 from transformers import GPT2LMHeadModel
@@ -31,18 +30,12 @@ def allocated_mib(fn: Callable[[], Any]) -> float:
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes and few repeats")
-    args = parser.parse_args(argv)
-    setup()
+    quick = start(__doc__, argv)
     logging.getLogger("torch.profiler").setLevel(logging.ERROR)
-    if args.quick:
-        model, shape, repeats = gpt2(2, 64, 4, 500), (2, 8), 3
-    else:
-        model, shape, repeats = gpt2(12, 768, 12, 50257), (8, 32), 9
+    model, x = gpt2_and_tokens(quick)
+    repeats, shape = (3 if quick else 9), tuple(x.shape)
     with init_empty_weights():
         empty = GPT2LMHeadModel(model.config).eval()
-    x = torch.randint(0, model.config.vocab_size, shape)
 
     def real() -> Any:
         with torch.no_grad():

@@ -12,6 +12,7 @@ Example:
     torch.Size([3, 8])
 """
 
+from . import models as models
 from ._edit import edit as edit
 from ._errors import PurelensError as PurelensError
 from ._errors import SiteError as SiteError
@@ -52,6 +53,7 @@ __all__ = [
     "edit",
     "generate",
     "last_token",
+    "models",
     "patch",
     "patch_grad",
     "replace",

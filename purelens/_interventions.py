@@ -177,11 +177,19 @@ def _signature_takes_saved(fn: Callable[..., Any]) -> bool:
         for p in params
         if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     ]
-    return len(positional) >= 2
+    # A second parameter with a default (`lambda v, c=clean: ...`) is a closure
+    # trick, not a request for `saved`.
+    return len(positional) >= 2 and positional[1].default is inspect.Parameter.empty
 
 
 def takes_saved(fn: Callable[..., Any]) -> bool:
-    """Whether `fn` takes a second positional argument (the saved mapping)."""
+    """Whether `fn` takes a second positional argument (the saved mapping).
+
+    A callable may say so itself with a ``takes_saved`` attribute (as `pl.at` does).
+    """
+    declared = getattr(fn, "takes_saved", None)
+    if isinstance(declared, bool):
+        return declared
     try:
         return _signature_takes_saved(fn)
     except TypeError:  # unhashable callables are inspected each time
@@ -374,8 +382,9 @@ def save(
 def patch(site: str, fn: Callable[..., Tensor], *, step: Any = None, batch: Any = None) -> Patch:
     """Replace the value at `site` with `fn(value)` or `fn(value, saved)`.
 
-    `saved` is a read-only mapping of what was saved earlier in the same pass.
-    The result must have the value's shape and dtype.
+    `saved` is a read-only mapping of what was saved earlier in the same pass;
+    it is passed when `fn` has a second positional parameter without a
+    default. The result must have the value's shape and dtype.
 
     Example:
         >>> import torch, purelens as pl

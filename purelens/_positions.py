@@ -108,6 +108,11 @@ class at:
             raise PurelensError(_ROWS_MISMATCH.format(n=list(index.shape), rows=value.shape[0]))
         return rows, index
 
+    @property
+    def takes_saved(self) -> bool:
+        """Whether `fn` wants the saved mapping (then a patch passes it on)."""
+        return self.fn is not None and takes_saved(self.fn)
+
     def __call__(self, value: Tensor, saved: Mapping[str, Any] | None = None) -> Tensor:
         rows, index = self._rows_and_index(value)
         entries = value[rows, index]

@@ -21,6 +21,8 @@ DOCUMENTED = {
     "save_grad",
     "patch_grad",
     "transplant",
+    # the bundled model
+    "models",
     # model surgery
     "edit",
     "shapes",

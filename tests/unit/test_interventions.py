@@ -98,6 +98,7 @@ def test_patch_detects_whether_fn_takes_saved() -> None:
     assert not pl.patch("h.0", lambda v: v).takes_saved
     assert pl.patch("h.0", lambda v, saved: v).takes_saved
     assert not pl.patch("h.0", torch.neg).takes_saved
+    assert not pl.patch("h.0", lambda v, c=1.0: v * c).takes_saved  # a default: a closure trick
 
 
 def test_repr_is_short_and_shows_shapes() -> None:

@@ -1,0 +1,272 @@
+"""Ready-made experiments on language models, built on `pl.run`: results you can print and plot.
+
+* `activation_patching`: causal tracing of a prompt pair over (layer, position).
+* `head_patching`: the same over attention heads, for any metric.
+* `logit_lens`: what each layer's residual stream would predict.
+
+Both find the model's blocks themselves (the longest ``ModuleList``), so they
+work on GPT-2-style and Llama-style HF models alike.
+
+Example:
+    >>> import purelens as pl
+    >>> from purelens.experiments import logit_lens
+    >>> model, tok = pl.models.load_default()
+    >>> lens = logit_lens(model, tok, "the home of leibrund is")
+    >>> lens.layers[-1], lens.top[-1][-1]
+    ('h.2', 'lagos')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._errors import PurelensError
+from ._inputs import tokenize
+from ._interventions import patch, save
+from ._run import run
+
+__all__ = [
+    "LensResult",
+    "PatchingResult",
+    "activation_patching",
+    "blocks",
+    "head_patching",
+    "logit_lens",
+]
+
+_LENGTHS = (
+    "the clean and corrupted prompts must have the same number of tokens, got "
+    "{n_clean} ({clean!r}) and {n_corrupt} ({corrupt!r})."
+)
+_ANSWER = "the answer {answer!r} must be a single token of the vocabulary, got {tokens}."
+_NO_BLOCKS = "found no list of blocks (a ModuleList) in {model}: which modules are its layers?"
+
+
+def blocks(model: nn.Module) -> list[str]:
+    """The site paths of the model's layers: the children of its longest ``ModuleList``."""
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise PurelensError(_NO_BLOCKS.format(model=type(model).__name__))
+    name, longest = max(lists, key=lambda item: len(item[1]))
+    return [f"{name}.{i}" for i in range(len(longest))]
+
+
+def _short(path: str) -> str:
+    return ".".join(path.split(".")[-2:])
+
+
+def _tokens(tokenizer: Any, text: str) -> tuple[Tensor, list[str]]:
+    ids = tokenize(tokenizer, text)["input_ids"]
+    return ids, tokenizer.convert_ids_to_tokens(ids[0].tolist())
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchingResult:
+    """Recovered fraction of the clean answer's probability, per (layer, position).
+
+    ``scores[l, p]`` is ``(p_patched - p_corrupt) / (p_clean - p_corrupt)``
+    where the corrupted run gets the clean residual stream at layer ``l``
+    (row 0: the embeddings) and position ``p``.
+    """
+
+    tokens: list[str]
+    layers: list[str]
+    scores: Tensor
+    answer: str
+    p_clean: float
+    p_corrupt: float
+
+    def table(self) -> Any:
+        """A `rich` table, layers down and tokens across."""
+        from rich.table import Table
+
+        title = f"recovered P({self.answer!r}): clean {self.p_clean:.2f}"
+        table = Table(title=f"{title}, corrupted {self.p_corrupt:.2f}")
+        table.add_column("layer")
+        for token in self.tokens:
+            table.add_column(token, justify="right")
+        for name, row in zip(self.layers, self.scores.tolist(), strict=True):
+            shown = [round(v, 2) + 0.0 for v in row]  # + 0.0: no "-0.00"
+            cells = [f"[bold]{v:.2f}[/bold]" if v >= 0.5 else f"{v:.2f}" for v in shown]
+            table.add_row(name, *cells)
+        return table
+
+    def plot(self, path: str | Path) -> Path:
+        """Write a heatmap (layers x positions) to `path` (PNG) and return it."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(self.tokens), 1.0 + 0.5 * len(self.layers)))
+        image = ax.imshow(self.scores.numpy(), cmap="Blues", vmin=0, vmax=1, aspect="auto")
+        ax.set_xticks(range(len(self.tokens)), self.tokens, rotation=30, ha="right")
+        ax.set_yticks(range(len(self.layers)), self.layers)
+        ax.set_xlabel("position (token patched from the clean run)")
+        ax.set_ylabel("residual stream after")
+        ax.set_title(f"activation patching: recovered P({self.answer!r})")
+        fig.colorbar(image, ax=ax, label="recovered fraction")
+        fig.tight_layout()
+        out = Path(path)
+        fig.savefig(out, dpi=120)
+        plt.close(fig)
+        return out
+
+
+def _answer_id(tokenizer: Any, answer: str) -> int:
+    ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1 or ids[0] == tokenizer.unk_token_id:
+        raise PurelensError(
+            _ANSWER.format(answer=answer, tokens=tokenizer.convert_ids_to_tokens(ids))
+        )
+    return ids[0]
+
+
+@torch.no_grad()
+def activation_patching(
+    model: nn.Module,
+    tokenizer: Any,
+    clean: str,
+    corrupt: str,
+    answer: str,
+    *,
+    progress: bool = False,
+) -> PatchingResult:
+    """Causal tracing: patch the clean residual stream into the corrupted run, everywhere.
+
+    One batched pass per layer: row ``p`` of the batch is the corrupted
+    prompt with position ``p`` taken from the clean run.
+    """
+    clean_ids, tokens = _tokens(tokenizer, clean)
+    corrupt_ids, _ = _tokens(tokenizer, corrupt)
+    if clean_ids.shape != corrupt_ids.shape:
+        raise PurelensError(
+            _LENGTHS.format(
+                n_clean=clean_ids.shape[1],
+                clean=clean,
+                n_corrupt=corrupt_ids.shape[1],
+                corrupt=corrupt,
+            )
+        )
+    target = _answer_id(tokenizer, answer)
+    layers = blocks(model)
+    sites = [f"{layers[0]}:input", *layers]
+    clean_rec = run(model, clean_ids, [save(s) for s in sites])
+
+    def p_answer(output: Any) -> Tensor:
+        return output.logits[:, -1].softmax(-1)[:, target]
+
+    p_clean = p_answer(clean_rec.output).item()
+    p_corrupt = p_answer(run(model, corrupt_ids).output).item()
+    n = clean_ids.shape[1]
+    rows = torch.eye(n, dtype=torch.bool)[:, :, None]  # row p: take position p from the clean run
+    batch = corrupt_ids.expand(n, n)
+    scores = []
+    steps: Any = sites
+    if progress:
+        from rich.progress import track
+
+        steps = track(sites, description="patching", transient=True)
+    for site in steps:
+        clean_value = clean_rec[site]
+        patched = run(model, batch, [patch(site, lambda v, c=clean_value: torch.where(rows, c, v))])
+        scores.append((p_answer(patched.output) - p_corrupt) / (p_clean - p_corrupt))
+    names = ["embed", *[_short(s) for s in layers]]
+    return PatchingResult(tokens, names, torch.stack(scores), answer, p_clean, p_corrupt)
+
+
+@dataclasses.dataclass(frozen=True)
+class LensResult:
+    """The top token (and its probability) each layer's residual stream predicts, per position."""
+
+    tokens: list[str]
+    layers: list[str]
+    top: list[list[str]]
+    probs: Tensor
+
+    def table(self) -> Any:
+        from rich.table import Table
+
+        table = Table(title="logit lens: top prediction after each layer")
+        table.add_column("layer")
+        for token in self.tokens:
+            table.add_column(token)
+        for name, words, probs in zip(self.layers, self.top, self.probs.tolist(), strict=True):
+            table.add_row(
+                name, *(f"{w} [dim]{p:.2f}[/dim]" for w, p in zip(words, probs, strict=True))
+            )
+        return table
+
+
+def _final_norm(model: nn.Module) -> nn.Module:
+    for name, module in model.named_modules():
+        if name.split(".")[-1] in ("ln_f", "norm", "final_layer_norm", "final_layernorm"):
+            return module
+    return nn.Identity()
+
+
+@torch.no_grad()
+def logit_lens(model: nn.Module, tokenizer: Any, prompt: str) -> LensResult:
+    """Decode every layer's residual stream with the model's final norm and unembedding."""
+    ids, tokens = _tokens(tokenizer, prompt)
+    layers = blocks(model)
+    rec = run(model, ids, [save(s) for s in layers])
+    unembed, norm = model.get_output_embeddings(), _final_norm(model)  # type: ignore[operator]
+    top, probs = [], []
+    for site in layers:
+        p = unembed(norm(rec[site])).softmax(-1)[0]
+        best = p.max(-1)
+        top.append(tokenizer.convert_ids_to_tokens(best.indices.tolist()))
+        probs.append(best.values)
+    return LensResult(tokens, [_short(s) for s in layers], top, torch.stack(probs))
+
+
+def _n_heads(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    for attr in ("n_head", "num_attention_heads"):
+        if isinstance(getattr(config, attr, None), int):
+            return int(getattr(config, attr))
+    raise PurelensError(f"cannot tell how many heads {type(model).__name__} has: no config.n_head.")
+
+
+@torch.no_grad()
+def head_patching(
+    model: nn.Module,
+    clean: Any,
+    corrupt: Any,
+    metric: Any,
+    *,
+    site: str = "{block}.attn.c_proj:input",
+) -> Tensor:
+    """Recovered fraction of `metric` when one head's output is patched from clean to corrupted.
+
+    Each head's output is its slice of the input of the attention's output
+    projection (`site`, formatted with each block's path). Returns a
+    ``(layers, heads)`` tensor: ``(metric(patched) - metric(corrupt)) /
+    (metric(clean) - metric(corrupt))``, where `metric` maps a model output
+    to a scalar.
+    """
+    sites = [site.format(block=b) for b in blocks(model)]
+    clean_rec = run(model, clean, [save(s) for s in sites])
+    base = float(metric(run(model, corrupt).output))
+    full = float(metric(clean_rec.output))
+    n_heads = _n_heads(model)
+    effect = torch.zeros(len(sites), n_heads)
+    for layer, name in enumerate(sites):
+        width = clean_rec[name].shape[-1] // n_heads
+        for head in range(n_heads):
+            cols = slice(head * width, (head + 1) * width)
+
+            def put_back(v: Tensor, c: Tensor = clean_rec[name], cols: slice = cols) -> Tensor:
+                out = v.clone()
+                out[..., cols] = c[..., cols]
+                return out
+
+            patched = float(metric(run(model, corrupt, [patch(name, put_back)]).output))
+            effect[layer, head] = (patched - base) / (full - base)
+    return effect

@@ -1,0 +1,48 @@
+"""Models shipped with purelens.
+
+`load_default` returns the small GPT-2 trained by `purelens.models.train_default`
+on induction and factual recall (see `purelens.models.tasks`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+__all__ = ["DEFAULT_PATH", "load", "load_default"]
+
+DEFAULT_PATH = Path(__file__).parent / "default"
+
+
+def load(path: str | Path | None = None) -> tuple[nn.Module, Any]:
+    """A local HF causal LM and its tokenizer, in eval mode; the bundled model by default.
+
+    Raises:
+        PurelensError: `path` holds no model that `transformers` can load.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .._errors import PurelensError
+
+    where = Path(path) if path is not None else DEFAULT_PATH
+    if not (where / "config.json").is_file():
+        raise PurelensError(
+            f"no model at {str(where)!r}: expected a folder saved with save_pretrained "
+            "(config.json, weights, tokenizer)."
+        )
+    model = AutoModelForCausalLM.from_pretrained(where).eval()
+    return model, AutoTokenizer.from_pretrained(where)
+
+
+def load_default() -> tuple[nn.Module, Any]:
+    """The bundled model and its tokenizer: a 3-layer GPT-2 trained on known mechanisms.
+
+    Example:
+        >>> import purelens as pl
+        >>> model, tokenizer = pl.models.load_default()
+        >>> type(model).__name__, model.config.n_layer
+        ('GPT2LMHeadModel', 3)
+    """
+    return load()

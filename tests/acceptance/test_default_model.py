@@ -1,0 +1,129 @@
+"""The bundled model: it loads like a hub model, it learned its tasks, and purelens
+finds the mechanisms it was trained to have."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import purelens as pl
+from purelens.experiments import activation_patching, head_patching
+from purelens.models import DEFAULT_PATH
+from purelens.models.tasks import Tasks
+from purelens.models.train_default import copy_accuracy, evaluate
+
+
+@pytest.fixture(scope="module")
+def bundled() -> tuple[nn.Module, object, Tasks]:
+    model, tokenizer = pl.models.load_default()
+    return model, tokenizer, Tasks.make()
+
+
+def test_loads_exactly_as_a_hub_model() -> None:
+    model = AutoModelForCausalLM.from_pretrained(DEFAULT_PATH)
+    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_PATH)
+    assert type(model).__name__ == "GPT2LMHeadModel" and model.config.n_embd == 128
+    weights = DEFAULT_PATH / "model.safetensors"
+    assert weights.stat().st_size <= 10 * 2**20
+    ids = tokenizer("leibrund lives in")["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(ids) == ["<bos>", "leibrund", "lives", "in"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 6 is open: copy accuracy of the bundled model is 93.8% (facts 100%); "
+    "a retrained model must reach 95%, and then this marker goes",
+)
+def test_it_learned_its_tasks(bundled: tuple[nn.Module, object, Tasks]) -> None:
+    model, tokenizer, tasks = bundled
+    scores = evaluate(model, tokenizer, tasks)
+    print(scores)
+    assert scores["copy"] >= 0.95
+    assert scores["facts (trained phrasings)"] >= 0.95
+    assert scores["facts (held-out phrasings)"] >= 0.95
+
+
+def test_activation_patching_localizes_the_fact(bundled: tuple[nn.Module, object, Tasks]) -> None:
+    model, tokenizer, tasks = bundled
+    for i in range(0, 40, 8):
+        person = tasks.people[i]
+        other = next(q for q in tasks.people[i + 1 :] if tasks.facts[q] != tasks.facts[person])
+        for template in ("{} lives in", "the home of {} is"):
+            clean, corrupt = template.format(person), template.format(other)
+            result = activation_patching(model, tokenizer, clean, corrupt, tasks.facts[person])
+            subject = result.tokens.index(person)
+            scores = result.scores
+            # Layer by layer the fact sits at the subject's token, then at the last token
+            # from some block on (the one that moves it); no other position carries it.
+            at_subject = scores[:, subject] > 0.9
+            at_last = scores[:, -1] > 0.9
+            assert at_subject[0] and at_last[-1], (clean, scores)
+            assert (at_subject | at_last).all(), (clean, scores)
+            moved = int(at_last.int().argmax())
+            assert at_subject[:moved].all() and not at_subject[moved:].any(), (clean, scores)
+            others = [
+                p for p in range(len(result.tokens)) if p not in (subject, len(result.tokens) - 1)
+            ]
+            assert (scores[:, others].abs() < 0.1).all(), (clean, scores)
+
+
+def copy_batch(tokenizer: object, tasks: Tasks, n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Repeated sequences, and the same with the first copy replaced by other symbols."""
+    rng = random.Random(7)
+    seqs = [tasks.repeat(rng, length=8) for _ in range(n)]
+    clean = torch.tensor([tokenizer(" ".join(s))["input_ids"] for s in seqs])  # type: ignore[operator]
+    corrupt = clean.clone()
+    noise = [tokenizer.convert_tokens_to_ids(rng.choice(tasks.symbols)) for _ in range(n * 8)]  # type: ignore[attr-defined]
+    corrupt[:, 1:9] = torch.tensor(noise).view(n, 8)
+    return clean, corrupt
+
+
+def zero_head(layer: int, head: int, width: int) -> pl.Intervention:
+    def fn(v: torch.Tensor) -> torch.Tensor:
+        out = v.clone()
+        out[..., head * width : (head + 1) * width] = 0
+        return out
+
+    return pl.patch(f"h.{layer}.attn.c_proj:input", fn)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 6 is open: the bundled model copies with redundant heads; ablating "
+    "the top one drops copy accuracy by 23 points, not 50",
+)
+def test_ablating_the_induction_head_found_by_patching(
+    bundled: tuple[nn.Module, object, Tasks],
+) -> None:
+    model, tokenizer, tasks = bundled
+    clean, corrupt = copy_batch(tokenizer, tasks)
+    targets = clean[:, 10:17]
+
+    def copy_logprob(out: object) -> torch.Tensor:
+        return out.logits[:, 9:16].log_softmax(-1).gather(-1, targets[..., None]).mean()  # type: ignore[attr-defined]
+
+    effect = head_patching(model, clean, corrupt, copy_logprob)
+    layer, head = divmod(int(effect.argmax()), effect.shape[1])
+    width = model.config.n_embd // model.config.n_head
+
+    # It attends where an induction head does: to the token after the previous occurrence.
+    eager = AutoModelForCausalLM.from_pretrained(DEFAULT_PATH, attn_implementation="eager").eval()
+    with torch.no_grad():
+        attention = eager(clean, output_attentions=True).attentions[layer][:, head]
+    induction_score = torch.stack([attention[:, q, q - 7] for q in range(10, 17)]).mean()
+    assert induction_score > 0.3
+
+    base = copy_accuracy(model, tokenizer, tasks)
+    ablated = copy_accuracy(model, tokenizer, tasks, [zero_head(layer, head, width)])
+    heads = [(i, j) for i in range(effect.shape[0]) for j in range(effect.shape[1])]
+    others = [pair for pair in heads if pair != (layer, head)]
+    other = random.Random(0).choice(others)
+    other_ablated = copy_accuracy(model, tokenizer, tasks, [zero_head(*other, width)])
+    print(f"copy {base:.3f}; top head {(layer, head)} ablated {ablated:.3f}")
+    print(f"head {other} ablated {other_ablated:.3f}")
+    assert base - ablated >= 0.5
+    assert base - other_ablated < 0.5
