@@ -13,6 +13,15 @@ Example:
 """
 
 from . import models as models
+from ._builders import ablate as ablate
+from ._builders import add as add
+from ._builders import patch as patch
+from ._builders import replace as replace
+from ._builders import save as save
+from ._builders import scale as scale
+from ._builders import skip as skip
+from ._builders import stop as stop
+from ._builders import transplant as transplant
 from ._edit import edit as edit
 from ._errors import PurelensError as PurelensError
 from ._errors import SiteError as SiteError
@@ -21,15 +30,6 @@ from ._grads import patch_grad as patch_grad
 from ._grads import save_grad as save_grad
 from ._inputs import tokenize as tokenize
 from ._interventions import Intervention as Intervention
-from ._interventions import ablate as ablate
-from ._interventions import add as add
-from ._interventions import patch as patch
-from ._interventions import replace as replace
-from ._interventions import save as save
-from ._interventions import scale as scale
-from ._interventions import skip as skip
-from ._interventions import stop as stop
-from ._interventions import transplant as transplant
 from ._positions import at as at
 from ._positions import last_token as last_token
 from ._positions import token_index as token_index

@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._builders import patch, save
 from ._errors import PurelensError
 from ._inputs import tokenize
-from ._interventions import patch, save
 from ._run import run
 
 __all__ = [

@@ -1,0 +1,226 @@
+"""The builders users call: `pl.save`, `pl.patch`, ... each checks its arguments
+and returns a frozen intervention node (see `_interventions`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+from torch import Tensor
+
+from . import _select
+from ._errors import PurelensError
+from ._interventions import (
+    Ablate,
+    Add,
+    Patch,
+    Replace,
+    Save,
+    Scale,
+    Skip,
+    Stop,
+    Transplant,
+    takes_saved,
+)
+from ._site import parse_site
+
+__all__ = ["ablate", "add", "patch", "replace", "save", "scale", "skip", "stop", "transplant"]
+
+_NOT_CALLABLE = "`{arg}` of {builder}({site!r}, ...) must be callable, got {value!r}."
+_BAD_ABLATE = "`how` of pl.ablate({site!r}) must be 'zero' or 'mean', got {how!r}."
+
+
+def _check_callable(fn: Any, arg: str, builder: str, site: str) -> None:
+    if not callable(fn):
+        raise PurelensError(_NOT_CALLABLE.format(arg=arg, builder=builder, site=site, value=fn))
+
+
+def save(
+    site: str,
+    fn: Callable[[Tensor], Any] | None = None,
+    *,
+    name: str | None = None,
+    step: Any = None,
+    batch: Any = None,
+) -> Save:
+    """Record the value at `site` (or `fn(value)`) under `name` in the `Record`.
+
+    Args:
+        site: where, e.g. ``"h.5"``, ``"h.5:input"``, ``"h.-1.attn"``.
+        fn: applied to the value before it is kept (e.g. ``lambda v: v[:, -1]``).
+        name: the key in the `Record`; default the site as written.
+        step: generation steps to save at (default every step).
+        batch: rows to keep (int, slice or list of ints; an int keeps the dim).
+
+    Example:
+        >>> import torch, purelens as pl
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU())
+        >>> rec = pl.run(model, torch.ones(2, 3), [pl.save("0"), pl.save("1", name="act")])
+        >>> rec["0"].shape, rec["act"].shape
+        (torch.Size([2, 4]), torch.Size([2, 4]))
+    """
+    parse_site(site)
+    if fn is not None:
+        _check_callable(fn, "fn", "pl.save", site)
+    if name is not None and not isinstance(name, str):
+        raise PurelensError(f"`name` of pl.save({site!r}) must be a string, got {name!r}.")
+    return Save(
+        site,
+        fn,
+        site if name is None else name,
+        _select.check_steps(step),
+        _select.check_rows(batch),
+    )
+
+
+def patch(site: str, fn: Callable[..., Tensor], *, step: Any = None, batch: Any = None) -> Patch:
+    """Replace the value at `site` with `fn(value)` or `fn(value, saved)`.
+
+    `saved` is a read-only mapping of what was saved earlier in the same pass;
+    it is passed when `fn` has a second positional parameter without a
+    default. The result must have the value's shape and dtype.
+
+    Example:
+        >>> import torch, purelens as pl
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU())
+        >>> rec = pl.run(model, torch.ones(2, 3), [pl.patch("0", lambda v: -v.abs())])
+        >>> bool((rec.output == 0).all())
+        True
+    """
+    parse_site(site)
+    _check_callable(fn, "fn", "pl.patch", site)
+    return Patch(site, fn, _select.check_steps(step), _select.check_rows(batch), takes_saved(fn))
+
+
+def replace(site: str, value: Tensor | float, *, step: Any = None, batch: Any = None) -> Replace:
+    """Replace the value at `site` with `value` (broadcast to its shape).
+
+    Example:
+        >>> import torch, purelens as pl
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Identity())
+        >>> pl.run(model, torch.ones(2, 3), [pl.replace("0", torch.arange(4.0))]).output[1]
+        tensor([0., 1., 2., 3.])
+    """
+    parse_site(site)
+    return Replace(site, value, _select.check_steps(step), _select.check_rows(batch))  # type: ignore[arg-type]
+
+
+def add(site: str, delta: Tensor | float, *, step: Any = None, batch: Any = None) -> Add:
+    """Add `delta` to the value at `site` (a steering vector, broadcast).
+
+    Example:
+        >>> import torch, purelens as pl
+        >>> model = torch.nn.Sequential(torch.nn.Identity(), torch.nn.Identity())
+        >>> pl.run(model, torch.zeros(1, 2), [pl.add("0", torch.tensor([1.0, 2.0]))]).output
+        tensor([[1., 2.]])
+    """
+    parse_site(site)
+    return Add(site, delta, _select.check_steps(step), _select.check_rows(batch))
+
+
+def scale(site: str, factor: Tensor | float, *, step: Any = None, batch: Any = None) -> Scale:
+    """Multiply the value at `site` by `factor`.
+
+    Example:
+        >>> import torch, purelens as pl
+        >>> model = torch.nn.Sequential(torch.nn.Identity())
+        >>> pl.run(model, torch.ones(1, 2), [pl.scale("0", 3.0)]).output
+        tensor([[3., 3.]])
+    """
+    parse_site(site)
+    return Scale(site, factor, _select.check_steps(step), _select.check_rows(batch))
+
+
+def ablate(
+    site: str, how: Literal["zero", "mean"] = "zero", *, step: Any = None, batch: Any = None
+) -> Ablate:
+    """Zero the value at `site`, or replace it with its mean over batch and position.
+
+    ``"mean"`` averages over every dimension but the last (over the selected
+    rows when `batch=` is given).
+
+    Example:
+        >>> import torch, purelens as pl
+        >>> model = torch.nn.Sequential(torch.nn.Identity())
+        >>> pl.run(model, torch.tensor([[1.0, 2.0], [3.0, 4.0]]), [pl.ablate("0", "mean")]).output
+        tensor([[2., 3.],
+                [2., 3.]])
+    """
+    parse_site(site)
+    if how not in ("zero", "mean"):
+        raise PurelensError(_BAD_ABLATE.format(site=site, how=how))
+    return Ablate(site, how, _select.check_steps(step), _select.check_rows(batch))
+
+
+def transplant(
+    site: str, *, src: int | list[int], dst: int | list[int], step: Any = None
+) -> Transplant:
+    """Copy the value at `site` from batch rows `src` into rows `dst`, in one pass.
+
+    The common case of cross-prompt patching: run clean and corrupted prompts
+    as one batch and move the clean activation into the corrupted row. `src`
+    may be one row copied into every `dst` row.
+
+    Example:
+        >>> import torch, purelens as pl
+        >>> model = torch.nn.Sequential(torch.nn.Identity(), torch.nn.Identity())
+        >>> x = torch.tensor([[1.0], [2.0], [3.0]])
+        >>> pl.run(model, x, [pl.transplant("0", src=0, dst=[1, 2])]).output
+        tensor([[1.],
+                [1.],
+                [1.]])
+    """
+    parse_site(site)
+    srcs, dsts = _select.check_rows(src), _select.check_rows(dst)
+    srcs = (srcs,) if isinstance(srcs, int) else srcs
+    dsts = (dsts,) if isinstance(dsts, int) else dsts
+    if not isinstance(srcs, tuple) or not isinstance(dsts, tuple):
+        raise PurelensError(f"pl.transplant({site!r}): `src` and `dst` are ints or lists of ints.")
+    if len(srcs) == 1:
+        srcs = srcs * len(dsts)
+    if len(srcs) != len(dsts):
+        raise PurelensError(
+            f"pl.transplant({site!r}): {len(srcs)} `src` rows for {len(dsts)} `dst` rows; "
+            "give one src row, or one per dst row."
+        )
+    return Transplant(site, srcs, dsts, _select.check_steps(step))
+
+
+def stop(site: str, *, step: Any = None) -> Stop:
+    """End the forward pass right after `site` has run; `rec.output` is then None.
+
+    Everything saved up to that point is kept; modules after the site do not run.
+
+    Example:
+        >>> import torch, purelens as pl
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+        >>> rec = pl.run(model, torch.ones(1, 2), [pl.save("0"), pl.stop("0")])
+        >>> rec.output is None, rec["0"].shape
+        (True, torch.Size([1, 2]))
+    """
+    parse_site(site)
+    return Stop(site, _select.check_steps(step))
+
+
+def skip(site: str, fn: Callable[[Tensor], Any] | None = None, *, step: Any = None) -> Skip:
+    """Do not run the module at `site`; its output is `fn(input)` (default: the input).
+
+    `input` is the module's first positional tensor argument. When the module
+    returns a tuple or a ``ModelOutput``, `fn` must return what the callers
+    of the module expect.
+
+    Example:
+        >>> import torch, purelens as pl
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+        >>> pl.run(model, -torch.ones(1, 2), [pl.skip("0"), pl.skip("1")]).output
+        tensor([[-1., -1.]])
+    """
+    path, port = parse_site(site)
+    if port != "output":
+        raise PurelensError(
+            f"pl.skip({site!r}): skip replaces a whole module, so its site names a module "
+            f"without a port; use pl.skip({path!r})."
+        )
+    if fn is not None:
+        _check_callable(fn, "fn", "pl.skip", site)
+    return Skip(site, fn, _select.check_steps(step))
