@@ -62,11 +62,11 @@ class SitePlan:
     module: nn.Module
     port: Port
     site: str  # as the user first wrote it, for messages
-    steps: tuple[tuple[int, Intervention], ...]  # (position in the run's list, node)
+    entries: tuple[tuple[int, Intervention], ...]  # (position in the run's list, node)
 
     @property
     def stops(self) -> bool:
-        return any(isinstance(iv, Stop) for _, iv in self.steps)
+        return any(isinstance(iv, Stop) for _, iv in self.entries)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,8 +117,8 @@ class Plan:
             first_site.setdefault(key, iv.site)
             grouped.setdefault(key, []).append((i, iv))
         sites = tuple(
-            SitePlan(name, modules[name], port, first_site[(name, port)], tuple(steps))
-            for (name, port), steps in grouped.items()
+            SitePlan(name, modules[name], port, first_site[(name, port)], tuple(entries))
+            for (name, port), entries in grouped.items()
         )
         save_grads = tuple(iv for iv in interventions if isinstance(iv, SaveGrad))
         return cls(interventions, sites, MappingProxyType(skips), tuple(skip_modules), save_grads)
@@ -200,7 +200,7 @@ class Pass:
         self.ran.add(id(site))
         patch_grads: list[PatchGrad] = []
         save_grads: list[SaveGrad] = []
-        for position, iv in site.steps:
+        for position, iv in site.entries:
             if iv.step is not None and not step_selected(iv.step, self.step):
                 continue
             if isinstance(iv, Writer):
@@ -278,5 +278,5 @@ class Pass:
         return any(
             id(site) in self.ran
             for site in self.plan.sites
-            if any(p == position for p, _ in site.steps)
+            if any(p == position for p, _ in site.entries)
         )
