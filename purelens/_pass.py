@@ -28,6 +28,7 @@ _DUPLICATE_NAME = (
     "two {kind} are named {name!r} ({first!r} and {second!r}).\n"
     "  Give one a different name: pl.{builder}(site, name='...')."
 )
+_NAMED = {Save: ("saves", "save"), SaveGrad: ("save_grads", "save_grad")}
 _TWO_SKIPS = "two pl.skip interventions on site {site!r}; a module can be skipped once."
 _RAN_TWICE = (
     "site {site!r} ran more than once in one pass, and pl.save keeps one value "
@@ -86,26 +87,23 @@ class Plan:
         first_site: dict[tuple[str, Port], str] = {}
         skips: dict[int, tuple[int, Skip]] = {}
         skip_modules: list[nn.Module] = []
-        names: dict[str, str] = {}
-        grad_names: dict[str, str] = {}
+        taken: dict[type, dict[str, str]] = {Save: {}, SaveGrad: {}}  # name -> site
         for i, iv in enumerate(interventions):
             name, module, port = resolve(model, iv.site)
             if isinstance(iv, Save | SaveGrad):
-                taken = names if isinstance(iv, Save) else grad_names
-                if iv.name in taken:
-                    kind, builder = (
-                        ("saves", "save") if taken is names else ("save_grads", "save_grad")
-                    )
+                seen = taken[type(iv)]
+                if iv.name in seen:
+                    kind, builder = _NAMED[type(iv)]
                     raise PurelensError(
                         _DUPLICATE_NAME.format(
                             kind=kind,
                             name=iv.name,
-                            first=taken[iv.name],
+                            first=seen[iv.name],
                             second=iv.site,
                             builder=builder,
                         )
                     )
-                taken[iv.name] = iv.site
+                seen[iv.name] = iv.site
             if isinstance(iv, Skip):
                 if id(module) in skips:
                     raise PurelensError(_TWO_SKIPS.format(site=iv.site))
