@@ -55,7 +55,9 @@ class StopPass(Exception):
         self.owner = owner
 
 
-@dataclasses.dataclass(frozen=True)
+# Not frozen: a frozen dataclass's __init__ costs a microsecond per field, and
+# plans are built on every call. Nothing assigns to a plan after `Plan.build`.
+@dataclasses.dataclass(slots=True, eq=False)
 class SitePlan:
     """The interventions on one (module, port), in the order they were given."""
 
@@ -64,13 +66,10 @@ class SitePlan:
     port: Port
     site: str  # as the user first wrote it, for messages
     entries: tuple[tuple[int, Intervention], ...]  # (position in the run's list, node)
-
-    @property
-    def stops(self) -> bool:
-        return any(isinstance(iv, Stop) for _, iv in self.entries)
+    stops: bool = False  # whether the pass ends here (a pl.stop among the entries)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True, eq=False)
 class Plan:
     """Every intervention of one call, resolved against the model."""
 
@@ -115,7 +114,14 @@ class Plan:
             first_site.setdefault(key, iv.site)
             grouped.setdefault(key, []).append((i, iv))
         sites = tuple(
-            SitePlan(name, modules[name], port, first_site[(name, port)], tuple(entries))
+            SitePlan(
+                name,
+                modules[name],
+                port,
+                first_site[(name, port)],
+                tuple(entries),
+                any(isinstance(iv, Stop) for _, iv in entries),
+            )
             for (name, port), entries in grouped.items()
         )
         save_grads = tuple(iv for iv in interventions if isinstance(iv, SaveGrad))
