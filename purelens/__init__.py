@@ -38,6 +38,7 @@ from ._run import run as run
 from ._shapes import Shapes as Shapes
 from ._shapes import shapes as shapes
 from ._site import sites as sites
+from ._sweep import sweep as sweep
 
 __version__ = "0.1.0"
 
@@ -65,6 +66,7 @@ __all__ = [
     "sites",
     "skip",
     "stop",
+    "sweep",
     "token_index",
     "tokenize",
     "transplant",

@@ -37,6 +37,8 @@ DOCUMENTED = {
     "run",
     "Record",
     "sites",
+    # batched sweeps (issue 7)
+    "sweep",
 }
 
 
