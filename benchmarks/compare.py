@@ -20,6 +20,7 @@ import argparse
 import copy
 import dataclasses
 import importlib.util
+import os
 import platform
 import re
 import statistics
@@ -547,7 +548,11 @@ def overhead() -> list[Task]:
 
 
 def _status(key: str) -> int:
-    text = Path("/proc/self/status").read_text()
+    return _status_of("/proc/self/status", key)
+
+
+def _status_of(path: str, key: str) -> int:
+    text = Path(path).read_text()
     found = re.search(rf"{key}:\s+(\d+)", text)
     assert found is not None
     return int(found.group(1)) * 1024
@@ -717,6 +722,13 @@ def setup(quick: bool) -> Setup:
     return s
 
 
+def _memory_gib() -> str:
+    try:
+        return f"{_status_of('/proc/meminfo', 'MemTotal') / 2**30:.0f}"
+    except OSError:
+        return "?"
+
+
 def _tokenizer(vocab: int) -> Any:
     """A word-level tokenizer over the whole vocabulary: nnsight's LanguageModel needs one."""
     from tokenizers import Tokenizer, models
@@ -786,7 +798,8 @@ def main(argv: list[str] | None = None) -> str:
         else "tiny GPT-2 (--quick smoke run)"
     )
     parts = [
-        f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, "
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, {_memory_gib()} GiB, "
+        f"{torch.get_num_threads()} threads, "
         f"torch {torch.__version__}; "
         f"{title}; single runs on {s.x.shape[0]} x {s.x.shape[1]} tokens. Medians of interleaved "
         "repeats; in brackets the ratio to raw hooks (hand-batched raw hooks for batched rows).",
