@@ -12,6 +12,7 @@ Example:
     torch.Size([3, 8])
 """
 
+from . import functions as functions
 from . import models as models
 from ._builders import ablate as ablate
 from ._builders import add as add
@@ -35,6 +36,8 @@ from ._positions import last_token as last_token
 from ._positions import token_index as token_index
 from ._record import Record as Record
 from ._run import run as run
+from ._serialize import dumps as dumps
+from ._serialize import loads as loads
 from ._shapes import Shapes as Shapes
 from ._shapes import shapes as shapes
 from ._site import sites as sites
@@ -51,9 +54,12 @@ __all__ = [
     "ablate",
     "add",
     "at",
+    "dumps",
     "edit",
+    "functions",
     "generate",
     "last_token",
+    "loads",
     "models",
     "patch",
     "patch_grad",

@@ -108,6 +108,21 @@ class at:
             raise PurelensError(_ROWS_MISMATCH.format(n=list(index.shape), rows=value.shape[0]))
         return rows, index
 
+    def __eq__(self, other: object) -> bool:
+        # By value, so that interventions rebuilt by pl.loads (or written twice) are equal.
+        if not isinstance(other, at):
+            return NotImplemented
+        a, b = self.index, other.index
+        if self.fn is not other.fn or isinstance(a, Tensor) != isinstance(b, Tensor):
+            return False
+        if isinstance(a, Tensor) and isinstance(b, Tensor):
+            return a.dtype == b.dtype and bool(torch.equal(a, b))
+        return bool(a == b)
+
+    def __hash__(self) -> int:
+        index = tuple(self.index.shape) if isinstance(self.index, Tensor) else self.index
+        return hash((at, id(self.fn), index))
+
     @property
     def takes_saved(self) -> bool:
         """Whether `fn` wants the saved mapping (then a patch passes it on)."""

@@ -39,6 +39,10 @@ DOCUMENTED = {
     "sites",
     # batched sweeps (issue 7)
     "sweep",
+    # interventions as data (issue 8)
+    "dumps",
+    "loads",
+    "functions",
 }
 
 

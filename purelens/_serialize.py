@@ -1,0 +1,244 @@
+"""pl.dumps / pl.loads: interventions as bytes, with no code inside.
+
+The bytes are a magic line, the length of a JSON header, the header, and the
+tensors as one safetensors blob. The header holds the intervention tree:
+each node is its builder's name and arguments; a tensor is a key into the
+blob; a function is the name it is registered under (`pl.functions`), never
+code. Loading rebuilds every node through its public builder, so that it is
+checked as if written by hand. Nothing here calls pickle or eval.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import struct
+from typing import Any
+
+from torch import Tensor
+
+from . import _builders, _grads, functions
+from ._errors import PurelensError
+from ._interventions import Intervention
+from ._positions import at
+
+__all__ = ["FORMAT_VERSION", "dumps", "loads"]
+
+FORMAT_VERSION = 1
+_MAGIC = b"purelens interventions\n"
+_MAX_HEADER = 16 * 2**20
+_MAX_DEPTH = 64
+
+_KINDS: dict[str, tuple[type, Any, tuple[str, ...]]] = {
+    # kind: (node class, builder, the builder's positional fields)
+    "save": (_builders.Save, _builders.save, ("site", "fn")),
+    "patch": (_builders.Patch, _builders.patch, ("site", "fn")),
+    "replace": (_builders.Replace, _builders.replace, ("site", "value")),
+    "add": (_builders.Add, _builders.add, ("site", "delta")),
+    "scale": (_builders.Scale, _builders.scale, ("site", "factor")),
+    "ablate": (_builders.Ablate, _builders.ablate, ("site", "how")),
+    "transplant": (_builders.Transplant, _builders.transplant, ("site",)),
+    "stop": (_builders.Stop, _builders.stop, ("site",)),
+    "skip": (_builders.Skip, _builders.skip, ("site", "fn")),
+    "save_grad": (_grads.SaveGrad, _grads.save_grad, ("site",)),
+    "patch_grad": (_grads.PatchGrad, _grads.patch_grad, ("site", "fn")),
+}
+_KIND_OF = {cls: kind for kind, (cls, _, _) in _KINDS.items()}
+_DERIVED = {"takes_saved"}  # recomputed by the builder
+_UNREGISTERED = (
+    "{where} uses the function {fn!r}, which is not registered, and functions are not "
+    "serialized as code.\n  Register it on both sides: @pl.functions.register('a.name'); "
+    "or express it with built-in interventions (pl.add, pl.scale, pl.replace, pl.ablate, pl.at)."
+)
+_BAD = "cannot load interventions: {why}."
+
+
+def dumps(interventions: Any) -> bytes:
+    """Serialize interventions (nested lists and tuples of them) to bytes.
+
+    Tensors are stored bitwise (safetensors); functions by their registered
+    name. The format is versioned; `pl.loads` reads it back.
+
+    Raises:
+        PurelensError: a function that is not registered (`pl.functions`),
+            or a value that is not an intervention.
+
+    Example:
+        >>> import torch, purelens as pl
+        >>> ivs = [pl.save("h.0"), pl.add("h.1", torch.ones(4)), pl.ablate("h.2", "mean")]
+        >>> data = pl.dumps(ivs)
+        >>> ivs = pl.loads(data)
+        >>> ivs[1].delta
+        tensor([1., 1., 1., 1.])
+    """
+    tensors: dict[str, Tensor] = {}
+    tree = _encode(interventions, tensors, "interventions")
+    header = json.dumps(
+        {"format": "purelens.interventions", "version": FORMAT_VERSION, "tree": tree},
+        allow_nan=False,
+        separators=(",", ":"),
+    ).encode()
+    from safetensors.torch import save
+
+    blob = save({k: t.detach().cpu().contiguous().clone() for k, t in tensors.items()})
+    return _MAGIC + struct.pack("<Q", len(header)) + header + blob
+
+
+def loads(data: bytes) -> list[Any]:
+    """The interventions `pl.dumps` wrote, rebuilt through the public builders.
+
+    Raises:
+        PurelensError: bytes that are not purelens interventions of a known
+            version, a node or field that is not allowed, or a function name
+            that is not registered here.
+
+    Example:
+        >>> import purelens as pl
+        >>> pl.loads(pl.dumps([pl.stop("h.1"), [pl.save("h.0", name="x")]]))
+        [stop(site='h.1'), [save(site='h.0', name='x')]]
+    """
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise PurelensError(_BAD.format(why=f"expected bytes, got {type(data).__name__}"))
+    data = bytes(data)
+    if not data.startswith(_MAGIC) or len(data) < len(_MAGIC) + 8:
+        raise PurelensError(_BAD.format(why="not written by pl.dumps (no purelens header)"))
+    (size,) = struct.unpack("<Q", data[len(_MAGIC) : len(_MAGIC) + 8])
+    start = len(_MAGIC) + 8
+    if size > min(_MAX_HEADER, len(data) - start):
+        raise PurelensError(_BAD.format(why=f"a header of {size} bytes does not fit"))
+    try:
+        header = json.loads(data[start : start + size])
+    except (ValueError, RecursionError) as e:
+        raise PurelensError(_BAD.format(why=f"the header is not valid JSON ({e})")) from None
+    if not isinstance(header, dict) or header.get("format") != "purelens.interventions":
+        raise PurelensError(_BAD.format(why="the header is not a purelens interventions header"))
+    if header.get("version") != FORMAT_VERSION:
+        why = f"format version {header.get('version')!r}; this purelens reads {FORMAT_VERSION}"
+        raise PurelensError(_BAD.format(why=why))
+    from safetensors.torch import load
+
+    try:
+        tensors = load(data[start + size :])
+    except Exception as e:  # safetensors raises its own error types
+        raise PurelensError(_BAD.format(why=f"the tensors are unreadable ({e})")) from None
+    tree = _decode(header.get("tree"), tensors, 0)
+    if not isinstance(tree, list):
+        raise PurelensError(_BAD.format(why="the top level is not a list of interventions"))
+    return tree
+
+
+# Encoding ---------------------------------------------------------------------
+
+
+def _encode(value: Any, tensors: dict[str, Tensor], where: str) -> Any:
+    if isinstance(value, Intervention):
+        kind = _KIND_OF.get(type(value))
+        if kind is None:
+            raise PurelensError(f"{value!r} cannot be serialized: not a built-in intervention.")
+        fields = {
+            f.name: _encode(getattr(value, f.name), tensors, repr(value))
+            for f in dataclasses.fields(value)  # type: ignore[arg-type]
+            if f.init and f.name not in _DERIVED
+        }
+        return {"node": kind, "fields": fields}
+    if isinstance(value, list):
+        return {"list": [_encode(v, tensors, where) for v in value]}
+    if isinstance(value, tuple):
+        return {"tuple": [_encode(v, tensors, where) for v in value]}
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return {"float": repr(value)}  # also inf and nan, which JSON has no literal for
+    if isinstance(value, Tensor):
+        key = str(len(tensors))
+        tensors[key] = value
+        return {"tensor": key}
+    if isinstance(value, slice):
+        return {
+            "slice": [_encode(v, tensors, where) for v in (value.start, value.stop, value.step)]
+        }
+    if isinstance(value, frozenset):
+        return {"steps": sorted(value)}
+    if isinstance(value, at):
+        index = _encode(value.index, tensors, where)
+        return {"at": {"index": index, "fn": _encode(value.fn, tensors, where)}}
+    if callable(value):
+        name = functions.name_of(value)
+        if name is None:
+            raise PurelensError(_UNREGISTERED.format(where=where, fn=value))
+        return {"function": name}
+    raise PurelensError(f"{where}: {value!r} cannot be serialized.")
+
+
+# Decoding ---------------------------------------------------------------------
+
+
+def _decode(value: Any, tensors: dict[str, Tensor], depth: int) -> Any:
+    if depth > _MAX_DEPTH:
+        raise PurelensError(_BAD.format(why=f"nested deeper than {_MAX_DEPTH} levels"))
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if not isinstance(value, dict) or len(value) not in (1, 2):
+        raise PurelensError(_BAD.format(why=f"unexpected value {_short(value)}"))
+    if set(value) == {"node", "fields"}:
+        return _node(value["node"], value["fields"], tensors, depth)
+    if len(value) != 1:
+        raise PurelensError(_BAD.format(why=f"unexpected value {_short(value)}"))
+    ((tag, body),) = value.items()
+    if tag in ("list", "tuple") and isinstance(body, list):
+        items = [_decode(v, tensors, depth + 1) for v in body]
+        return items if tag == "list" else tuple(items)
+    if tag == "float" and isinstance(body, str) and len(body) <= 32:
+        try:
+            return float(body)
+        except ValueError:
+            pass
+    if tag == "tensor" and isinstance(body, str):
+        if body not in tensors:
+            raise PurelensError(_BAD.format(why=f"tensor {body!r} is missing"))
+        return tensors[body]
+    if tag == "slice" and isinstance(body, list) and len(body) == 3:
+        parts = [_decode(v, tensors, depth + 1) for v in body]
+        if all(p is None or (isinstance(p, int) and not isinstance(p, bool)) for p in parts):
+            return slice(*parts)
+    if tag == "steps" and isinstance(body, list) and all(_is_int(s) for s in body):
+        return frozenset(body)
+    if tag == "at" and isinstance(body, dict) and set(body) == {"index", "fn"}:
+        index = _decode(body["index"], tensors, depth + 1)
+        fn = _decode(body["fn"], tensors, depth + 1)
+        if (_is_int(index) or isinstance(index, Tensor)) and (fn is None or callable(fn)):
+            return at(index, fn)
+    if tag == "function" and isinstance(body, str):
+        return functions.get(body)
+    raise PurelensError(_BAD.format(why=f"{tag!r} with {_short(body)} is not allowed"))
+
+
+def _node(kind: Any, fields: Any, tensors: dict[str, Tensor], depth: int) -> Intervention:
+    if kind not in _KINDS:
+        allowed = ", ".join(sorted(_KINDS))
+        raise PurelensError(
+            _BAD.format(why=f"unknown intervention {_short(kind)} (known: {allowed})")
+        )
+    cls, builder, positional = _KINDS[kind]
+    names = {f.name for f in dataclasses.fields(cls) if f.init and f.name not in _DERIVED}
+    if not isinstance(fields, dict) or not set(fields) <= names or "site" not in fields:
+        why = f"the fields of {kind!r} must be among {sorted(names)}, with 'site'"
+        raise PurelensError(_BAD.format(why=why))
+    values = {k: _decode(v, tensors, depth + 1) for k, v in fields.items()}
+    args = [values.pop(name) for name in positional if name in values]
+    if kind == "transplant":
+        values["src"], values["dst"] = list(values.get("src", ())), list(values.get("dst", ()))
+    try:
+        node: Intervention = builder(*args, **values)
+    except TypeError as e:
+        raise PurelensError(_BAD.format(why=f"bad arguments for {kind!r} ({e})")) from None
+    return node
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

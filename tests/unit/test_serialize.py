@@ -1,0 +1,181 @@
+"""pl.dumps / pl.loads: every built-in intervention round-trips exactly; no code travels."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import optree
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import purelens as pl
+from tests.helpers import TinyMLP
+
+
+@pl.functions.register("tests.negate")
+def negate(v: torch.Tensor) -> torch.Tensor:
+    return -v
+
+
+@pl.functions.register("tests.from_saved")
+def from_saved(v: torch.Tensor, saved: object) -> torch.Tensor:
+    return saved["layers.0"] * 0 + v  # type: ignore[index]
+
+
+def every_kind() -> list[object]:
+    g = torch.Generator().manual_seed(0)
+    return [
+        pl.save("layers.0"),
+        pl.save("layers.1", negate, name="neg", step=slice(1, None, 2), batch=[0, -1]),
+        pl.patch("layers.1", from_saved, step={0, 2}),
+        pl.patch("layers.1", pl.at(torch.tensor([0, 1]), negate)),
+        pl.save("layers.1", pl.at(-1), name="last"),
+        pl.replace("layers.0", torch.randn(8, generator=g, dtype=torch.float64), batch=0),
+        pl.add("layers.0", torch.randn(2, 8, generator=g).half()),
+        pl.scale("layers.0", 0.5),
+        pl.scale("layers.2", float("inf"), step=3),
+        pl.ablate("layers.1", "mean", batch=slice(0, 2)),
+        pl.transplant("layers.0", src=0, dst=[1, 2]),
+        pl.stop("layers.2"),
+        pl.skip("layers.1", negate),
+        pl.save_grad("layers.0", name="g"),
+        pl.patch_grad("layers.0", negate),
+        (pl.add("layers.2", torch.tensor(1)), [pl.ablate("layers.0")]),
+    ]
+
+
+def same(a: object, b: object) -> bool:
+    la, da = optree.tree_flatten(a, namespace="purelens")
+    lb, db = optree.tree_flatten(b, namespace="purelens")
+    if da != db or len(la) != len(lb):
+        return False
+    return all(
+        torch.equal(x, y) and x.dtype == y.dtype if isinstance(x, torch.Tensor) else x == y
+        for x, y in zip(la, lb, strict=True)
+    )
+
+
+def test_every_builtin_intervention_round_trips_exactly() -> None:
+    ivs = every_kind()
+    back = pl.loads(pl.dumps(ivs))
+    assert same(back, ivs)
+    assert back[1].fn is negate and back[2].takes_saved
+    assert back[6].delta.dtype == torch.float16
+
+
+def test_loaded_interventions_act_the_same() -> None:
+    model, x = TinyMLP(), torch.randn(3, 4)
+    ivs = [pl.save("layers.0"), pl.patch("layers.1", from_saved), pl.add("layers.2", torch.ones(3))]
+    want = pl.run(model, x, ivs)
+    got = pl.run(model, x, pl.loads(pl.dumps(ivs)))
+    assert torch.equal(got.output, want.output) and torch.equal(got["layers.0"], want["layers.0"])
+
+
+def test_unregistered_functions_are_refused_with_the_way_out() -> None:
+    with pytest.raises(pl.PurelensError, match=r"(?s)not registered.*pl\.functions\.register"):
+        pl.dumps([pl.patch("layers.0", lambda v: v * 2)])
+
+
+def test_names_are_checked() -> None:
+    with pytest.raises(pl.PurelensError, match="already registered"):
+        pl.functions.register("tests.negate")(lambda v: v)
+    with pytest.raises(pl.PurelensError, match="function name"):
+        pl.functions.register("import os")
+    pl.functions.register("tests.negate")(negate)  # the same function again is fine
+    assert "tests.negate" in pl.functions.names()
+
+
+def forge(tree: object, version: int = 1, blob: bytes | None = None) -> bytes:
+    from safetensors.torch import save
+
+    header = json.dumps({"format": "purelens.interventions", "version": version, "tree": tree})
+    data = header.encode()
+    body = blob if blob is not None else save({"0": torch.zeros(2)})
+    return b"purelens interventions\n" + struct.pack("<Q", len(data)) + data + body
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\x80\x04pickle",
+        forge({"list": []}, version=2),
+        forge({"list": [{"node": "exec", "fields": {"site": "x"}}]}),
+        forge({"list": [{"node": "save", "fields": {"site": "a", "code": "print(1)"}}]}),
+        forge(
+            {"list": [{"node": "patch", "fields": {"site": "a", "fn": {"function": "os.system"}}}]}
+        ),
+        forge({"list": [{"node": "patch", "fields": {"site": "a", "fn": {"eval": "1+1"}}}]}),
+        forge({"list": [{"node": "add", "fields": {"site": "a", "delta": {"tensor": "9"}}}]}),
+        forge({"list": [{"node": "save", "fields": {"site": 3}}]}),
+        forge({"node": "save", "fields": {"site": "a"}}),
+        forge(json.loads("[" * 50 + "]" * 50)),
+        forge({"list": [{"list": []}] * 2}, blob=b"not safetensors"),
+    ],
+)
+def test_hostile_or_broken_bytes_are_refused_cleanly(data: bytes) -> None:
+    with pytest.raises(pl.PurelensError):
+        pl.loads(data)
+
+
+def test_a_hand_written_payload_loads() -> None:
+    tree = {"list": [{"tuple": []}, {"node": "scale", "fields": {"site": "a", "factor": 2}}]}
+    assert pl.loads(forge(tree)) == [(), pl.scale("a", 2)]
+
+
+def test_deep_nesting_is_refused() -> None:
+    tree: object = {"list": []}
+    for _ in range(200):
+        tree = {"list": [tree]}
+    with pytest.raises(pl.PurelensError, match="nested deeper"):
+        pl.loads(forge(tree))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300))
+def test_random_bytes_never_crash_otherwise(data: bytes) -> None:
+    for payload in (data, b"purelens interventions\n" + data):
+        try:
+            pl.loads(payload)
+        except pl.PurelensError:
+            pass
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(json_values)
+def test_random_headers_load_or_raise_purelens_errors(tree: object) -> None:
+    try:
+        pl.loads(forge(tree))
+    except pl.PurelensError:
+        pass
+
+
+def test_loading_never_unpickles_or_evaluates(monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+    import pickle
+
+    data = pl.dumps(every_kind())
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("called")
+
+    for module, name in (
+        (pickle, "loads"),
+        (pickle, "load"),
+        (builtins, "eval"),
+        (builtins, "exec"),
+    ):
+        monkeypatch.setattr(module, name, refuse)
+    assert same(pl.loads(data), every_kind())
