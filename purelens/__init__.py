@@ -14,6 +14,7 @@ Example:
 
 from . import functions as functions
 from . import models as models
+from . import ops as ops
 from ._builders import ablate as ablate
 from ._builders import add as add
 from ._builders import patch as patch
@@ -61,6 +62,7 @@ __all__ = [
     "last_token",
     "loads",
     "models",
+    "ops",
     "patch",
     "patch_grad",
     "replace",

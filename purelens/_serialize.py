@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import Tensor
 
-from . import _builders, _grads, functions
+from . import _builders, _grads, functions, ops
 from ._errors import PurelensError
 from ._interventions import Intervention
 from ._positions import at
@@ -48,7 +48,8 @@ _DERIVED = {"takes_saved"}  # recomputed by the builder
 _UNREGISTERED = (
     "{where} uses the function {fn!r}, which is not registered, and functions are not "
     "serialized as code.\n  Register it on both sides: @pl.functions.register('a.name'); "
-    "or express it with built-in interventions (pl.add, pl.scale, pl.replace, pl.ablate, pl.at)."
+    "or write it as an expression of purelens.ops (arithmetic, indexing, einops, where), "
+    "or with built-in interventions (pl.add, pl.scale, pl.replace, pl.ablate, pl.at)."
 )
 _BAD = "cannot load interventions: {why}."
 
@@ -159,6 +160,14 @@ def _encode(value: Any, tensors: dict[str, Tensor], where: str) -> Any:
         }
     if isinstance(value, frozenset):
         return {"steps": sorted(value)}
+    if isinstance(value, ops.Expr):
+        fields = {
+            f.name: _encode(getattr(value, f.name), tensors, where)
+            for f in dataclasses.fields(value)  # type: ignore[arg-type]
+        }
+        return {"expr": ops.KIND_OF[type(value)], "fields": fields}
+    if value is Ellipsis:
+        return {"ellipsis": None}
     if isinstance(value, at):
         index = _encode(value.index, tensors, where)
         return {"at": {"index": index, "fn": _encode(value.fn, tensors, where)}}
@@ -182,6 +191,8 @@ def _decode(value: Any, tensors: dict[str, Tensor], depth: int) -> Any:
         raise PurelensError(_BAD.format(why=f"unexpected value {_short(value)}"))
     if set(value) == {"node", "fields"}:
         return _node(value["node"], value["fields"], tensors, depth)
+    if set(value) == {"expr", "fields"}:
+        return _expr(value["expr"], value["fields"], tensors, depth)
     if len(value) != 1:
         raise PurelensError(_BAD.format(why=f"unexpected value {_short(value)}"))
     ((tag, body),) = value.items()
@@ -208,6 +219,8 @@ def _decode(value: Any, tensors: dict[str, Tensor], depth: int) -> Any:
         fn = _decode(body["fn"], tensors, depth + 1)
         if (_is_int(index) or isinstance(index, Tensor)) and (fn is None or callable(fn)):
             return at(index, fn)
+    if tag == "ellipsis" and body is None:
+        return Ellipsis
     if tag == "function" and isinstance(body, str):
         return functions.get(body)
     raise PurelensError(_BAD.format(why=f"{tag!r} with {_short(body)} is not allowed"))
@@ -233,6 +246,36 @@ def _node(kind: Any, fields: Any, tensors: dict[str, Tensor], depth: int) -> Int
     except TypeError as e:
         raise PurelensError(_BAD.format(why=f"bad arguments for {kind!r} ({e})")) from None
     return node
+
+
+def _expr(kind: Any, fields: Any, tensors: dict[str, Tensor], depth: int) -> ops.Expr:
+    if kind not in ops.EXPRESSIONS:
+        known = ", ".join(sorted(ops.EXPRESSIONS))
+        raise PurelensError(_BAD.format(why=f"unknown expression {_short(kind)} (known: {known})"))
+    cls = ops.EXPRESSIONS[kind]
+    names = {f.name for f in dataclasses.fields(cls)}
+    if not isinstance(fields, dict) or not set(fields) <= names:
+        raise PurelensError(
+            _BAD.format(why=f"the fields of {kind!r} must be among {sorted(names)}")
+        )
+    values = {k: _decode(v, tensors, depth + 1) for k, v in fields.items()}
+    for name in ("a", "b", "mask"):
+        if name in values and not isinstance(values[name], ops.Expr):
+            raise PurelensError(_BAD.format(why=f"{kind!r}.{name} must be an expression"))
+    key = values.get("key", ())
+    allowed = (int, slice, type(None), type(Ellipsis), ops.Expr)
+    if not isinstance(key, tuple) or not all(isinstance(k, allowed) for k in key):
+        raise PurelensError(
+            _BAD.format(why="an index key holds ints, slices, None, ... or tensors")
+        )
+    axes = values.get("axes", ())
+    if not isinstance(axes, tuple) or not all(isinstance(a, tuple) and len(a) == 2 for a in axes):
+        raise PurelensError(_BAD.format(why="einops axes are (name, size) pairs"))
+    try:
+        expr: ops.Expr = cls(**values)
+    except TypeError as e:
+        raise PurelensError(_BAD.format(why=f"bad fields for {kind!r} ({e})")) from None
+    return ops.check_size(expr)
 
 
 def _is_int(x: Any) -> bool:

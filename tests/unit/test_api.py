@@ -43,6 +43,7 @@ DOCUMENTED = {
     "dumps",
     "loads",
     "functions",
+    "ops",
 }
 
 

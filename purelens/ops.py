@@ -1,0 +1,394 @@
+"""Functions as data: a small expression language for `pl.patch`, `pl.save` and friends.
+
+An expression is a tree of values, not code, so `pl.dumps` can send it to a
+server that evaluates it with this module's interpreter, which can only do
+what the node types below do: no builtins, no attribute access, no imports.
+`ops.value` is the value at the site; `ops.saved(name)` something saved
+earlier in the pass; tensors and numbers are constants.
+
+Example:
+    >>> import torch, purelens as pl
+    >>> from purelens import ops
+    >>> fn = ops.where(torch.tensor([True, False]), ops.value * 2, 0.0)
+    >>> fn(torch.tensor([1.0, 1.0]))
+    tensor([2., 0.])
+    >>> halve_last = ops.rearrange(ops.value, "b s d -> b s d")[:, -1] / 2
+    >>> pl.loads(pl.dumps([pl.save("0", halve_last)]))[0].fn(torch.ones(1, 3, 2))
+    tensor([[0.5000, 0.5000]])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._errors import PurelensError
+
+__all__ = [
+    "BINARY",
+    "REDUCTIONS",
+    "UNARY",
+    "Expr",
+    "const",
+    "rearrange",
+    "reduce",
+    "saved",
+    "unary",
+    "value",
+    "where",
+]
+
+BINARY: dict[str, Callable[..., Tensor]] = {
+    "add": torch.add,
+    "sub": torch.sub,
+    "mul": torch.mul,
+    "div": torch.div,
+    "pow": torch.pow,
+    "maximum": torch.maximum,
+    "minimum": torch.minimum,
+    "gt": torch.gt,
+    "ge": torch.ge,
+    "lt": torch.lt,
+    "le": torch.le,
+}
+UNARY: dict[str, Callable[..., Tensor]] = {
+    "neg": torch.neg,
+    "abs": torch.abs,
+    "exp": torch.exp,
+    "log": torch.log,
+    "relu": torch.relu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+}
+REDUCTIONS = ("mean", "sum", "max", "min")
+_PATTERN = re.compile(r"[A-Za-z0-9_ ()\-.>]{1,200}")
+_MAX_NODES = 256
+
+
+class Expr:
+    """An expression over the site's value; call it as ``expr(value)`` or ``expr(value, saved)``."""
+
+    __slots__ = ()
+
+    def evaluate(self, value: Tensor, saved: Mapping[str, Any]) -> Any:
+        raise NotImplementedError
+
+    def children(self) -> tuple[Expr, ...]:
+        return ()
+
+    def nodes(self) -> Iterator[Expr]:
+        yield self
+        for child in self.children():
+            yield from child.nodes()
+
+    @property
+    def takes_saved(self) -> bool:
+        """Whether the expression reads `saved` (then a patch passes it)."""
+        return any(isinstance(n, Saved) for n in self.nodes())
+
+    def __call__(self, value: Tensor, saved: Mapping[str, Any] | None = None) -> Any:
+        return self.evaluate(value, saved if saved is not None else {})
+
+    def __add__(self, other: Any) -> Expr:
+        return Binary("add", self, _wrap(other))
+
+    def __radd__(self, other: Any) -> Expr:
+        return Binary("add", _wrap(other), self)
+
+    def __sub__(self, other: Any) -> Expr:
+        return Binary("sub", self, _wrap(other))
+
+    def __rsub__(self, other: Any) -> Expr:
+        return Binary("sub", _wrap(other), self)
+
+    def __mul__(self, other: Any) -> Expr:
+        return Binary("mul", self, _wrap(other))
+
+    def __rmul__(self, other: Any) -> Expr:
+        return Binary("mul", _wrap(other), self)
+
+    def __truediv__(self, other: Any) -> Expr:
+        return Binary("div", self, _wrap(other))
+
+    def __rtruediv__(self, other: Any) -> Expr:
+        return Binary("div", _wrap(other), self)
+
+    def __pow__(self, other: Any) -> Expr:
+        return Binary("pow", self, _wrap(other))
+
+    def __gt__(self, other: Any) -> Expr:
+        return Binary("gt", self, _wrap(other))
+
+    def __ge__(self, other: Any) -> Expr:
+        return Binary("ge", self, _wrap(other))
+
+    def __lt__(self, other: Any) -> Expr:
+        return Binary("lt", self, _wrap(other))
+
+    def __le__(self, other: Any) -> Expr:
+        return Binary("le", self, _wrap(other))
+
+    def __neg__(self) -> Expr:
+        return Unary("neg", self)
+
+    def __getitem__(self, key: Any) -> Expr:
+        items = key if isinstance(key, tuple) else (key,)
+        return Index(self, tuple(_index_item(k) for k in items))
+
+
+def _wrap(x: Any) -> Expr:
+    if isinstance(x, Expr):
+        return x
+    if isinstance(x, Tensor | int | float) and not isinstance(x, bool):
+        return Const(x)
+    raise PurelensError(
+        f"an ops expression takes tensors, numbers and other expressions, got {x!r}."
+    )
+
+
+def _index_item(k: Any) -> Any:
+    if k is None or k is Ellipsis or isinstance(k, slice):
+        if isinstance(k, slice) and not all(
+            v is None or (isinstance(v, int) and not isinstance(v, bool))
+            for v in (k.start, k.stop, k.step)
+        ):
+            raise PurelensError(f"ops: slice bounds must be ints or None, got {k!r}.")
+        return k
+    if isinstance(k, int) and not isinstance(k, bool):
+        return k
+    if isinstance(k, Tensor):
+        return Const(k)
+    raise PurelensError(
+        f"ops: index with ints, slices, None, ... or tensors (rows, masks), got {k!r}."
+    )
+
+
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
+class Value(Expr):
+    """The value at the site."""
+
+    def evaluate(self, value: Tensor, saved: Mapping[str, Any]) -> Any:
+        return value
+
+    def __repr__(self) -> str:
+        return "ops.value"
+
+
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
+class Saved(Expr):
+    """A value saved earlier in the same pass."""
+
+    name: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str):
+            raise PurelensError(f"ops.saved takes a name (a string), got {self.name!r}.")
+
+    def evaluate(self, value: Tensor, saved: Mapping[str, Any]) -> Any:
+        try:
+            return saved[self.name]
+        except KeyError:
+            raise PurelensError(
+                f"ops.saved({self.name!r}): nothing of that name was saved earlier in the pass."
+            ) from None
+
+    def __repr__(self) -> str:
+        return f"ops.saved({self.name!r})"
+
+
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
+class Const(Expr):
+    """A tensor or a number."""
+
+    value: Any
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.value, Tensor | int | float) or isinstance(self.value, bool):
+            raise PurelensError(f"ops: a constant is a tensor or a number, got {self.value!r}.")
+
+    def evaluate(self, value: Tensor, saved: Mapping[str, Any]) -> Any:
+        if isinstance(self.value, Tensor):
+            return self.value.to(value.device)
+        return self.value
+
+    def __repr__(self) -> str:
+        return f"ops.const({self.value!r})"
+
+
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
+class Binary(Expr):
+    """Elementwise `op` of two expressions (broadcasting)."""
+
+    op: str
+    a: Expr
+    b: Expr
+
+    def __post_init__(self) -> None:
+        if self.op not in BINARY:
+            raise PurelensError(f"ops: unknown operation {self.op!r}; known: {sorted(BINARY)}.")
+
+    def children(self) -> tuple[Expr, ...]:
+        return (self.a, self.b)
+
+    def evaluate(self, value: Tensor, saved: Mapping[str, Any]) -> Any:
+        a = torch.as_tensor(self.a.evaluate(value, saved), device=value.device)
+        b = torch.as_tensor(self.b.evaluate(value, saved), device=value.device)
+        return BINARY[self.op](a, b)
+
+    def __repr__(self) -> str:
+        return f"ops.{self.op}({self.a!r}, {self.b!r})"
+
+
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
+class Unary(Expr):
+    """An elementwise function of one expression."""
+
+    op: str
+    a: Expr
+
+    def __post_init__(self) -> None:
+        if self.op not in UNARY:
+            raise PurelensError(f"ops: unknown function {self.op!r}; known: {sorted(UNARY)}.")
+
+    def children(self) -> tuple[Expr, ...]:
+        return (self.a,)
+
+    def evaluate(self, value: Tensor, saved: Mapping[str, Any]) -> Any:
+        return UNARY[self.op](torch.as_tensor(self.a.evaluate(value, saved)))
+
+    def __repr__(self) -> str:
+        return f"ops.unary({self.op!r}, {self.a!r})"
+
+
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
+class Index(Expr):
+    """``a[key]``: ints, slices, None, ``...`` and tensors (row indices, masks)."""
+
+    a: Expr
+    key: tuple[Any, ...]
+
+    def children(self) -> tuple[Expr, ...]:
+        return (self.a, *(k for k in self.key if isinstance(k, Expr)))
+
+    def evaluate(self, value: Tensor, saved: Mapping[str, Any]) -> Any:
+        key = tuple(k.evaluate(value, saved) if isinstance(k, Expr) else k for k in self.key)
+        return self.a.evaluate(value, saved)[key]
+
+    def __repr__(self) -> str:
+        return f"{self.a!r}[{', '.join(map(repr, self.key))}]"
+
+
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
+class Where(Expr):
+    """``torch.where(mask, a, b)``."""
+
+    mask: Expr
+    a: Expr
+    b: Expr
+
+    def children(self) -> tuple[Expr, ...]:
+        return (self.mask, self.a, self.b)
+
+    def evaluate(self, value: Tensor, saved: Mapping[str, Any]) -> Any:
+        a = torch.as_tensor(self.a.evaluate(value, saved), device=value.device)
+        b = torch.as_tensor(self.b.evaluate(value, saved), device=value.device)
+        mask = torch.as_tensor(self.mask.evaluate(value, saved)).to(value.device, torch.bool)
+        out = torch.where(mask, a, b)
+        return out.to(value.dtype) if out.is_floating_point() and value.is_floating_point() else out
+
+    def __repr__(self) -> str:
+        return f"ops.where({self.mask!r}, {self.a!r}, {self.b!r})"
+
+
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
+class Einops(Expr):
+    """einops ``rearrange`` (`reduction` None) or ``reduce`` with a pattern."""
+
+    a: Expr
+    pattern: str
+    reduction: str | None = None
+    axes: tuple[tuple[str, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pattern, str) or not _PATTERN.fullmatch(self.pattern):
+            raise PurelensError(
+                f"ops: an einops pattern uses letters, digits, spaces, '(', ')' and '->'; "
+                f"got {self.pattern!r}."
+            )
+        if self.reduction is not None and self.reduction not in REDUCTIONS:
+            raise PurelensError(f"ops.reduce: reduction must be one of {REDUCTIONS}.")
+        for name, size in self.axes:
+            if not (isinstance(name, str) and name.isidentifier() and isinstance(size, int)):
+                raise PurelensError(f"ops: axis sizes are name=int, got {name!r}={size!r}.")
+
+    def children(self) -> tuple[Expr, ...]:
+        return (self.a,)
+
+    def evaluate(self, value: Tensor, saved: Mapping[str, Any]) -> Any:
+        import einops
+
+        x = self.a.evaluate(value, saved)
+        if self.reduction is None:
+            return einops.rearrange(x, self.pattern, **dict(self.axes))
+        return einops.reduce(x, self.pattern, self.reduction, **dict(self.axes))
+
+    def __repr__(self) -> str:
+        return f"ops.einops({self.a!r}, {self.pattern!r}, {self.reduction!r})"
+
+
+value = Value()
+
+
+def saved(name: str) -> Expr:
+    """A value saved earlier in the same pass, by name."""
+    return Saved(name)
+
+
+def const(x: Tensor | float) -> Expr:
+    """A tensor or number as an expression."""
+    return Const(x)
+
+
+def where(mask: Any, a: Any, b: Any) -> Expr:
+    """``torch.where(mask, a, b)`` with expressions, tensors or numbers."""
+    return Where(_wrap(mask), _wrap(a), _wrap(b))
+
+
+def unary(op: str, a: Any) -> Expr:
+    """An elementwise function by name: one of `UNARY` (``"relu"``, ``"exp"``, ...)."""
+    return Unary(op, _wrap(a))
+
+
+def rearrange(a: Any, pattern: str, **axes: int) -> Expr:
+    """``einops.rearrange(a, pattern, **axes)``."""
+    return Einops(_wrap(a), pattern, None, tuple(sorted(axes.items())))
+
+
+def reduce(a: Any, pattern: str, reduction: str, **axes: int) -> Expr:
+    """``einops.reduce(a, pattern, reduction, **axes)``; reduction one of `REDUCTIONS`."""
+    return Einops(_wrap(a), pattern, reduction, tuple(sorted(axes.items())))
+
+
+EXPRESSIONS: dict[str, type] = {
+    "value": Value,
+    "saved": Saved,
+    "const": Const,
+    "binary": Binary,
+    "unary": Unary,
+    "index": Index,
+    "where": Where,
+    "einops": Einops,
+}
+KIND_OF = {cls: kind for kind, cls in EXPRESSIONS.items()}
+
+
+def check_size(expr: Expr) -> Expr:
+    """`expr`, if it has at most a few hundred nodes (a bound for loaded expressions)."""
+    if sum(1 for _ in expr.nodes()) > _MAX_NODES:
+        raise PurelensError(f"ops: an expression may have at most {_MAX_NODES} nodes.")
+    return expr
