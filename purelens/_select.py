@@ -15,7 +15,17 @@ from torch import Tensor
 
 from ._errors import PurelensError
 
-__all__ = ["Rows", "Steps", "check_rows", "check_steps", "put_rows", "step_selected", "take_rows"]
+__all__ = [
+    "Rows",
+    "Steps",
+    "check_rows",
+    "check_steps",
+    "is_int",
+    "put_rows",
+    "row_indices",
+    "step_selected",
+    "take_rows",
+]
 
 Rows = int | slice | tuple[int, ...] | None
 Steps = int | slice | frozenset[int] | None
@@ -33,26 +43,26 @@ _ROWS_OUT_OF_RANGE = (
 )
 
 
-def _is_int(x: Any) -> bool:
+def is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
 def check_rows(batch: Any) -> Rows:
     """Validate a `batch=` selector and make it hashable (a list becomes a tuple)."""
-    if batch is None or _is_int(batch) or isinstance(batch, slice):
+    if batch is None or is_int(batch) or isinstance(batch, slice):
         return batch
-    if isinstance(batch, list | tuple | range) and all(_is_int(b) for b in batch):
+    if isinstance(batch, list | tuple | range) and all(is_int(b) for b in batch):
         return tuple(batch)
     raise PurelensError(_BAD_ROWS.format(value=batch))
 
 
 def check_steps(step: Any) -> Steps:
     """Validate a `step=` selector; an iterable becomes a frozenset."""
-    if step is None or _is_int(step) or isinstance(step, slice):
+    if step is None or is_int(step) or isinstance(step, slice):
         return step
     if isinstance(step, Iterable) and not isinstance(step, str | bytes):
         steps = tuple(step)
-        if all(_is_int(s) and s >= 0 for s in steps):
+        if all(is_int(s) and s >= 0 for s in steps):
             return frozenset(steps)
     raise PurelensError(_BAD_STEPS.format(value=step))
 
@@ -69,7 +79,8 @@ def step_selected(steps: Steps, step: int) -> bool:
     return step in steps
 
 
-def _indices(rows: Rows, size: int, site: str) -> list[int]:
+def row_indices(rows: Rows, size: int, site: str) -> list[int]:
+    """The rows `rows` selects in a batch of `size`, as non-negative indices (checked)."""
     if isinstance(rows, slice):
         return list(range(size))[rows]
     picked = (rows,) if isinstance(rows, int) else rows
@@ -85,12 +96,12 @@ def take_rows(value: Tensor, rows: Rows, site: str) -> Tensor:
         return value
     if isinstance(rows, slice):
         return value[rows]
-    return value[_indices(rows, value.shape[0], site)]
+    return value[row_indices(rows, value.shape[0], site)]
 
 
 def put_rows(value: Tensor, rows: Rows, new: Tensor, site: str) -> Tensor:
     """`value` with the selected rows replaced by `new`, out of place."""
     if rows is None:
         return new
-    index = torch.tensor(_indices(rows, value.shape[0], site), device=value.device)
+    index = torch.tensor(row_indices(rows, value.shape[0], site), device=value.device)
     return value.index_put((index,), new)

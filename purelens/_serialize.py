@@ -21,6 +21,7 @@ from . import _builders, _grads, functions, ops
 from ._errors import PurelensError
 from ._interventions import Intervention
 from ._positions import at
+from ._select import is_int
 
 __all__ = ["FORMAT_VERSION", "dumps", "loads"]
 
@@ -212,12 +213,12 @@ def _decode(value: Any, tensors: dict[str, Tensor], depth: int) -> Any:
         parts = [_decode(v, tensors, depth + 1) for v in body]
         if all(p is None or (isinstance(p, int) and not isinstance(p, bool)) for p in parts):
             return slice(*parts)
-    if tag == "steps" and isinstance(body, list) and all(_is_int(s) for s in body):
+    if tag == "steps" and isinstance(body, list) and all(is_int(s) for s in body):
         return frozenset(body)
     if tag == "at" and isinstance(body, dict) and set(body) == {"index", "fn"}:
         index = _decode(body["index"], tensors, depth + 1)
         fn = _decode(body["fn"], tensors, depth + 1)
-        if (_is_int(index) or isinstance(index, Tensor)) and (fn is None or callable(fn)):
+        if (is_int(index) or isinstance(index, Tensor)) and (fn is None or callable(fn)):
             return at(index, fn)
     if tag == "ellipsis" and body is None:
         return Ellipsis
@@ -276,10 +277,6 @@ def _expr(kind: Any, fields: Any, tensors: dict[str, Tensor], depth: int) -> ops
     except TypeError as e:
         raise PurelensError(_BAD.format(why=f"bad fields for {kind!r} ({e})")) from None
     return ops.check_size(expr)
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _short(value: Any) -> str:

@@ -43,6 +43,7 @@ from ._interventions import (
 )
 from ._record import Record
 from ._run import run
+from ._select import row_indices
 from ._tree import NAMESPACE
 
 __all__ = ["sweep"]
@@ -229,9 +230,8 @@ def _in_cell(cell: tuple[Intervention, ...], k: int, size: int) -> Iterator[Inte
         if not _foldable(iv):
             raise PurelensError(_WHOLE_PASS.format(k=k, iv=iv))
         if isinstance(iv, Transplant):
-            shift = tuple(k * size + _row(r, size, iv) for r in iv.src)
-            to = tuple(k * size + _row(r, size, iv) for r in iv.dst)
-            yield dataclasses.replace(iv, src=shift, dst=to)  # type: ignore[type-var]
+            src, dst = _shift_rows(iv.src, k, size, iv), _shift_rows(iv.dst, k, size, iv)
+            yield dataclasses.replace(iv, src=src, dst=dst)  # type: ignore[type-var]
             continue
         changes: dict[str, Any] = {"batch": _shift_rows(iv.batch, k, size, iv)}  # type: ignore[attr-defined]
         if isinstance(iv, Save):
@@ -241,19 +241,11 @@ def _in_cell(cell: tuple[Intervention, ...], k: int, size: int) -> Iterator[Inte
         yield dataclasses.replace(iv, **changes)  # type: ignore[type-var]
 
 
-def _row(r: int, size: int, iv: Intervention) -> int:
-    if not -size <= r < size:
-        raise PurelensError(f"{iv!r}: row {r} is outside the batch of size {size}.")
-    return r % size
-
-
 def _shift_rows(rows: Any, k: int, size: int, iv: Intervention) -> Any:
+    """A row selection within one cell, as rows of the folded batch."""
     if rows is None:
         return slice(k * size, (k + 1) * size)
-    if isinstance(rows, slice):
-        return tuple(k * size + r for r in range(size)[rows])
-    picked = (rows,) if isinstance(rows, int) else rows
-    return tuple(k * size + _row(r, size, iv) for r in picked)
+    return tuple(k * size + r for r in row_indices(rows, size, iv.site))
 
 
 def _with_cell_view(fn: Callable[..., Tensor], k: int) -> Callable[..., Tensor]:
@@ -305,30 +297,25 @@ def _cell_output(output: Any, k: int, n: int, size: int) -> Any:
     return torch_pytree.tree_map(rows, output)
 
 
+def _join(trees: list[Any], join: Callable[[list[Tensor]], Tensor]) -> Any:
+    """Trees of one structure joined leafwise (`torch.stack` or `torch.cat`)."""
+    flat = [torch_pytree.tree_flatten(t) for t in trees]
+    columns = zip(*(leaves for leaves, _ in flat), strict=True)
+    joined = [join(list(col)) if isinstance(col[0], Tensor) else col[0] for col in columns]
+    return torch_pytree.tree_unflatten(joined, flat[0][1])
+
+
 def _stack(trees: list[Any]) -> Any:
-    """Trees of one structure stacked leafwise along a new first dimension."""
-    leaves = [torch_pytree.tree_flatten(t) for t in trees]
-    spec = leaves[0][1]
-    columns = zip(*(ls for ls, _ in leaves), strict=True)
-    stacked = [torch.stack(col) if isinstance(col[0], Tensor) else col[0] for col in columns]
-    return torch_pytree.tree_unflatten(stacked, spec)
+    return _join(trees, torch.stack)
 
 
 def _concat(parts: list[Record]) -> Record:
     if len(parts) == 1:
         return parts[0]
-
-    def cat(*xs: Any) -> Any:
-        return torch.cat(xs) if isinstance(xs[0], Tensor) else xs[0]
-
-    saved = {name: cat(*(p[name] for p in parts)) for name in parts[0]}
+    saved = _join([dict(p) for p in parts], torch.cat)
     if parts[0].output is None:
         return Record(saved)
-    outputs = [p.output for p in parts]
-    flat = [torch_pytree.tree_flatten(o) for o in outputs]
-    columns = zip(*(ls for ls, _ in flat), strict=True)
-    output = torch_pytree.tree_unflatten([cat(*col) for col in columns], flat[0][1])
-    return Record(saved, output)
+    return Record(saved, _join([p.output for p in parts], torch.cat))
 
 
 # vmap ----------------------------------------------------------------------
