@@ -36,6 +36,8 @@ from ._positions import at as at
 from ._positions import last_token as last_token
 from ._positions import token_index as token_index
 from ._record import Record as Record
+from ._remote import RemoteError as RemoteError
+from ._remote import remote as remote
 from ._run import run as run
 from ._serialize import dumps as dumps
 from ._serialize import loads as loads
@@ -50,6 +52,7 @@ __all__ = [
     "Intervention",
     "PurelensError",
     "Record",
+    "RemoteError",
     "Shapes",
     "SiteError",
     "ablate",
@@ -65,6 +68,7 @@ __all__ = [
     "ops",
     "patch",
     "patch_grad",
+    "remote",
     "replace",
     "run",
     "save",

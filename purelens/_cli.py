@@ -1,4 +1,4 @@
-"""The `purelens` command line: demo, sites, patch, lens.
+"""The `purelens` command line: demo, sites, patch, lens, serve.
 
 Every command works on a local HF model folder (``--model PATH``) and
 defaults to the bundled model. A bad argument gets one line on stderr and
@@ -86,6 +86,38 @@ def _lens(args: argparse.Namespace) -> None:
     _console().print(logit_lens(model, tokenizer, args.prompt).table())
 
 
+def _serve(args: argparse.Namespace) -> None:
+    import importlib
+
+    from ._server import Limits, read_tokens, serve
+
+    for module in args.imports:  # modules that register functions (pl.functions.register)
+        importlib.import_module(module)
+    tokens = read_tokens(args.tokens_file)
+    limits = Limits(
+        input_tokens=args.max_input_tokens,
+        new_tokens=args.max_new_tokens,
+        saved_bytes=int(args.max_saved_mb * 2**20),
+        seconds=args.max_seconds,
+        request_bytes=int(args.max_request_mb * 2**20),
+    )
+    where = f"http://{args.host}:{args.port}"
+    how = f"Ray Serve, {args.replicas} replicas" if args.ray else "one process"
+    print(
+        f"purelens serve: {args.model or 'the bundled model'} at {where} ({how})", file=sys.stderr
+    )
+    serve(
+        args.model,
+        host=args.host,
+        port=args.port,
+        tokens=tokens,
+        limits=limits,
+        concurrency=args.concurrency,
+        ray=args.ray,
+        replicas=args.replicas,
+    )
+
+
 def _quiet_transformers() -> None:
     """No loading bars or advice from transformers: the command's own output only."""
     from transformers.utils import logging
@@ -121,7 +153,48 @@ def _parser() -> argparse.ArgumentParser:
     lens.add_argument("--model", type=Path, default=None, help=model_help)
     lens.add_argument("--prompt", required=True, help="the prompt to decode")
     lens.set_defaults(run=_lens)
+
+    defaults = _limits()
+    serve = commands.add_parser("serve", help="serve a model over HTTP (pl.remote)")
+    serve.add_argument("--model", type=Path, default=None, help=model_help)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
+    serve.add_argument(
+        "--tokens-file",
+        type=Path,
+        default=None,
+        help="accepted bearer tokens, one a line (also: PURELENS_TOKENS, comma-separated)",
+    )
+    serve.add_argument("--ray", action="store_true", help="deploy on Ray Serve with replicas")
+    serve.add_argument("--replicas", type=int, default=2, help="Ray Serve replicas")
+    serve.add_argument(
+        "--concurrency", type=int, default=1, help="requests running the model at once, per process"
+    )
+    serve.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE first (to register functions); repeatable",
+    )
+    serve.add_argument("--max-input-tokens", type=int, default=defaults.input_tokens)
+    serve.add_argument("--max-new-tokens", type=int, default=defaults.new_tokens)
+    serve.add_argument(
+        "--max-saved-mb", type=float, default=defaults.saved_bytes / 2**20, help="per request"
+    )
+    serve.add_argument(
+        "--max-seconds", type=float, default=defaults.seconds, help="wall time per request"
+    )
+    serve.add_argument("--max-request-mb", type=float, default=defaults.request_bytes / 2**20)
+    serve.set_defaults(run=_serve)
     return parser
+
+
+def _limits() -> Any:
+    from ._server import Limits
+
+    return Limits()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_transformers()
     try:
         args.run(args)
-    except (PurelensError, OSError, ValueError) as error:
+    except (PurelensError, OSError, ValueError, ImportError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"purelens {args.command}: error: {message}", file=sys.stderr)
         return 2

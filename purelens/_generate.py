@@ -21,6 +21,7 @@ from ._interventions import Stop, flatten_interventions
 from ._pass import Pass, Plan
 from ._primary import primary_output
 from ._record import Record
+from ._remote import Remote
 from ._run import forward_pass
 from ._validate import fake_pass
 
@@ -82,6 +83,15 @@ def generate(
         >>> rec.output.shape, [v.shape[1] for v in rec["h.0"]]
         (torch.Size([1, 6]), [3, 1, 1])
     """
+    if isinstance(model, Remote):
+        return model.generate(
+            inputs,
+            interventions,
+            max_new_tokens=max_new_tokens,
+            tokenizer=tokenizer,
+            validate=validate,
+            **generate_kwargs,
+        )
     if not isinstance(model, nn.Module):
         raise PurelensError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:

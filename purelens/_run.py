@@ -15,6 +15,7 @@ from ._inputs import call_arguments
 from ._interventions import flatten_interventions
 from ._pass import Pass, Plan, StopPass
 from ._record import Record
+from ._remote import Remote
 from ._validate import fake_pass
 
 __all__ = ["forward_pass", "run"]
@@ -46,7 +47,7 @@ def run(
     runs are thread-safe and may nest (a `run` inside a patch function).
 
     Args:
-        model: any `torch.nn.Module`.
+        model: any `torch.nn.Module`, or a model served elsewhere (`pl.remote`).
         inputs: a tensor (first positional argument), a tuple (positional
             arguments), a dict (keyword arguments), or text with `tokenizer`.
         interventions: `pl.save`, `pl.patch`, ... or (nested) lists of them.
@@ -87,6 +88,16 @@ def run(
         >>> rec["1"].shape, torch.allclose(rec.output, model[2].bias.expand(5, 2))
         (torch.Size([5, 4]), True)
     """
+    if isinstance(model, Remote):
+        return model.run(
+            inputs,
+            interventions,
+            params=params,
+            loss=loss,
+            tokenizer=tokenizer,
+            validate=validate,
+            **model_kwargs,
+        )
     if not isinstance(model, nn.Module):
         raise PurelensError(_NOT_A_MODULE.format(kind=type(model).__name__))
     plan = Plan.build(model, flatten_interventions(interventions))

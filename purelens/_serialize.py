@@ -23,10 +23,9 @@ from ._interventions import Intervention
 from ._positions import at
 from ._select import is_int
 
-__all__ = ["FORMAT_VERSION", "dumps", "loads"]
+__all__ = ["FORMAT_VERSION", "decode", "dumps", "encode", "loads", "pack", "unpack"]
 
 FORMAT_VERSION = 1
-_MAGIC = b"purelens interventions\n"
 _MAX_HEADER = 16 * 2**20
 _MAX_DEPTH = 64
 
@@ -74,16 +73,7 @@ def dumps(interventions: Any) -> bytes:
         tensor([1., 1., 1., 1.])
     """
     tensors: dict[str, Tensor] = {}
-    tree = _encode(interventions, tensors, "interventions")
-    header = json.dumps(
-        {"format": "purelens.interventions", "version": FORMAT_VERSION, "tree": tree},
-        allow_nan=False,
-        separators=(",", ":"),
-    ).encode()
-    from safetensors.torch import save
-
-    blob = save({k: t.detach().cpu().contiguous().clone() for k, t in tensors.items()})
-    return _MAGIC + struct.pack("<Q", len(header)) + header + blob
+    return pack("interventions", {"tree": encode(interventions, tensors)}, tensors)
 
 
 def loads(data: bytes) -> list[Any]:
@@ -99,37 +89,75 @@ def loads(data: bytes) -> list[Any]:
         >>> pl.loads(pl.dumps([pl.stop("h.1"), [pl.save("h.0", name="x")]]))
         [stop(site='h.1'), [save(site='h.0', name='x')]]
     """
-    if not isinstance(data, bytes | bytearray | memoryview):
-        raise PurelensError(_BAD.format(why=f"expected bytes, got {type(data).__name__}"))
-    data = bytes(data)
-    if not data.startswith(_MAGIC) or len(data) < len(_MAGIC) + 8:
-        raise PurelensError(_BAD.format(why="not written by pl.dumps (no purelens header)"))
-    (size,) = struct.unpack("<Q", data[len(_MAGIC) : len(_MAGIC) + 8])
-    start = len(_MAGIC) + 8
-    if size > min(_MAX_HEADER, len(data) - start):
-        raise PurelensError(_BAD.format(why=f"a header of {size} bytes does not fit"))
-    try:
-        header = json.loads(data[start : start + size])
-    except (ValueError, RecursionError) as e:
-        raise PurelensError(_BAD.format(why=f"the header is not valid JSON ({e})")) from None
-    if not isinstance(header, dict) or header.get("format") != "purelens.interventions":
-        raise PurelensError(_BAD.format(why="the header is not a purelens interventions header"))
-    if header.get("version") != FORMAT_VERSION:
-        why = f"format version {header.get('version')!r}; this purelens reads {FORMAT_VERSION}"
-        raise PurelensError(_BAD.format(why=why))
-    from safetensors.torch import load
-
-    try:
-        tensors = load(data[start + size :])
-    except Exception as e:  # safetensors raises its own error types
-        raise PurelensError(_BAD.format(why=f"the tensors are unreadable ({e})")) from None
-    tree = _decode(header.get("tree"), tensors, 0)
+    header, tensors = unpack(data, "interventions")
+    tree = decode(header.get("tree"), tensors)
     if not isinstance(tree, list):
         raise PurelensError(_BAD.format(why="the top level is not a list of interventions"))
     return tree
 
 
+# Container --------------------------------------------------------------------
+
+
+def pack(kind: str, body: dict[str, Any], tensors: dict[str, Tensor]) -> bytes:
+    """A magic line naming `kind`, the header's length, the JSON header, the tensors.
+
+    The header is `body` with ``format`` (``purelens.<kind>``) and ``version``.
+    """
+    header = json.dumps(
+        {"format": f"purelens.{kind}", "version": FORMAT_VERSION, **body},
+        allow_nan=False,
+        separators=(",", ":"),
+    ).encode()
+    from safetensors.torch import save
+
+    blob = save({k: t.detach().cpu().contiguous().clone() for k, t in tensors.items()})
+    return _magic(kind) + struct.pack("<Q", len(header)) + header + blob
+
+
+def unpack(data: Any, kind: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """The header and the tensors of bytes that `pack(kind, ...)` wrote; checked, never trusted."""
+
+    def bad(why: str) -> PurelensError:
+        return PurelensError(f"cannot load {kind}: {why}.")
+
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise bad(f"expected bytes, got {type(data).__name__}")
+    data = bytes(data)
+    magic = _magic(kind)
+    if not data.startswith(magic) or len(data) < len(magic) + 8:
+        raise bad(f"not purelens {kind} (no purelens header)")
+    (size,) = struct.unpack("<Q", data[len(magic) : len(magic) + 8])
+    start = len(magic) + 8
+    if size > min(_MAX_HEADER, len(data) - start):
+        raise bad(f"a header of {size} bytes does not fit")
+    try:
+        header = json.loads(data[start : start + size])
+    except (ValueError, RecursionError) as e:
+        raise bad(f"the header is not valid JSON ({e})") from None
+    if not isinstance(header, dict) or header.get("format") != f"purelens.{kind}":
+        raise bad(f"the header is not a purelens {kind} header")
+    if header.get("version") != FORMAT_VERSION:
+        raise bad(f"format version {header.get('version')!r}; this purelens reads {FORMAT_VERSION}")
+    from safetensors.torch import load
+
+    try:
+        tensors = load(data[start + size :])
+    except Exception as e:  # safetensors raises its own error types
+        raise bad(f"the tensors are unreadable ({e})") from None
+    return header, tensors
+
+
+def _magic(kind: str) -> bytes:
+    return f"purelens {kind}\n".encode()
+
+
 # Encoding ---------------------------------------------------------------------
+
+
+def encode(value: Any, tensors: dict[str, Tensor], where: str = "interventions") -> Any:
+    """The JSON tree of interventions (and what they hold); tensors go into `tensors`."""
+    return _encode(value, tensors, where)
 
 
 def _encode(value: Any, tensors: dict[str, Tensor], where: str) -> Any:
@@ -181,6 +209,11 @@ def _encode(value: Any, tensors: dict[str, Tensor], where: str) -> Any:
 
 
 # Decoding ---------------------------------------------------------------------
+
+
+def decode(tree: Any, tensors: dict[str, Tensor]) -> Any:
+    """What `encode` wrote, rebuilt through the public builders."""
+    return _decode(tree, tensors, 0)
 
 
 def _decode(value: Any, tensors: dict[str, Tensor], depth: int) -> Any:
@@ -263,12 +296,6 @@ def _expr(kind: Any, fields: Any, tensors: dict[str, Tensor], depth: int) -> ops
     for name in ("a", "b", "mask"):
         if name in values and not isinstance(values[name], ops.Expr):
             raise PurelensError(_BAD.format(why=f"{kind!r}.{name} must be an expression"))
-    key = values.get("key", ())
-    allowed = (int, slice, type(None), type(Ellipsis), ops.Expr)
-    if not isinstance(key, tuple) or not all(isinstance(k, allowed) for k in key):
-        raise PurelensError(
-            _BAD.format(why="an index key holds ints, slices, None, ... or tensors")
-        )
     axes = values.get("axes", ())
     if not isinstance(axes, tuple) or not all(isinstance(a, tuple) and len(a) == 2 for a in axes):
         raise PurelensError(_BAD.format(why="einops axes are (name, size) pairs"))

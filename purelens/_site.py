@@ -162,7 +162,7 @@ def resolve(model: nn.Module, site: str) -> tuple[str, nn.Module, Port]:
 
 
 def sites(model: nn.Module) -> list[str]:
-    """Every addressable module path of `model`, ``""`` being the root.
+    """Every addressable module path of `model` (local or `pl.remote`), ``""`` being the root.
 
     Each path can be used as a site as it is, or with ``":input"`` or
     ``":output"``; any unique dot-boundary suffix works too.
@@ -172,6 +172,10 @@ def sites(model: nn.Module) -> list[str]:
         >>> pl.sites(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU()))
         ['', '0', '1']
     """
+    from ._remote import Remote
+
+    if isinstance(model, Remote):
+        return list(model.sites)
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
     return list(dict.fromkeys(_table(model, fresh=True).names))

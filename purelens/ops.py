@@ -3,8 +3,10 @@
 An expression is a tree of values, not code, so `pl.dumps` can send it to a
 server that evaluates it with this module's interpreter, which can only do
 what the node types below do: no builtins, no attribute access, no imports.
-`ops.value` is the value at the site; `ops.saved(name)` something saved
-earlier in the pass; tensors and numbers are constants.
+`ops.value` is the value at the site (or the model's output, in a `loss`);
+`ops.saved(name)` something saved earlier in the pass; tensors and numbers
+are constants. Indexing with a field name reads a field of a model output:
+``ops.value["logits"][:, -1]``.
 
 Example:
     >>> import torch, purelens as pl
@@ -19,7 +21,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+import math
 import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -33,8 +38,10 @@ __all__ = [
     "BINARY",
     "REDUCTIONS",
     "UNARY",
+    "ElementLimitError",
     "Expr",
     "const",
+    "limit_elements",
     "rearrange",
     "reduce",
     "saved",
@@ -68,6 +75,54 @@ UNARY: dict[str, Callable[..., Tensor]] = {
 REDUCTIONS = ("mean", "sum", "max", "min")
 _PATTERN = re.compile(r"[A-Za-z0-9_ ()\-.>]{1,200}")
 _MAX_NODES = 256
+_FIELD = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
+_MAX_ELEMENTS: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "purelens_ops_max_elements", default=None
+)
+
+
+@contextlib.contextmanager
+def limit_elements(n: int) -> Iterator[None]:
+    """Refuse, before computing it, any result of more than `n` elements (in this context).
+
+    A server evaluating expressions from requests uses this, since
+    broadcasting and indexing can make a few small constants into a huge
+    tensor.
+
+    Example:
+        >>> import torch
+        >>> from purelens import ops
+        >>> grow = ops.value[:, None] * torch.ones(1, 1000)
+        >>> with ops.limit_elements(10_000):
+        ...     grow(torch.ones(100)).shape
+        Traceback (most recent call last):
+        ...
+        purelens.ops.ElementLimitError: ops: a result of 100000 elements is over the limit of 10000.
+    """
+    token = _MAX_ELEMENTS.set(n)
+    try:
+        yield
+    finally:
+        _MAX_ELEMENTS.reset(token)
+
+
+class ElementLimitError(PurelensError):
+    """A result over the limit set by `limit_elements`."""
+
+
+def _check_elements(n: int) -> None:
+    limit = _MAX_ELEMENTS.get()
+    if limit is not None and n > limit:
+        raise ElementLimitError(f"ops: a result of {n} elements is over the limit of {limit}.")
+
+
+def _device(value: Any) -> torch.device | None:
+    """Where constants go: the site's device (None for a model output, whose fields say)."""
+    return value.device if isinstance(value, Tensor) else None
+
+
+def _tensor(x: Any, value: Any) -> Tensor:
+    return torch.as_tensor(x, device=_device(value) if not isinstance(x, Tensor) else x.device)
 
 
 class Expr:
@@ -163,8 +218,11 @@ def _index_item(k: Any) -> Any:
         return k
     if isinstance(k, Tensor):
         return Const(k)
+    if isinstance(k, str) and _FIELD.fullmatch(k):
+        return k
     raise PurelensError(
-        f"ops: index with ints, slices, None, ... or tensors (rows, masks), got {k!r}."
+        "ops: index with ints, slices, None, ..., tensors (rows, masks) or a field name "
+        f"(letters, digits, '_'; not starting with '_'), got {k!r}."
     )
 
 
@@ -212,7 +270,7 @@ class Const(Expr):
             raise PurelensError(f"ops: a constant is a tensor or a number, got {self.value!r}.")
 
     def evaluate(self, value: Tensor, saved: Mapping[str, Any]) -> Any:
-        if isinstance(self.value, Tensor):
+        if isinstance(self.value, Tensor) and isinstance(value, Tensor):
             return self.value.to(value.device)
         return self.value
 
@@ -236,8 +294,9 @@ class Binary(Expr):
         return (self.a, self.b)
 
     def evaluate(self, value: Tensor, saved: Mapping[str, Any]) -> Any:
-        a = torch.as_tensor(self.a.evaluate(value, saved), device=value.device)
-        b = torch.as_tensor(self.b.evaluate(value, saved), device=value.device)
+        a = _tensor(self.a.evaluate(value, saved), value)
+        b = _tensor(self.b.evaluate(value, saved), value)
+        _check_elements(math.prod(torch.broadcast_shapes(a.shape, b.shape)))
         return BINARY[self.op](a, b)
 
     def __repr__(self) -> str:
@@ -272,12 +331,23 @@ class Index(Expr):
     a: Expr
     key: tuple[Any, ...]
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.key, tuple):
+            raise PurelensError(f"ops: an index key is a tuple, got {self.key!r}.")
+        for k in self.key:
+            if not isinstance(k, Expr):
+                _index_item(k)  # raises for anything but ints, slices, None, ... and fields
+
     def children(self) -> tuple[Expr, ...]:
         return (self.a, *(k for k in self.key if isinstance(k, Expr)))
 
     def evaluate(self, value: Tensor, saved: Mapping[str, Any]) -> Any:
         key = tuple(k.evaluate(value, saved) if isinstance(k, Expr) else k for k in self.key)
-        return self.a.evaluate(value, saved)[key]
+        a = self.a.evaluate(value, saved)
+        rows = [k for k in key if isinstance(k, Tensor) and k.dtype != torch.bool]
+        if rows and isinstance(a, Tensor):  # index tensors can make a result larger than `a`
+            _check_elements(a.numel() * math.prod(k.numel() for k in rows))
+        return a[key[0]] if len(key) == 1 else a[key]  # a field name is not a tuple
 
     def __repr__(self) -> str:
         return f"{self.a!r}[{', '.join(map(repr, self.key))}]"
@@ -295,11 +365,14 @@ class Where(Expr):
         return (self.mask, self.a, self.b)
 
     def evaluate(self, value: Tensor, saved: Mapping[str, Any]) -> Any:
-        a = torch.as_tensor(self.a.evaluate(value, saved), device=value.device)
-        b = torch.as_tensor(self.b.evaluate(value, saved), device=value.device)
-        mask = torch.as_tensor(self.mask.evaluate(value, saved)).to(value.device, torch.bool)
+        a = _tensor(self.a.evaluate(value, saved), value)
+        b = _tensor(self.b.evaluate(value, saved), value)
+        mask = _tensor(self.mask.evaluate(value, saved), value).to(a.device, torch.bool)
+        _check_elements(math.prod(torch.broadcast_shapes(mask.shape, a.shape, b.shape)))
         out = torch.where(mask, a, b)
-        return out.to(value.dtype) if out.is_floating_point() and value.is_floating_point() else out
+        if isinstance(value, Tensor) and out.is_floating_point() and value.is_floating_point():
+            return out.to(value.dtype)
+        return out
 
     def __repr__(self) -> str:
         return f"ops.where({self.mask!r}, {self.a!r}, {self.b!r})"

@@ -44,6 +44,8 @@ DOCUMENTED = {
     "loads",
     "functions",
     "ops",
+    "remote",
+    "RemoteError",
 }
 
 

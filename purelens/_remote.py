@@ -1,0 +1,196 @@
+"""`pl.remote`: a model served by `purelens serve`, used through `pl.run` and `pl.generate`.
+
+The client sends data (`purelens._wire`): interventions as `pl.dumps`
+writes them, so a lambda fails here, before anything is sent, with the
+fix in the message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from . import _wire
+from ._errors import PurelensError
+from ._record import Record
+
+__all__ = ["Remote", "RemoteError", "remote"]
+
+_LOCAL_ONLY = (
+    "{what} is not available on a remote model: {why}.\n"
+    "  A remote model takes pl.run(remote, inputs, interventions, loss=..., validate=..., "
+    "**model_kwargs) and pl.generate(remote, inputs, interventions, max_new_tokens=...)."
+)
+
+
+class RemoteError(PurelensError):
+    """The server refused or failed a request.
+
+    Attributes:
+        status: the HTTP status (401 for a missing or unknown token, 413 or
+            408 for a limit, 400 for a request it cannot read, 422 for a
+            run that failed because of what it asked).
+        limit: the name of the limit that was hit, if one was.
+    """
+
+    def __init__(self, message: str, status: int, limit: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.limit = limit
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Remote:
+    """A handle on a model served by `purelens serve`; build it with `pl.remote`.
+
+    Attributes:
+        url: the server's base URL.
+        name: the model's name there.
+        sites: the model's addressable module paths (as `pl.sites` lists them).
+    """
+
+    url: str
+    name: str
+    token: str | None = dataclasses.field(repr=False)
+    timeout: float
+    sites: tuple[str, ...] = dataclasses.field(repr=False)
+    _client: Any = dataclasses.field(repr=False)
+
+    def run(
+        self,
+        inputs: Any,
+        interventions: Any = (),
+        *,
+        params: Any = None,
+        loss: Any = None,
+        tokenizer: Any = None,
+        validate: bool = False,
+        **model_kwargs: Any,
+    ) -> Record:
+        """`pl.run` on the server; `pl.run(remote, ...)` calls this."""
+        _local_only(params=params, tokenizer=tokenizer)
+        request = _wire.Request(
+            "run", _data(inputs), list(interventions or ()), loss, model_kwargs, validate
+        )
+        return self._call(request)
+
+    def generate(
+        self,
+        inputs: Any,
+        interventions: Any = (),
+        *,
+        max_new_tokens: int,
+        tokenizer: Any = None,
+        validate: bool = False,
+        **generate_kwargs: Any,
+    ) -> Record:
+        """`pl.generate` on the server; `pl.generate(remote, ...)` calls this."""
+        _local_only(tokenizer=tokenizer)
+        kwargs = {**generate_kwargs, "max_new_tokens": max_new_tokens}
+        request = _wire.Request(
+            "generate", _data(inputs), list(interventions or ()), None, kwargs, validate
+        )
+        return self._call(request)
+
+    def shapes(self, prompt: str) -> dict[str, Any]:
+        """Each site's shape and dtype for `prompt`, computed by the server without real compute."""
+        info = self._get(f"/v1/models/{self.name}", params={"prompt": prompt})
+        return dict(info["shapes"])
+
+    def close(self) -> None:
+        """Close the connection pool (also done when the handle is garbage collected)."""
+        self._client.close()
+
+    def __enter__(self) -> Remote:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, request: _wire.Request) -> Record:
+        body = _wire.encode_request(request)  # lambdas fail here, before sending
+        response = self._send("POST", f"/v1/models/{self.name}/{request.call}", content=body)
+        return _wire.decode_record(response.content)
+
+    def _get(self, path: str, **kwargs: Any) -> Any:
+        return self._send("GET", path, **kwargs).json()
+
+    def _send(self, method: str, path: str, **kwargs: Any) -> Any:
+        import httpx
+
+        try:
+            response = self._client.request(method, path, **kwargs)
+        except httpx.HTTPError as e:
+            raise RemoteError(f"cannot reach {self.url}: {type(e).__name__}: {e}", 0) from None
+        if response.status_code >= 400:
+            try:
+                body = response.json()
+                message, limit = str(body["error"]), body.get("limit")
+            except (ValueError, KeyError, TypeError):
+                message, limit = response.text[:500] or response.reason_phrase, None
+            raise RemoteError(
+                f"{self.url} answered {response.status_code}: {message}",
+                response.status_code,
+                limit,
+            )
+        return response
+
+
+def remote(
+    url: str, name: str = "default", token: str | None = None, *, timeout: float = 300.0
+) -> Remote:
+    """A model served by ``purelens serve`` at `url`, for `pl.run` and `pl.generate`.
+
+    Asks the server for the model once (so that a wrong URL, name or token
+    fails here); then each `pl.run(remote, ...)` is one request. Text is
+    tokenized by the server; interventions travel as data, so functions must
+    be `purelens.ops` expressions or names registered on the server
+    (`pl.functions.register`). The record comes back with the same values as
+    a local run (the model output's KV cache excepted: it stays on the server).
+
+    Args:
+        url: the server, e.g. ``"http://127.0.0.1:8000"``.
+        name: the model's name there (``"default"`` for the bundled model).
+        token: a bearer token the server accepts.
+        timeout: seconds to wait for one answer.
+
+    Raises:
+        RemoteError: the server cannot be reached, refuses the token (401),
+            or serves no model of that name (404).
+
+    Example:
+        >>> import purelens as pl
+        >>> pl.remote("http://127.0.0.1:9", token="t")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        purelens._remote.RemoteError: cannot reach http://127.0.0.1:9: ConnectError: ...
+    """
+    import httpx
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    client = httpx.Client(base_url=url, headers=headers, timeout=timeout)
+    handle = Remote(url, name, token, timeout, (), client)
+    try:
+        info = handle._get(f"/v1/models/{name}")
+    except RemoteError:
+        client.close()
+        raise
+    return dataclasses.replace(handle, sites=tuple(info.get("sites", ())))
+
+
+def _local_only(**given: Any) -> None:
+    why = {
+        "params": "the weights live on the server",
+        "tokenizer": "the server tokenizes text with the model's own tokenizer; leave it out",
+    }
+    for name, value in given.items():
+        if value is not None:
+            raise PurelensError(_LOCAL_ONLY.format(what=f"`{name}=`", why=why[name]))
+
+
+def _data(inputs: Any) -> Any:
+    """Inputs as plain data: a tokenizer's BatchEncoding becomes a dict."""
+    if isinstance(inputs, Mapping) and not isinstance(inputs, dict):
+        return dict(inputs)
+    return inputs
