@@ -101,11 +101,6 @@ def _serve(args: argparse.Namespace) -> None:
         seconds=args.max_seconds,
         request_bytes=int(args.max_request_mb * 2**20),
     )
-    where = f"http://{args.host}:{args.port}"
-    how = f"Ray Serve, {args.replicas} replicas" if args.ray else "one process"
-    print(
-        f"purelens serve: {args.model or 'the bundled model'} at {where} ({how})", file=sys.stderr
-    )
     serve(
         args.model,
         host=args.host,

@@ -432,7 +432,15 @@ def serve(
     import uvicorn
 
     app = create_app(path, tokens=tokens, limits=limits, concurrency=concurrency)
+    _announce(path, host, port, "one process")
     uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def _announce(path: str | Path | None, host: str, port: int, how: str) -> None:
+    import sys
+
+    what = path if path is not None else "the bundled model"
+    print(f"purelens serve: {what} at http://{host}:{port} ({how})", file=sys.stderr, flush=True)
 
 
 def ray_app(
@@ -482,12 +490,15 @@ def serve_ray(
     import ray
     from ray import serve as ray_serve
 
+    if not tokens:
+        create_app(path, tokens=tokens)  # raises the same error as without Ray
     ray.init(ignore_reinit_error=True, include_dashboard=False)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         ray_serve.start(http_options={"host": host, "port": port})
         app = ray_app(path, tokens=tokens, limits=limits, replicas=replicas)
         ray_serve.run(app, name="purelens", route_prefix="/")
+        _announce(path, host, port, f"Ray Serve, {replicas} replicas")
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

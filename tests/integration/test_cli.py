@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -73,11 +74,19 @@ def test_lens_and_patch_on_another_local_model(
         (["lens", "--model", "/nonexistent", "--prompt", "x"], "no model at '/nonexistent'"),
         (["lens"], "the following arguments are required: --prompt"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["serve", "--port", "0"], "no bearer tokens: set PURELENS_TOKENS"),
+        (["serve", "--tokens-file", "/nonexistent"], "No such file or directory"),
+        (["serve", "--import", "no.such.module"], "No module named 'no'"),
     ],
 )
 def test_bad_arguments_get_one_line_and_a_nonzero_exit(argv: list[str], message: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "PURELENS_TOKENS"}
     done = subprocess.run(
-        [sys.executable, "-m", "purelens", *argv], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "purelens", *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
     )
     assert done.returncode == 2
     assert message in done.stderr

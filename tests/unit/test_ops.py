@@ -128,3 +128,32 @@ def test_any_expression_round_trips_and_evaluates_the_same(expr: ops.Expr) -> No
     v = torch.linspace(-1, 1, 6).view(2, 3)
     got, want = torch.as_tensor(roundtrip(expr)(v)), torch.as_tensor(expr(v))
     assert torch.equal(got, want)
+
+
+def test_a_loss_reads_fields_of_the_model_output() -> None:
+    from tests.helpers import tiny_gpt2
+
+    model, x = tiny_gpt2(n_layer=2), torch.randint(0, 97, (2, 5))
+    expr = ops.reduce(ops.value["logits"][:, -1, 7], "b ->", "sum")
+    by_expr = pl.run(model, x, [pl.save_grad("h.0")], loss=roundtrip(expr))
+    by_lambda = pl.run(model, x, [pl.save_grad("h.0")], loss=lambda o: o.logits[:, -1, 7].sum())
+    assert torch.equal(by_expr.grads["h.0"], by_lambda.grads["h.0"])
+    assert torch.equal(by_expr.loss, by_lambda.loss)
+    for name in ("__class__", "_secret", "a-b", ""):
+        with pytest.raises(pl.PurelensError, match="field name"):
+            ops.value[name]
+
+
+def test_limit_elements_refuses_results_before_computing_them() -> None:
+    v = torch.ones(10, 10)
+    grow = [
+        ops.value[..., None] * torch.ones(1, 1, 100),
+        ops.where(torch.ones(100, 1, 1, dtype=torch.bool), ops.value, 0.0),
+        ops.value[torch.zeros(100, dtype=torch.long)],
+    ]
+    for expr in grow:
+        assert expr(v).numel() >= 1000  # no limit outside the context
+        with ops.limit_elements(999), pytest.raises(ops.ElementLimitError, match="limit of 999"):
+            roundtrip(expr)(v)
+    with ops.limit_elements(100):
+        assert torch.equal((ops.value * 2)(v), v * 2)  # within the limit
