@@ -21,6 +21,7 @@ from ._grads import SaveGrad
 from ._hooks import installed
 from ._interventions import Intervention, Save, Stop, flatten_interventions
 from ._pass import Pass, Plan
+from ._remote import check_local
 
 __all__ = ["edit"]
 
@@ -84,6 +85,7 @@ def edit(model: nn.Module, interventions: Any) -> nn.Module:
         >>> edited[0].weight is model[0].weight
         True
     """
+    check_local(model, "pl.edit")
     if not isinstance(model, nn.Module):
         raise PurelensError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
     edits = flatten_interventions(interventions)

@@ -15,7 +15,7 @@ from . import _wire
 from ._errors import PurelensError
 from ._record import Record
 
-__all__ = ["Remote", "RemoteError", "remote"]
+__all__ = ["Remote", "RemoteError", "check_local", "remote"]
 
 _LOCAL_ONLY = (
     "{what} is not available on a remote model: {why}.\n"
@@ -177,6 +177,15 @@ def remote(
         client.close()
         raise
     return dataclasses.replace(handle, sites=tuple(info.get("sites", ())))
+
+
+def check_local(model: Any, what: str) -> None:
+    """Raise a clear error when `what` is asked of a remote model."""
+    if isinstance(model, Remote):
+        raise PurelensError(
+            f"{what} needs the model in this process; a remote model (pl.remote) takes "
+            "pl.run, pl.generate and pl.sites."
+        )
 
 
 def _local_only(**given: Any) -> None:

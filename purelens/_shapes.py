@@ -19,6 +19,7 @@ from ._errors import MissingSaveError, PurelensError, SiteError
 from ._inputs import call_arguments
 from ._interventions import Save, describe
 from ._pass import Pass, Plan
+from ._remote import check_local
 from ._run import forward_pass
 from ._site import resolve
 from ._site import sites as all_sites
@@ -136,6 +137,7 @@ def shapes(
         >>> dict(pl.shapes(model, torch.ones(2, 3), sites=["0:input", "1"]))
         {'0:input': torch.Size([2, 3]), '1': torch.Size([2, 5])}
     """
+    check_local(model, "pl.shapes")
     if not isinstance(model, nn.Module):
         raise PurelensError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
     survey = sites is None

@@ -42,6 +42,7 @@ from ._interventions import (
     flatten_interventions,
 )
 from ._record import Record
+from ._remote import check_local
 from ._run import run
 from ._select import row_indices
 from ._tree import NAMESPACE
@@ -143,6 +144,7 @@ def sweep(
         >>> torch.allclose(rec.output[7], pl.run(model, x, [pl.add("0", vectors[7])]).output)
         True
     """
+    check_local(model, "pl.sweep")
     if method not in ("auto", "fold", "vmap"):
         raise PurelensError(_BAD_METHOD.format(value=method))
     if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):

@@ -150,6 +150,13 @@ def test_functions_that_are_code_are_refused_before_sending(remote: Any) -> None
         pl.run(remote, PROMPTS, params={})
     with pytest.raises(pl.PurelensError, match="tokenizes text"):
         pl.run(remote, PROMPTS, tokenizer=object())
+    for call in (
+        lambda: pl.sweep(remote, PROMPTS, [pl.save("h.0")]),
+        lambda: pl.shapes(remote, PROMPTS),
+        lambda: pl.edit(remote, [pl.ablate("h.0")]),
+    ):
+        with pytest.raises(pl.PurelensError, match="needs the model in this process"):
+            call()
 
 
 # Auth --------------------------------------------------------------------------------
@@ -432,8 +439,18 @@ def _mutate(_: bytes, cuts: list[tuple[int, int]]) -> bytes:
 # Isolation under load -------------------------------------------------------------------
 
 
-def test_concurrent_users_each_get_their_own_correct_records(url: str, local: Any) -> None:
-    """8 clients x 50 requests, each with its own steering vector; every record is checked."""
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_concurrent_users_each_get_their_own_correct_records(local: Any, concurrency: int) -> None:
+    """8 clients x 50 requests, each with its own steering vector; every record is checked.
+
+    With ``concurrency=4`` the server runs up to four requests on its model at
+    once, in threads: each still sees only its own interventions.
+    """
+    with serving(create_app(tokens=TOKENS, concurrency=concurrency)) as url:
+        assert_load(url, local)
+
+
+def assert_load(url: str, local: Any) -> None:
     model, tokenizer = local
     ids = pl.tokenize(tokenizer, PROMPTS)
     clients, per_client = 8, 50
