@@ -169,6 +169,11 @@ def create_app(
     def unknown(name: str) -> JSONResponse:
         return error(404, f"no model {name!r} here; this server serves {served.name!r}")
 
+    @app.exception_handler(Exception)
+    async def failed(request: Request, exc: Exception) -> JSONResponse:
+        # A bug of the server's, not the request's: say so, and go on serving.
+        return error(500, f"internal error: {type(exc).__name__}")
+
     @app.get("/v1/health")
     def health() -> dict[str, Any]:
         return {"status": "ok", "model": served.name, "process": os.getpid()}
@@ -188,9 +193,12 @@ def create_app(
         info = _describe(served)
         if prompt is not None:
             try:
+                _check_tokens(_count_tokens(served, prompt), served.limits)
                 info["shapes"] = _shapes(served, prompt)
-            except (PurelensError, ValueError) as e:
-                return error(422, str(e))
+            except LimitError as e:
+                return error(e.status, str(e), e.limit)
+            except Exception as e:  # a prompt the model cannot take
+                return error(422, f"{type(e).__name__}: {e}")
         return info
 
     async def call(kind: str, name: str, request: Request) -> Any:
@@ -246,7 +254,12 @@ def _execute(served: _Served, kind: str, body: bytes) -> bytes:
         raise _BadRequest(f"a {request.call!r} request was sent to the {kind!r} endpoint")
     kwargs = dict(request.kwargs)
     limits = served.limits
-    tokens = _count_tokens(served, request.inputs)
+    try:
+        tokens = _count_tokens(served, request.inputs)
+    except (LimitError, _BadRequest):
+        raise
+    except Exception as e:  # text the tokenizer cannot take, ragged id lists, ...
+        raise _BadRequest(f"bad inputs: {e}") from None
     new_tokens = None
     if kind == "run":
         _check_tokens(tokens, limits)
