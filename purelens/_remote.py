@@ -99,7 +99,7 @@ class Remote:
         return dict(info["shapes"])
 
     def close(self) -> None:
-        """Close the connection pool (also done when the handle is garbage collected)."""
+        """Close the connection pool; `with pl.remote(...) as remote:` closes it on exit."""
         self._client.close()
 
     def __enter__(self) -> Remote:
