@@ -1,6 +1,6 @@
 """Remote execution under load: `purelens serve` in one process vs on Ray Serve.
 
-    python benchmarks/serve.py [--clients 8] [--requests 50] [--no-ray] [--quick]
+    python benchmarks/serve.py [--clients 8] [--requests 50] [--no-ray] [--quick] [--out FILE]
 
 Each server is started as `python -m purelens serve` in a subprocess on the
 bundled model; `clients` threads each send `requests` runs (a steering vector
@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=50, help="per client")
     parser.add_argument("--no-ray", action="store_true", help="leave out Ray Serve")
     parser.add_argument("--quick", action="store_true", help="2 clients x 5 requests, no Ray")
+    parser.add_argument("--out", default=None, help="also write the table to this Markdown file")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     clients, requests = (2, 5) if args.quick else (args.clients, args.requests)
@@ -157,17 +158,21 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             process.terminate()
             process.wait(timeout=60)
-    print(
-        f"{machine()}, {os.cpu_count()} cores ({platform.system()}). Bundled model, "
-        f"{len(PROMPTS)} prompts a request, a steering vector and a save each; "
-        "latency as a client sees it.\n"
+    text = "\n".join(
+        [
+            f"{machine()}, {os.cpu_count()} cores ({platform.system()}). Bundled model, "
+            f"{len(PROMPTS)} prompts a request, a steering vector and a save each; "
+            "latency as a client sees it.\n",
+            "| server | clients x requests | wall (s) | requests/s | p50 (ms) | p99 (ms) "
+            "| all right |",
+            "|---|---|---|---|---|---|---|",
+            *rows,
+        ]
     )
-    columns = (
-        "server | clients x requests | wall (s) | requests/s | p50 (ms) | p99 (ms) | all right"
-    )
-    print(f"| {columns} |")
-    print("|---|---|---|---|---|---|---|")
-    print("\n".join(rows))
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(f"# purelens serve under load\n\n`python benchmarks/serve.py`\n\n{text}\n")
 
 
 if __name__ == "__main__":
