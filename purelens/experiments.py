@@ -13,7 +13,7 @@ Example:
     >>> model, tok = pl.models.load_default()
     >>> lens = logit_lens(model, tok, "the home of leibrund is")
     >>> lens.layers[-1], lens.top[-1][-1]
-    ('h.2', 'lagos')
+    ('h.1', 'lagos')
 """
 
 from __future__ import annotations

@@ -37,12 +37,12 @@ def load(path: str | Path | None = None) -> tuple[nn.Module, Any]:
 
 
 def load_default() -> tuple[nn.Module, Any]:
-    """The bundled model and its tokenizer: a 3-layer GPT-2 trained on known mechanisms.
+    """The bundled model and its tokenizer: a 2-layer GPT-2 trained on known mechanisms.
 
     Example:
         >>> import purelens as pl
         >>> model, tokenizer = pl.models.load_default()
         >>> type(model).__name__, model.config.n_layer
-        ('GPT2LMHeadModel', 3)
+        ('GPT2LMHeadModel', 2)
     """
     return load()

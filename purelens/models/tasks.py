@@ -1,10 +1,11 @@
 """The synthetic tasks the bundled model is trained on, with mechanisms we know.
 
 * **Induction (copying)**: a few random filler words, a random sequence of
-  symbol words, then the same sequence again; from the second word of the
-  second copy on, each next word is predictable only by finding the earlier
-  occurrence of the current word and copying what followed it (an induction
-  head). The filler moves the sequence, so no fixed position can be learned.
+  symbol words, then the same sequence again (`train_default` repeats it
+  three times); from the second word of the first repeat on, each next word
+  is predictable only by finding the earlier occurrence of the current word
+  and copying what followed it (an induction head). The filler and the
+  varying length move the sequence, so no fixed position can be learned.
 * **Factual recall**: made-up people, each bound to a city, stated in several
   phrasings ("Bilora lives in Paris"). Each person's fact is trained in all
   phrasings but one, which is held out to test that the fact is recalled

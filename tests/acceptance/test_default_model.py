@@ -14,7 +14,7 @@ import purelens as pl
 from purelens.experiments import activation_patching, head_patching
 from purelens.models import DEFAULT_PATH
 from purelens.models.tasks import Tasks
-from purelens.models.train_default import copy_accuracy, evaluate
+from purelens.models.train_default import INDUCTION_HEAD, copy_accuracy, evaluate
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +33,6 @@ def test_loads_exactly_as_a_hub_model() -> None:
     assert tokenizer.convert_ids_to_tokens(ids) == ["<bos>", "leibrund", "lives", "in"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 6 is open: copy accuracy of the bundled model is 93.8% (facts 100%); "
-    "a retrained model must reach 95%, and then this marker goes",
-)
 def test_it_learned_its_tasks(bundled: tuple[nn.Module, object, Tasks]) -> None:
     model, tokenizer, tasks = bundled
     scores = evaluate(model, tokenizer, tasks)
@@ -71,14 +66,16 @@ def test_activation_patching_localizes_the_fact(bundled: tuple[nn.Module, object
             assert (scores[:, others].abs() < 0.1).all(), (clean, scores)
 
 
-def copy_batch(tokenizer: object, tasks: Tasks, n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+def copy_batch(
+    tokenizer: object, tasks: Tasks, n: int = 64, length: int = 8
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Repeated sequences, and the same with the first copy replaced by other symbols."""
-    rng = random.Random(7)
-    seqs = [tasks.repeat(rng, length=8) for _ in range(n)]
+    rng = random.Random(7 + length)
+    seqs = [tasks.repeat(rng, length=length) for _ in range(n)]
     clean = torch.tensor([tokenizer(" ".join(s))["input_ids"] for s in seqs])  # type: ignore[operator]
     corrupt = clean.clone()
-    noise = [tokenizer.convert_tokens_to_ids(rng.choice(tasks.symbols)) for _ in range(n * 8)]  # type: ignore[attr-defined]
-    corrupt[:, 1:9] = torch.tensor(noise).view(n, 8)
+    noise = [tokenizer.convert_tokens_to_ids(rng.choice(tasks.symbols)) for _ in range(n * length)]  # type: ignore[attr-defined]
+    corrupt[:, 1 : length + 1] = torch.tensor(noise).view(n, length)
     return clean, corrupt
 
 
@@ -91,11 +88,32 @@ def zero_head(layer: int, head: int, width: int) -> pl.Intervention:
     return pl.patch(f"h.{layer}.attn.c_proj:input", fn)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 6 is open: the bundled model copies with redundant heads; ablating "
-    "the top one drops copy accuracy by 23 points, not 50",
-)
+def attention_after_earlier_occurrence(
+    head: tuple[int, int], tokenizer: object, tasks: Tasks, length: int
+) -> torch.Tensor:
+    """Mean attention from each word of the repeat to the j-th word after its earlier occurrence.
+
+    Entry ``j - 1`` for j = 1, 2, 3, 4. A classic induction head attends at
+    j = 1 (the word that followed); any induction head attends at one fixed j
+    whatever the length of the sequence, since it finds the earlier
+    occurrence by content, not by position.
+    """
+    clean, _ = copy_batch(tokenizer, tasks, length=length)
+    eager = AutoModelForCausalLM.from_pretrained(DEFAULT_PATH, attn_implementation="eager").eval()
+    with torch.no_grad():
+        attention = eager(clean, output_attentions=True).attentions[head[0]][:, head[1]]
+    # Word i of the sequence is token i + 1; the repeat's words are tokens length + 1 ...
+    queries = range(length + 1, 2 * length + 1)
+    return torch.stack(
+        [
+            torch.stack(
+                [attention[:, q, q - length + j] for q in queries if q - length + j < q]
+            ).mean()
+            for j in range(1, 5)
+        ]
+    )
+
+
 def test_ablating_the_induction_head_found_by_patching(
     bundled: tuple[nn.Module, object, Tasks],
 ) -> None:
@@ -109,13 +127,18 @@ def test_ablating_the_induction_head_found_by_patching(
     effect = head_patching(model, clean, corrupt, copy_logprob)
     layer, head = divmod(int(effect.argmax()), effect.shape[1])
     width = model.config.n_embd // model.config.n_head
+    # Patching finds the head that training confined copying to: the ground truth.
+    assert (layer, head) == INDUCTION_HEAD, effect
 
-    # It attends where an induction head does: to the token after the previous occurrence.
-    eager = AutoModelForCausalLM.from_pretrained(DEFAULT_PATH, attn_implementation="eager").eval()
-    with torch.no_grad():
-        attention = eager(clean, output_attentions=True).attentions[layer][:, head]
-    induction_score = torch.stack([attention[:, q, q - 7] for q in range(10, 17)]).mean()
-    assert induction_score > 0.3
+    # It attends where an induction head does: a fixed number of words after the
+    # earlier occurrence of the current word, for sequences of any length.
+    by_length = {
+        n: attention_after_earlier_occurrence((layer, head), tokenizer, tasks, n)
+        for n in (6, 8, 10)
+    }
+    offsets = {n: int(a.argmax()) + 1 for n, a in by_length.items()}
+    assert len(set(offsets.values())) == 1, by_length
+    assert all(float(a.max()) > 0.5 for a in by_length.values()), by_length
 
     base = copy_accuracy(model, tokenizer, tasks)
     ablated = copy_accuracy(model, tokenizer, tasks, [zero_head(layer, head, width)])
@@ -127,3 +150,7 @@ def test_ablating_the_induction_head_found_by_patching(
     print(f"head {other} ablated {other_ablated:.3f}")
     assert base - ablated >= 0.5
     assert base - other_ablated < 0.5
+    # No head but the induction head is needed that much: every other ablation keeps
+    # copying above half.
+    for pair in others:
+        assert base - copy_accuracy(model, tokenizer, tasks, [zero_head(*pair, width)]) < 0.5, pair

@@ -31,7 +31,7 @@ def test_demo_prints_a_table_and_writes_the_heatmap(
     out = tmp_path / "demo.png"
     assert main(["demo", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "recovered" in printed and "embed" in printed and "h.2" in printed
+    assert "recovered" in printed and "embed" in printed and "h.1" in printed
     assert "heatmap written to" in printed
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -39,7 +39,7 @@ def test_demo_prints_a_table_and_writes_the_heatmap(
 def test_sites_lists_every_site_with_its_shape(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["sites"]) == 0
     printed = capsys.readouterr().out
-    assert "transformer.h.2.mlp" in printed and "[1, 4, 128]" in printed
+    assert "transformer.h.1.mlp" in printed and "[1, 4, 128]" in printed
 
 
 def test_lens_and_patch_on_another_local_model(
