@@ -9,7 +9,7 @@ request size, and the size of any `ops` result) answer with a 4xx that names
 the limit; any bad request gets a 4xx and the server goes on serving.
 
 The app is FastAPI; `serve` runs it in one process with uvicorn, or on Ray
-Serve with replicas (``--ray``).
+Serve with replicas (``--ray``, `purelens._ray`).
 """
 
 from __future__ import annotations
@@ -24,14 +24,13 @@ from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
 from fastapi import Request  # at module level: FastAPI reads the annotations by name
 from torch import Tensor, nn
 
 from . import _wire, ops
 from ._errors import PurelensError
 
-__all__ = ["Limits", "create_app", "read_tokens", "serve"]
+__all__ = ["Limits", "announce", "create_app", "read_tokens", "serve"]
 
 MEDIA_TYPE = "application/vnd.purelens"
 _CHUNK = 2**20
@@ -440,82 +439,19 @@ def serve(
 ) -> None:
     """Serve until interrupted: uvicorn in this process, or Ray Serve with `replicas`."""
     if ray:
+        from ._ray import serve_ray
+
         serve_ray(path, host=host, port=port, tokens=tokens, limits=limits, replicas=replicas)
         return
     import uvicorn
 
     app = create_app(path, tokens=tokens, limits=limits, concurrency=concurrency)
-    _announce(path, host, port, "one process")
+    announce(path, host, port, "one process")
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
-def _announce(path: str | Path | None, host: str, port: int, how: str) -> None:
+def announce(path: str | Path | None, host: str, port: int, how: str) -> None:
     import sys
 
     what = path if path is not None else "the bundled model"
     print(f"purelens serve: {what} at http://{host}:{port} ({how})", file=sys.stderr, flush=True)
-
-
-def ray_app(
-    path: str | Path | None = None,
-    *,
-    tokens: Collection[str],
-    limits: Limits = Limits(),
-    replicas: int = 2,
-    concurrency: int = 1,
-) -> Any:
-    """The same app on Ray Serve: `replicas` copies, a GPU each where there are GPUs."""
-    from ray import serve as ray_serve
-
-    class Replica:
-        def __init__(self) -> None:
-            self._app = create_app(path, tokens=tokens, limits=limits, concurrency=concurrency)
-
-        def __serve_build_asgi_app__(self) -> Any:
-            return self._app
-
-    options = {"num_cpus": 0, "num_gpus": 1 if torch.cuda.is_available() else 0}
-    deployment: Any = ray_serve.deployment(
-        ray_serve.ingress()(Replica),
-        name="purelens",
-        num_replicas=replicas,
-        ray_actor_options=options,
-    )
-    return deployment.bind()
-
-
-def serve_ray(
-    path: str | Path | None = None,
-    *,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    tokens: Collection[str],
-    limits: Limits = Limits(),
-    replicas: int = 2,
-) -> None:
-    """Deploy on Ray Serve (a local Ray unless ``RAY_ADDRESS`` names a cluster) and block.
-
-    Stops on Ctrl-C or SIGTERM, taking the deployment (and a Ray it started) down.
-    """
-    import signal
-    import sys
-
-    import ray
-    from ray import serve as ray_serve
-
-    if not tokens:
-        create_app(path, tokens=tokens)  # raises the same error as without Ray
-    ray.init(ignore_reinit_error=True, include_dashboard=False)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    try:
-        ray_serve.start(http_options={"host": host, "port": port})
-        app = ray_app(path, tokens=tokens, limits=limits, replicas=replicas)
-        ray_serve.run(app, name="purelens", route_prefix="/")
-        _announce(path, host, port, f"Ray Serve, {replicas} replicas")
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        ray_serve.shutdown()
-        ray.shutdown()

@@ -23,7 +23,8 @@ PROMPTS = ["bilora lives in", "the home of"]
 
 @pytest.fixture(scope="module")
 def url() -> Iterator[str]:
-    from purelens._server import Limits, ray_app
+    from purelens._ray import ray_app
+    from purelens._server import Limits
 
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20)
     sock = socket.socket()

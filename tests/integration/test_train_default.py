@@ -12,7 +12,7 @@ from purelens.models.train_default import main
 
 
 def test_training_saves_a_loadable_model(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
-    main(["--out", str(tmp_path), "--steps", "10"])
+    main(["--out", str(tmp_path), "--steps", "10", "--confine-steps", "10"])
     printed = capsys.readouterr().out
     assert "facts (held-out phrasings)" in printed
     model = AutoModelForCausalLM.from_pretrained(tmp_path)
