@@ -10,6 +10,10 @@ length of its forward, with its hooks ahead of the run's: edits apply first.
 `pl.skip` must keep a module from running at all, which no hook can do: the
 module's ``forward`` is swapped for a dispatcher, shared by concurrent runs
 (reference-counted under a lock) and restored when the last one ends.
+
+One exception to "for one call": `check_before_every_module` puts permanent
+pre-hooks on a model that purelens itself owns (the one `purelens serve`
+loads), to stop a request that runs past its wall time.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from torch import nn
 
 from ._pass import Pass, SitePlan
 
-__all__ = ["ACTIVE", "installed"]
+__all__ = ["ACTIVE", "check_before_every_module", "installed"]
 
 ACTIVE: contextvars.ContextVar[tuple[Pass, ...]] = contextvars.ContextVar(
     "purelens_passes", default=()
@@ -135,3 +139,16 @@ def installed(pass_: Pass, *, edit: bool = False) -> Iterator[None]:
         for module in swapped:
             _swap_out(module)
         ACTIVE.reset(token)
+
+
+def check_before_every_module(model: nn.Module, check: Callable[[], None]) -> None:
+    """Call `check()` before every module call of `model`, for good (it may raise).
+
+    Only for a model purelens owns: the hooks are never removed.
+    """
+
+    def hook(module: nn.Module, args: Any) -> None:
+        check()
+
+    for module in model.modules():
+        module.register_forward_pre_hook(hook)

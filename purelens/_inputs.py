@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ._errors import PurelensError
 
-__all__ = ["call_arguments", "pad_id", "position_ids", "tokenize"]
+__all__ = ["call_arguments", "is_text", "pad_id", "position_ids", "tokenize"]
 
 Side = Literal["left", "right"]
 
@@ -37,7 +37,8 @@ _BAD_INPUTS = (
 _BAD_SIDE = "`padding_side` must be 'left' or 'right', got {side!r}."
 
 
-def _is_text(inputs: Any) -> bool:
+def is_text(inputs: Any) -> bool:
+    """A string or a non-empty list of strings."""
     return isinstance(inputs, str) or (
         isinstance(inputs, list) and bool(inputs) and all(isinstance(s, str) for s in inputs)
     )
@@ -72,8 +73,8 @@ def call_arguments(
         return inputs, dict(model_kwargs)
     if isinstance(inputs, Mapping):
         return (), {**inputs, **model_kwargs}
-    if _is_text(inputs) or _is_ids(inputs):
-        if tokenizer is None and _is_text(inputs):
+    if is_text(inputs) or _is_ids(inputs):
+        if tokenizer is None and is_text(inputs):
             raise PurelensError(_NEEDS_TOKENIZER.format(value=inputs))
         batch = tokenize(tokenizer, inputs, padding_side=padding_side)
         if (

@@ -29,6 +29,8 @@ from torch import Tensor, nn
 
 from . import _wire, ops
 from ._errors import PurelensError
+from ._hooks import check_before_every_module
+from ._inputs import is_text
 
 __all__ = ["Limits", "announce", "create_app", "read_tokens", "serve"]
 
@@ -140,7 +142,8 @@ def create_app(
             "a server without tokens would answer every request with 401."
         )
     model, tokenizer = models.load(path)
-    _install_deadline(model)
+    # The model is the server's own (just loaded): its deadline checks change no user's model.
+    check_before_every_module(model, _check_deadline)
     served = _Served(
         name=name or (Path(path).name if path is not None else "default"),
         model=model,
@@ -265,7 +268,7 @@ def _execute(served: _Served, kind: str, body: bytes) -> bytes:
     else:
         new_tokens = kwargs.pop("max_new_tokens", None)
         _check_generate(kwargs, new_tokens, tokens, limits)
-    tokenizer = served.tokenizer if _is_text(request.inputs) else None
+    tokenizer = served.tokenizer if is_text(request.inputs) else None
     with served.gate, _deadline(limits.seconds), ops.limit_elements(limits.elements):
         try:
             if kind == "run":
@@ -337,17 +340,11 @@ def _positive(kwargs: dict[str, Any], key: str) -> int:
     return value
 
 
-def _is_text(inputs: Any) -> bool:
-    return isinstance(inputs, str) or (
-        isinstance(inputs, list) and bool(inputs) and all(isinstance(s, str) for s in inputs)
-    )
-
-
 def _count_tokens(served: _Served, inputs: Any) -> int:
     """Token ids in the batch the model will see: the largest tensor or the padded text."""
     from ._inputs import tokenize
 
-    if _is_text(inputs):
+    if is_text(inputs):
         if isinstance(inputs, list) and len(inputs) > served.limits.input_tokens:
             raise LimitError("input_tokens", _over("input_tokens", len(inputs), served.limits))
         return int(tokenize(served.tokenizer, inputs)["input_ids"].numel())
@@ -397,21 +394,10 @@ class _Timeout(Exception):
     """Raised inside the model when a request's deadline has passed."""
 
 
-def _check_deadline(module: nn.Module, args: Any) -> None:
+def _check_deadline() -> None:
     deadline = getattr(_clock, "deadline", None)
     if deadline is not None and time.monotonic() > deadline:
         raise _Timeout
-
-
-def _install_deadline(model: nn.Module) -> None:
-    """A check of this thread's deadline before every module call of the server's own model.
-
-    The model is the server's (loaded by `create_app`), so the hooks change no
-    user's model; they cost well under a microsecond per call when no deadline
-    has passed.
-    """
-    for module in model.modules():
-        module.register_forward_pre_hook(_check_deadline)
 
 
 @contextlib.contextmanager
