@@ -261,7 +261,7 @@ def _decode(value: Any, tensors: dict[str, Tensor], depth: int) -> Any:
 
 
 def _node(kind: Any, fields: Any, tensors: dict[str, Tensor], depth: int) -> Intervention:
-    if kind not in _KINDS:
+    if not isinstance(kind, str) or kind not in _KINDS:
         allowed = ", ".join(sorted(_KINDS))
         raise PurelensError(
             _BAD.format(why=f"unknown intervention {_short(kind)} (known: {allowed})")
@@ -283,7 +283,7 @@ def _node(kind: Any, fields: Any, tensors: dict[str, Tensor], depth: int) -> Int
 
 
 def _expr(kind: Any, fields: Any, tensors: dict[str, Tensor], depth: int) -> ops.Expr:
-    if kind not in ops.EXPRESSIONS:
+    if not isinstance(kind, str) or kind not in ops.EXPRESSIONS:
         known = ", ".join(sorted(ops.EXPRESSIONS))
         raise PurelensError(_BAD.format(why=f"unknown expression {_short(kind)} (known: {known})"))
     cls = ops.EXPRESSIONS[kind]

@@ -257,6 +257,11 @@ HOSTILE = {
     "unknown call": raw(request(call="exec")),
     "unknown field": raw(request(__class__="x")),
     "unknown intervention": raw(request(interventions={"list": [{"node": "eval", "fields": {}}]})),
+    # found by the fuzz test below: an unhashable name was a 500
+    "node named by a list": raw(request(interventions={"node": [], "fields": []})),
+    "expression named by a list": raw(
+        request(interventions={"list": [save_node("h.0", {"expr": [], "fields": {}})]})
+    ),
     "unknown op": raw(
         request(
             interventions={
@@ -355,6 +360,8 @@ EXPECTED = {
     "unknown call": "`call` must be one of",
     "unknown field": "unknown fields ['__class__']",
     "unknown intervention": "unknown intervention 'eval'",
+    "node named by a list": "unknown intervention []",
+    "expression named by a list": "unknown expression []",
     "unknown op": "unknown operation '__import__'",
     "function smuggled by name": "no function is registered under 'os.system'",
     "dunder index": "got '__class__'",
