@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ._server import Limits, announce, create_app
+from ._server import Limits, announce, create_app, require_tokens
 
 __all__ = ["ray_app", "serve_ray"]
 
@@ -63,8 +63,7 @@ def serve_ray(
     import ray
     from ray import serve as ray_serve
 
-    if not tokens:
-        create_app(path, tokens=tokens)  # raises the same error as without Ray
+    require_tokens(tokens)
     ray.init(ignore_reinit_error=True, include_dashboard=False)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:

@@ -32,7 +32,7 @@ from ._errors import PurelensError
 from ._hooks import check_before_every_module
 from ._inputs import is_text
 
-__all__ = ["Limits", "announce", "create_app", "read_tokens", "serve"]
+__all__ = ["Limits", "announce", "create_app", "read_tokens", "require_tokens", "serve"]
 
 MEDIA_TYPE = "application/vnd.purelens"
 _CHUNK = 2**20
@@ -110,6 +110,15 @@ def read_tokens(tokens_file: str | Path | None = None) -> list[str]:
     return tokens
 
 
+def require_tokens(tokens: Collection[str]) -> None:
+    """Raise unless there is at least one bearer token to accept."""
+    if not tokens:
+        raise PurelensError(
+            "no bearer tokens: set PURELENS_TOKENS (comma-separated) or pass --tokens-file; "
+            "a server without tokens would answer every request with 401."
+        )
+
+
 def create_app(
     path: str | Path | None = None,
     *,
@@ -136,11 +145,7 @@ def create_app(
 
     from . import models
 
-    if not tokens:
-        raise PurelensError(
-            "no bearer tokens: set PURELENS_TOKENS (comma-separated) or pass --tokens-file; "
-            "a server without tokens would answer every request with 401."
-        )
+    require_tokens(tokens)
     model, tokenizer = models.load(path)
     # The model is the server's own (just loaded): its deadline checks change no user's model.
     check_before_every_module(model, _check_deadline)
