@@ -76,6 +76,10 @@ REDUCTIONS = ("mean", "sum", "max", "min")
 _PATTERN = re.compile(r"[A-Za-z0-9_ ()\-.>]{1,200}")
 _MAX_NODES = 256
 _FIELD = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
+_NOT_ITERABLE = (
+    "ops: the expression {expr!r} is not iterable: it stands for a value that exists only "
+    "when the intervention runs.\n  Index it instead (expr[0], expr[:, -1])."
+)
 _MAX_ELEMENTS: contextvars.ContextVar[int | None] = contextvars.ContextVar(
     "purelens_ops_max_elements", default=None
 )
@@ -108,6 +112,10 @@ def limit_elements(n: int) -> Iterator[None]:
 
 class ElementLimitError(PurelensError):
     """A result over the limit set by `limit_elements`."""
+
+
+class _NotIterable(PurelensError, TypeError):
+    """Iterating an expression (a TypeError too, as for any value that is not iterable)."""
 
 
 def _check_elements(n: int) -> None:
@@ -194,6 +202,11 @@ class Expr:
     def __getitem__(self, key: Any) -> Expr:
         items = key if isinstance(key, tuple) else (key,)
         return Index(self, tuple(_index_item(k) for k in items))
+
+    def __iter__(self) -> Iterator[Expr]:
+        # Without this, iteration falls back to `__getitem__` with 0, 1, 2, ..., which
+        # builds a new expression for every int: `list(expr)` would never end.
+        raise _NotIterable(_NOT_ITERABLE.format(expr=self))
 
 
 def _wrap(x: Any) -> Expr:

@@ -157,3 +157,13 @@ def test_limit_elements_refuses_results_before_computing_them() -> None:
             roundtrip(expr)(v)
     with ops.limit_elements(100):
         assert torch.equal((ops.value * 2)(v), v * 2)  # within the limit
+
+
+@pytest.mark.parametrize("expr", [ops.value, ops.value * 2, ops.saved("x")[0], ops.const(1.0)])
+def test_expressions_are_not_iterable(expr: ops.Expr) -> None:
+    # `__getitem__` builds a new expression for any int, so iterating would never end.
+    with pytest.raises(pl.PurelensError, match="not iterable") as info:
+        next(iter(expr))
+    assert isinstance(info.value, TypeError)
+    with pytest.raises(pl.PurelensError, match="not iterable"):
+        list(expr)
