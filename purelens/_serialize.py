@@ -13,17 +13,27 @@ from __future__ import annotations
 import dataclasses
 import json
 import struct
+from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor
 
 from . import _builders, _grads, functions, ops
 from ._errors import PurelensError
-from ._interventions import Intervention
+from ._interventions import Intervention, flatten_interventions
 from ._positions import at
 from ._select import is_int
 
-__all__ = ["FORMAT_VERSION", "decode", "dumps", "encode", "loads", "pack", "unpack"]
+__all__ = [
+    "FORMAT_VERSION",
+    "decode",
+    "dumps",
+    "encode",
+    "interventions_only",
+    "loads",
+    "pack",
+    "unpack",
+]
 
 FORMAT_VERSION = 1
 _MAX_HEADER = 16 * 2**20
@@ -52,17 +62,23 @@ _UNREGISTERED = (
     "or with built-in interventions (pl.add, pl.scale, pl.replace, pl.ablate, pl.at)."
 )
 _BAD = "cannot load interventions: {why}."
+_Check = Callable[[], None]
+_NOT_INTERVENTIONS = (
+    "the data holds {value}, where interventions (in nested lists and tuples) were expected"
+)
 
 
 def dumps(interventions: Any) -> bytes:
-    """Serialize interventions (nested lists and tuples of them) to bytes.
+    """Serialize an intervention, or nested lists and tuples of them, to bytes.
 
     Tensors are stored bitwise (safetensors); functions by their registered
-    name. The format is versioned; `pl.loads` reads it back.
+    name. The format is versioned; `pl.loads` reads it back in the same
+    structure (one intervention, a list, a tuple, nested).
 
     Raises:
-        PurelensError: a function that is not registered (`pl.functions`),
-            or a value that is not an intervention.
+        PurelensError: a value that is not an intervention (or a list or
+            tuple of them), or a function that is not registered
+            (`pl.functions`).
 
     Example:
         >>> import torch, purelens as pl
@@ -71,29 +87,55 @@ def dumps(interventions: Any) -> bytes:
         >>> ivs = pl.loads(data)
         >>> ivs[1].delta
         tensor([1., 1., 1., 1.])
+        >>> pl.loads(pl.dumps(pl.save("h.0", torch.clone)))
+        save(site='h.0', fn=clone, name='h.0')
     """
+    flatten_interventions(interventions)  # raises for anything else, naming it
     tensors: dict[str, Tensor] = {}
     return pack("interventions", {"tree": encode(interventions, tensors)}, tensors)
 
 
-def loads(data: bytes) -> list[Any]:
+def loads(data: bytes) -> Any:
     """The interventions `pl.dumps` wrote, rebuilt through the public builders.
+
+    Returns:
+        What was dumped, in the same structure: one intervention, or nested
+        lists and tuples of them.
 
     Raises:
         PurelensError: bytes that are not purelens interventions of a known
-            version, a node or field that is not allowed, or a function name
-            that is not registered here.
+            version, a node or field that is not allowed, a function name
+            that is not registered here, or data that is not interventions.
 
     Example:
         >>> import purelens as pl
-        >>> pl.loads(pl.dumps([pl.stop("h.1"), [pl.save("h.0", name="x")]]))
-        [stop(site='h.1'), [save(site='h.0', name='x')]]
+        >>> pl.loads(pl.dumps([pl.stop("h.1"), (pl.save("h.0", name="x"),)]))
+        [stop(site='h.1'), (save(site='h.0', name='x'),)]
     """
     header, tensors = unpack(data, "interventions")
-    tree = decode(header.get("tree"), tensors)
-    if not isinstance(tree, list):
-        raise PurelensError(_BAD.format(why="the top level is not a list of interventions"))
+    return interventions_only(decode(header.get("tree"), tensors))
+
+
+def interventions_only(tree: Any) -> Any:
+    """`tree`, if it is an intervention or nested lists and tuples of them; else a PurelensError."""
+    try:
+        flatten_interventions(tree)
+    except PurelensError:
+        bad = _first_non_intervention(tree)
+        raise PurelensError(_BAD.format(why=_NOT_INTERVENTIONS.format(value=_short(bad)))) from None
     return tree
+
+
+def _first_non_intervention(tree: Any) -> Any:
+    if isinstance(tree, list | tuple):
+        for item in tree:
+            if not isinstance(item, Intervention | list | tuple):
+                return item
+            bad = _first_non_intervention(item)
+            if bad is not None:
+                return bad
+        return None
+    return None if isinstance(tree, Intervention) else tree
 
 
 # Container --------------------------------------------------------------------
@@ -211,12 +253,22 @@ def _encode(value: Any, tensors: dict[str, Tensor], where: str) -> Any:
 # Decoding ---------------------------------------------------------------------
 
 
-def decode(tree: Any, tensors: dict[str, Tensor]) -> Any:
-    """What `encode` wrote, rebuilt through the public builders."""
-    return _decode(tree, tensors, 0)
+def decode(tree: Any, tensors: dict[str, Tensor], check: Callable[[], None] | None = None) -> Any:
+    """What `encode` wrote, rebuilt through the public builders.
+
+    Every value is checked for its type before it is used. `check`, if given,
+    is called before each value is decoded: a server passes its deadline
+    check, so that a slow decode is cut off as a slow run is.
+    """
+    return _decode(tree, tensors, 0, check or _unchecked)
 
 
-def _decode(value: Any, tensors: dict[str, Tensor], depth: int) -> Any:
+def _unchecked() -> None:
+    pass
+
+
+def _decode(value: Any, tensors: dict[str, Tensor], depth: int, check: _Check) -> Any:
+    check()
     if depth > _MAX_DEPTH:
         raise PurelensError(_BAD.format(why=f"nested deeper than {_MAX_DEPTH} levels"))
     if value is None or isinstance(value, bool | int | str):
@@ -224,14 +276,14 @@ def _decode(value: Any, tensors: dict[str, Tensor], depth: int) -> Any:
     if not isinstance(value, dict) or len(value) not in (1, 2):
         raise PurelensError(_BAD.format(why=f"unexpected value {_short(value)}"))
     if set(value) == {"node", "fields"}:
-        return _node(value["node"], value["fields"], tensors, depth)
+        return _node(value["node"], value["fields"], tensors, depth, check)
     if set(value) == {"expr", "fields"}:
-        return _expr(value["expr"], value["fields"], tensors, depth)
+        return _expr(value["expr"], value["fields"], tensors, depth, check)
     if len(value) != 1:
         raise PurelensError(_BAD.format(why=f"unexpected value {_short(value)}"))
     ((tag, body),) = value.items()
     if tag in ("list", "tuple") and isinstance(body, list):
-        items = [_decode(v, tensors, depth + 1) for v in body]
+        items = [_decode(v, tensors, depth + 1, check) for v in body]
         return items if tag == "list" else tuple(items)
     if tag == "float" and isinstance(body, str) and len(body) <= 32:
         try:
@@ -243,14 +295,14 @@ def _decode(value: Any, tensors: dict[str, Tensor], depth: int) -> Any:
             raise PurelensError(_BAD.format(why=f"tensor {body!r} is missing"))
         return tensors[body]
     if tag == "slice" and isinstance(body, list) and len(body) == 3:
-        parts = [_decode(v, tensors, depth + 1) for v in body]
+        parts = [_decode(v, tensors, depth + 1, check) for v in body]
         if all(p is None or (isinstance(p, int) and not isinstance(p, bool)) for p in parts):
             return slice(*parts)
     if tag == "steps" and isinstance(body, list) and all(is_int(s) for s in body):
         return frozenset(body)
     if tag == "at" and isinstance(body, dict) and set(body) == {"index", "fn"}:
-        index = _decode(body["index"], tensors, depth + 1)
-        fn = _decode(body["fn"], tensors, depth + 1)
+        index = _decode(body["index"], tensors, depth + 1, check)
+        fn = _decode(body["fn"], tensors, depth + 1, check)
         if (is_int(index) or isinstance(index, Tensor)) and (fn is None or callable(fn)):
             return at(index, fn)
     if tag == "ellipsis" and body is None:
@@ -260,7 +312,9 @@ def _decode(value: Any, tensors: dict[str, Tensor], depth: int) -> Any:
     raise PurelensError(_BAD.format(why=f"{tag!r} with {_short(body)} is not allowed"))
 
 
-def _node(kind: Any, fields: Any, tensors: dict[str, Tensor], depth: int) -> Intervention:
+def _node(
+    kind: Any, fields: Any, tensors: dict[str, Tensor], depth: int, check: _Check
+) -> Intervention:
     if not isinstance(kind, str) or kind not in _KINDS:
         allowed = ", ".join(sorted(_KINDS))
         raise PurelensError(
@@ -271,10 +325,11 @@ def _node(kind: Any, fields: Any, tensors: dict[str, Tensor], depth: int) -> Int
     if not isinstance(fields, dict) or not set(fields) <= names or "site" not in fields:
         why = f"the fields of {kind!r} must be among {sorted(names)}, with 'site'"
         raise PurelensError(_BAD.format(why=why))
-    values = {k: _decode(v, tensors, depth + 1) for k, v in fields.items()}
+    values = {k: _decode(v, tensors, depth + 1, check) for k, v in fields.items()}
+    # The builder checks every value's type (rows are ints or lists of ints, ...): nothing
+    # here converts a value first, since converting is using (`list()` of an expression,
+    # which has `__getitem__`, never ends).
     args = [values.pop(name) for name in positional if name in values]
-    if kind == "transplant":
-        values["src"], values["dst"] = list(values.get("src", ())), list(values.get("dst", ()))
     try:
         node: Intervention = builder(*args, **values)
     except TypeError as e:
@@ -282,7 +337,9 @@ def _node(kind: Any, fields: Any, tensors: dict[str, Tensor], depth: int) -> Int
     return node
 
 
-def _expr(kind: Any, fields: Any, tensors: dict[str, Tensor], depth: int) -> ops.Expr:
+def _expr(
+    kind: Any, fields: Any, tensors: dict[str, Tensor], depth: int, check: _Check
+) -> ops.Expr:
     if not isinstance(kind, str) or kind not in ops.EXPRESSIONS:
         known = ", ".join(sorted(ops.EXPRESSIONS))
         raise PurelensError(_BAD.format(why=f"unknown expression {_short(kind)} (known: {known})"))
@@ -292,7 +349,7 @@ def _expr(kind: Any, fields: Any, tensors: dict[str, Tensor], depth: int) -> ops
         raise PurelensError(
             _BAD.format(why=f"the fields of {kind!r} must be among {sorted(names)}")
         )
-    values = {k: _decode(v, tensors, depth + 1) for k, v in fields.items()}
+    values = {k: _decode(v, tensors, depth + 1, check) for k, v in fields.items()}
     for name in ("a", "b", "mask"):
         if name in values and not isinstance(values[name], ops.Expr):
             raise PurelensError(_BAD.format(why=f"{kind!r}.{name} must be an expression"))

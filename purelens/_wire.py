@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import Tensor
@@ -36,6 +36,7 @@ CALLS = ("run", "generate")
 _MAX_DEPTH = 64
 # Model-output classes a record may name: the modules transformers defines them in.
 _OUTPUT_MODULES = ("transformers.modeling_outputs", "transformers.generation.utils")
+_BAD_OUTPUT = "bad value: the model output {cls} cannot be rebuilt from its fields ({error})."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,12 +70,18 @@ def encode_request(request: Request) -> bytes:
     return _serialize.pack("request", body, tensors)
 
 
-def decode_request(data: bytes) -> Request:
+def decode_request(data: bytes, check: Callable[[], None] | None = None) -> Request:
     """The request in `data`, checked field by field.
+
+    Args:
+        data: the request's bytes.
+        check: called before each value is decoded (a server passes its
+            deadline check, so that the time limit covers decoding too).
 
     Raises:
         PurelensError: anything that is not a well-formed request.
     """
+    check = check or _unchecked
     header, tensors = _serialize.unpack(data, "request")
     known = {"format", "version", "call", "inputs", "interventions", "loss", "kwargs", "validate"}
     if not set(header) <= known:
@@ -82,23 +89,24 @@ def decode_request(data: bytes) -> Request:
     call = header.get("call")
     if call not in CALLS:
         raise PurelensError(f"bad request: `call` must be one of {CALLS}, got {call!r}.")
-    interventions = _serialize.decode(header.get("interventions", {"list": []}), tensors)
+    interventions = _serialize.decode(header.get("interventions", {"list": []}), tensors, check)
     if not isinstance(interventions, list):
         raise PurelensError("bad request: `interventions` must be a list.")
+    _serialize.interventions_only(interventions)
     loss = header.get("loss")
     if loss is not None:
-        loss = _serialize.decode(loss, tensors)
+        loss = _serialize.decode(loss, tensors, check)
         if not callable(loss):
             raise PurelensError(
                 "bad request: `loss` must be a registered function or a purelens.ops expression."
             )
-    kwargs = _decode_value(header.get("kwargs", {"dict": []}), tensors, 0, outputs=False)
+    kwargs = _decode_value(header.get("kwargs", {"dict": []}), tensors, 0, False, check)
     if not isinstance(kwargs, dict):
         raise PurelensError("bad request: `kwargs` must be a mapping.")
     validate = header.get("validate", False)
     if not isinstance(validate, bool):
         raise PurelensError("bad request: `validate` must be true or false.")
-    inputs = _decode_value(header.get("inputs"), tensors, 0, outputs=False)
+    inputs = _decode_value(header.get("inputs"), tensors, 0, False, check)
     return Request(call, inputs, interventions, loss, kwargs, validate)
 
 
@@ -115,10 +123,14 @@ def encode_record(record: Record) -> bytes:
 
 
 def decode_record(data: bytes) -> Record:
-    """The `Record` in `data`, with HF model outputs rebuilt as their own classes."""
+    """The `Record` in `data`, with HF model outputs rebuilt as their own classes.
+
+    Raises:
+        PurelensError: anything that is not a well-formed record.
+    """
     header, tensors = _serialize.unpack(data, "record")
     parts = {
-        key: _decode_value(header.get(key), tensors, 0, outputs=True)
+        key: _decode_value(header.get(key), tensors, 0, True, _unchecked)
         for key in ("saved", "output", "grads", "loss")
     }
     if not isinstance(parts["saved"], dict) or not isinstance(parts["grads"], dict):
@@ -165,7 +177,14 @@ def _encode_value(value: Any, tensors: dict[str, Tensor], where: str) -> Any:
     )
 
 
-def _decode_value(value: Any, tensors: dict[str, Tensor], depth: int, *, outputs: bool) -> Any:
+def _unchecked() -> None:
+    pass
+
+
+def _decode_value(
+    value: Any, tensors: dict[str, Tensor], depth: int, outputs: bool, check: Callable[[], None]
+) -> Any:
+    check()
     if depth > _MAX_DEPTH:
         raise PurelensError(f"bad value: nested deeper than {_MAX_DEPTH} levels.")
     if value is None or isinstance(value, bool | int | str):
@@ -174,23 +193,29 @@ def _decode_value(value: Any, tensors: dict[str, Tensor], depth: int, *, outputs
         if not isinstance(value["fields"], dict):
             raise PurelensError("bad value: a model output's fields are a mapping.")
         fields = {
-            str(k): _decode_value(v, tensors, depth + 1, outputs=True)
+            str(k): _decode_value(v, tensors, depth + 1, True, check)
             for k, v in value["fields"].items()
         }
         cls = _output_class(value["model_output"])
-        return cls(**fields) if cls is not None else fields
+        if cls is None:
+            return fields
+        try:
+            return cls(**fields)
+        except Exception as e:  # a class's own checks raise TypeError, ValueError, ...
+            error = f"{type(e).__name__}: {e}"
+            raise PurelensError(_BAD_OUTPUT.format(cls=cls.__name__, error=error)) from None
     if not isinstance(value, dict) or len(value) != 1:
         raise PurelensError(f"bad value: {_serialize._short(value)} is not allowed.")
     ((tag, body),) = value.items()
     if tag in ("list", "tuple") and isinstance(body, list):
-        items = [_decode_value(v, tensors, depth + 1, outputs=outputs) for v in body]
+        items = [_decode_value(v, tensors, depth + 1, outputs, check) for v in body]
         return items if tag == "list" else tuple(items)
     if tag == "dict" and isinstance(body, list):
         out = {}
         for item in body:
             if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)):
                 raise PurelensError("bad value: a dict is a list of [string key, value] pairs.")
-            out[item[0]] = _decode_value(item[1], tensors, depth + 1, outputs=outputs)
+            out[item[0]] = _decode_value(item[1], tensors, depth + 1, outputs, check)
         return out
     if tag == "float" and isinstance(body, str) and len(body) <= 32:
         try:

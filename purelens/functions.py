@@ -6,6 +6,11 @@ under, and `pl.loads` (on a server, in another process) looks that name up
 in its own registry. Register the same function under the same name on both
 sides.
 
+A few torch functions that interventions often take are registered under
+their torch names: ``"torch.clone"`` (a save that later code changes in
+place), ``"torch.zeros_like"``, ``"torch.ones_like"``, ``"torch.neg"`` and
+``"torch.abs"``.
+
 Example:
     >>> import torch, purelens as pl
     >>> @pl.functions.register("demo.double")
@@ -43,7 +48,8 @@ _TAKEN = (
 _UNKNOWN = (
     "no function is registered under {name!r}. Registered: {known}.\n"
     "  Register it where the interventions are loaded: "
-    "@pl.functions.register({name!r})."
+    "@pl.functions.register({name!r}); on a server, start it with "
+    "`purelens serve --import MODULE`, MODULE being the module that registers it."
 )
 
 _lock = threading.Lock()
@@ -99,3 +105,13 @@ def names() -> list[str]:
     """Every registered name, sorted."""
     with _lock:
         return sorted(_by_name)
+
+
+def _register_torch() -> None:
+    import torch
+
+    for fn in (torch.clone, torch.zeros_like, torch.ones_like, torch.neg, torch.abs):
+        register(f"torch.{fn.__name__}")(fn)
+
+
+_register_torch()

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
+import time
+from collections.abc import Callable
 
 import optree
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import purelens as pl
@@ -111,7 +114,9 @@ def forge(tree: object, version: int = 1, blob: bytes | None = None) -> bytes:
         forge({"list": [{"node": "patch", "fields": {"site": "a", "fn": {"eval": "1+1"}}}]}),
         forge({"list": [{"node": "add", "fields": {"site": "a", "delta": {"tensor": "9"}}}]}),
         forge({"list": [{"node": "save", "fields": {"site": 3}}]}),
-        forge({"node": "save", "fields": {"site": "a"}}),
+        forge({"tensor": "0"}),
+        forge({"list": [{"node": "save", "fields": {"site": "a"}}, 3]}),
+        forge({"tuple": [{"list": ["h.0"]}]}),
         forge(json.loads("[" * 50 + "]" * 50)),
         forge({"list": [{"list": []}] * 2}, blob=b"not safetensors"),
     ],
@@ -179,3 +184,185 @@ def test_loading_never_unpickles_or_evaluates(monkeypatch: pytest.MonkeyPatch) -
     ):
         monkeypatch.setattr(module, name, refuse)
     assert same(pl.loads(data), every_kind())
+
+
+@pytest.mark.parametrize(
+    "ivs",
+    [
+        pl.save("h.0"),
+        (pl.save("h.0"), pl.add("h.1", torch.ones(2))),
+        [pl.stop("h.1"), (pl.save("h.0"), [pl.ablate("h.2")]), ()],
+        [],
+    ],
+)
+def test_loads_gives_back_what_dumps_was_given(ivs: object) -> None:
+    back = pl.loads(pl.dumps(ivs))
+    assert type(back) is type(ivs) and same(back, ivs)
+
+
+@pytest.mark.parametrize(
+    "value", [torch.ones(2), "h.0", [pl.save("h.0"), 3], {"a": pl.save("h.0")}]
+)
+def test_dumps_refuses_what_is_not_interventions(value: object) -> None:
+    with pytest.raises(pl.PurelensError, match="interventions"):
+        pl.dumps(value)
+
+
+def transplant_rows(src: object, dst: object = None) -> bytes:
+    fields = {"site": "a", "src": src}
+    if dst is not None:
+        fields["dst"] = dst
+    return forge({"list": [{"node": "transplant", "fields": fields}]})
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        transplant_rows({"expr": "value", "fields": {}}, {"list": [1]}),
+        transplant_rows(0, {"expr": "index", "fields": {"a": {"expr": "value", "fields": {}}}}),
+        transplant_rows("01", {"list": [1]}),
+        transplant_rows(3),
+        transplant_rows({"float": "1.5"}, {"list": [1]}),
+        transplant_rows(None, {"list": [1]}),
+        transplant_rows({"slice": [0, 1, None]}, {"list": [1]}),
+    ],
+)
+def test_transplant_rows_of_the_wrong_type_are_refused(data: bytes) -> None:
+    # An expression as rows once iterated forever (it has `__getitem__`); others were TypeErrors.
+    with pytest.raises(pl.PurelensError):
+        pl.loads(data)
+
+
+def test_transplant_rows_round_trip() -> None:
+    for iv in (pl.transplant("a", src=0, dst=[1, 2]), pl.transplant("a", src=[1], dst=0)):
+        assert pl.loads(pl.dumps(iv)) == iv
+
+
+def test_torch_functions_for_interventions_travel_by_their_torch_names() -> None:
+    ivs = [
+        pl.save("layers.0", torch.clone),
+        pl.patch("layers.1", torch.zeros_like),
+        pl.patch("layers.2", torch.ones_like),
+        pl.skip("layers.1", torch.neg),
+        pl.patch_grad("layers.0", torch.abs),
+    ]
+    back = pl.loads(pl.dumps(ivs))
+    assert [iv.fn for iv in back] == [iv.fn for iv in ivs]
+    assert "torch.clone" in pl.functions.names()
+
+
+def test_an_unknown_function_name_says_how_to_register_it_on_a_server() -> None:
+    data = forge({"list": [{"node": "patch", "fields": {"site": "a", "fn": {"function": "x.y"}}}]})
+    with pytest.raises(pl.PurelensError, match=r"(?s)'x\.y'.*purelens serve --import MODULE"):
+        pl.loads(data)
+
+
+# Decoding requests: only PurelensErrors, and never for long ------------------------------
+
+
+class TooSlow(Exception):
+    """Raised by the decoder's `check` once the time given to a decode is over."""
+
+
+def within(seconds: float) -> Callable[[], None]:
+    end = time.monotonic() + seconds
+
+    def check() -> None:
+        if time.monotonic() > end:
+            raise TooSlow
+
+    return check
+
+
+def forge_request(interventions: object, inputs: object) -> bytes:
+    from safetensors.torch import save
+
+    header = {
+        "format": "purelens.request",
+        "version": 1,
+        "call": "run",
+        "interventions": interventions,
+        "inputs": inputs,
+        "kwargs": {"dict": [["attention_mask", inputs]]},
+    }
+    data = json.dumps(header).encode()
+    return b"purelens request\n" + struct.pack("<Q", len(data)) + data + save({"0": torch.zeros(2)})
+
+
+def _nodes(inner: st.SearchStrategy[object]) -> st.SearchStrategy[object]:
+    from purelens import _builders, _grads, ops
+
+    kinds = {
+        "save": _builders.Save,
+        "patch": _builders.Patch,
+        "add": _builders.Add,
+        "scale": _builders.Scale,
+        "ablate": _builders.Ablate,
+        "transplant": _builders.Transplant,
+        "skip": _builders.Skip,
+        "patch_grad": _grads.PatchGrad,
+    }
+    tags = ["list", "tuple", "float", "tensor", "slice", "steps", "at", "function", "ellipsis"]
+
+    def node(kind: str) -> st.SearchStrategy[object]:
+        names = sorted(f.name for f in dataclasses.fields(kinds[kind]))
+        fields = st.dictionaries(st.sampled_from(names), inner, max_size=4)
+        return fields.map(lambda f: {"node": kind, "fields": {"site": "h.0", **f}})
+
+    def expr(kind: str) -> st.SearchStrategy[object]:
+        names = sorted(f.name for f in dataclasses.fields(ops.EXPRESSIONS[kind]))
+        fields = st.dictionaries(st.sampled_from(names or ["a"]), inner, max_size=3)
+        return fields.map(lambda f: {"expr": kind, "fields": f})
+
+    return st.one_of(
+        st.sampled_from(sorted(kinds)).flatmap(node),
+        st.sampled_from(sorted(ops.EXPRESSIONS)).flatmap(expr),
+        st.builds(lambda tag, body: {tag: body}, st.sampled_from(tags), inner),
+        st.lists(inner, max_size=3).map(lambda items: {"list": items}),
+    )
+
+
+request_trees = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-3, 3)
+    | st.sampled_from(["h.0", "0", "x.y", "mean", "sum", "b s d -> b", "add"])
+    | st.just({"tensor": "0"})
+    | st.just({"float": "1.5"})
+    | st.just({"expr": "value", "fields": {}}),
+    _nodes,
+    max_leaves=16,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(request_trees, request_trees)
+@example(
+    {"list": [{"node": "transplant", "fields": {"site": "h.0", "src": {"expr": "value"}}}]},
+    None,
+)
+@example(
+    {
+        "list": [
+            {
+                "node": "transplant",
+                "fields": {"site": "h.0", "src": {"expr": "value", "fields": {}}, "dst": 1},
+            }
+        ]
+    },
+    {"list": [1, 2]},
+)
+def test_random_request_headers_decode_or_raise_purelens_errors_quickly(
+    interventions: object, inputs: object
+) -> None:
+    from purelens import _wire
+
+    data = forge_request(interventions, inputs)
+    try:
+        _wire.decode_request(data, check=within(2.0))
+    except pl.PurelensError:
+        pass
+    try:
+        pl.loads(forge(interventions))
+    except pl.PurelensError:
+        pass
