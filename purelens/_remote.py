@@ -13,6 +13,7 @@ from typing import Any
 
 from . import _wire
 from ._errors import PurelensError
+from ._interventions import flatten_interventions
 from ._record import Record
 
 __all__ = ["Remote", "RemoteError", "check_local", "remote"]
@@ -21,6 +22,16 @@ _LOCAL_ONLY = (
     "{what} is not available on a remote model: {why}.\n"
     "  A remote model takes pl.run(remote, inputs, interventions, loss=..., validate=..., "
     "**model_kwargs) and pl.generate(remote, inputs, interventions, max_new_tokens=...)."
+)
+_NO_TRANSFORMS = (
+    "pl.{call} on a remote model (pl.remote) inside a torch.func transform (vmap, grad, "
+    "jacrev, ...): remote models take no torch.func transforms, since the values travel "
+    "as plain tensors and the model runs on the server.\n"
+    "  Call pl.{call} once per value, outside the transform, or run the model locally."
+)
+_UNREADABLE = (
+    "{url} answered {status}, but the server's answer could not be read ({error}).\n"
+    "  Is it a purelens server of the same version as this client?"
 )
 
 
@@ -69,10 +80,10 @@ class Remote:
         **model_kwargs: Any,
     ) -> Record:
         """`pl.run` on the server; `pl.run(remote, ...)` calls this."""
+        _no_transforms("run")
         _local_only(params=params, tokenizer=tokenizer)
-        request = _wire.Request(
-            "run", _data(inputs), list(interventions or ()), loss, model_kwargs, validate
-        )
+        ivs = list(flatten_interventions(interventions))
+        request = _wire.Request("run", _data(inputs), ivs, loss, model_kwargs, validate)
         return self._call(request)
 
     def generate(
@@ -86,17 +97,19 @@ class Remote:
         **generate_kwargs: Any,
     ) -> Record:
         """`pl.generate` on the server; `pl.generate(remote, ...)` calls this."""
+        _no_transforms("generate")
         _local_only(tokenizer=tokenizer)
         kwargs = {**generate_kwargs, "max_new_tokens": max_new_tokens}
-        request = _wire.Request(
-            "generate", _data(inputs), list(interventions or ()), None, kwargs, validate
-        )
+        ivs = list(flatten_interventions(interventions))
+        request = _wire.Request("generate", _data(inputs), ivs, None, kwargs, validate)
         return self._call(request)
 
     def shapes(self, prompt: str) -> dict[str, Any]:
         """Each site's shape and dtype for `prompt`, computed by the server without real compute."""
-        info = self._get(f"/v1/models/{self.name}", params={"prompt": prompt})
-        return dict(info["shapes"])
+        shapes = self._get(f"/v1/models/{self.name}", params={"prompt": prompt}).get("shapes")
+        if not isinstance(shapes, dict):
+            raise RemoteError(f"{self.url} answered without the shapes: {shapes!r}", 200)
+        return shapes
 
     def close(self) -> None:
         """Close the connection pool; `with pl.remote(...) as remote:` closes it on exit."""
@@ -111,10 +124,27 @@ class Remote:
     def _call(self, request: _wire.Request) -> Record:
         body = _wire.encode_request(request)  # lambdas fail here, before sending
         response = self._send("POST", f"/v1/models/{self.name}/{request.call}", content=body)
-        return _wire.decode_record(response.content)
+        try:
+            return _wire.decode_record(response.content)
+        except Exception as e:  # whatever a broken server sent, say so, not a raw error
+            raise self._unreadable(response, e) from None
 
     def _get(self, path: str, **kwargs: Any) -> Any:
-        return self._send("GET", path, **kwargs).json()
+        response = self._send("GET", path, **kwargs)
+        try:
+            answer = response.json()
+        except ValueError as e:
+            raise self._unreadable(response, e) from None
+        if not isinstance(answer, dict):
+            raise self._unreadable(response, TypeError(f"a JSON {type(answer).__name__}"))
+        return answer
+
+    def _unreadable(self, response: Any, error: Exception) -> RemoteError:
+        status = response.status_code
+        message = _UNREADABLE.format(
+            url=self.url, status=status, error=f"{type(error).__name__}: {error}"
+        )
+        return RemoteError(message, status)
 
     def _send(self, method: str, path: str, **kwargs: Any) -> Any:
         import httpx
@@ -176,7 +206,11 @@ def remote(
     except RemoteError:
         client.close()
         raise
-    return dataclasses.replace(handle, sites=tuple(info.get("sites", ())))
+    sites = info.get("sites", [])
+    if not (isinstance(sites, list) and all(isinstance(s, str) for s in sites)):
+        client.close()
+        raise RemoteError(f"{url} answered with sites that are not a list of strings.", 200)
+    return dataclasses.replace(handle, sites=tuple(sites))
 
 
 def check_local(model: Any, what: str) -> None:
@@ -186,6 +220,13 @@ def check_local(model: Any, what: str) -> None:
             f"{what} needs the model in this process; a remote model (pl.remote) takes "
             "pl.run, pl.generate and pl.sites."
         )
+
+
+def _no_transforms(call: str) -> None:
+    import torch
+
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        raise PurelensError(_NO_TRANSFORMS.format(call=call))
 
 
 def _local_only(**given: Any) -> None:

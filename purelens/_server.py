@@ -4,9 +4,11 @@ A request is bytes from `purelens._wire` (no code: functions are registered
 names or `purelens.ops` expressions), so the server needs no sandbox. Each
 request is one `pl.run` or `pl.generate` on the server's own copy of the
 model: nothing is shared between requests but the weights, which no request
-can change. Limits (input tokens, new tokens, bytes saved, wall time,
-request size, and the size of any `ops` result) answer with a 4xx that names
-the limit; any bad request gets a 4xx and the server goes on serving.
+can change (keyword arguments are allow-listed: data the model takes, never
+`params=` or objects). Limits (input tokens, new tokens, bytes saved, wall time,
+request size, and the size of any `ops` result; `purelens._limits`) answer
+with a 4xx that names the limit; any bad request gets a 4xx and the server
+goes on serving.
 
 The app is FastAPI; `serve` runs it in one process with uvicorn, or on Ray
 Serve with replicas (``--ray``, `purelens._ray`).
@@ -14,7 +16,6 @@ Serve with replicas (``--ray``, `purelens._ray`).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hmac
 import os
@@ -25,68 +26,31 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import Request  # at module level: FastAPI reads the annotations by name
-from torch import Tensor, nn
+from torch import nn
 
 from . import _wire, ops
 from ._errors import PurelensError
 from ._hooks import check_before_every_module
 from ._inputs import is_text
+from ._limits import (
+    BadRequest,
+    LimitError,
+    Limits,
+    Timeout,
+    check_deadline,
+    check_generate,
+    check_kwargs,
+    check_tokens,
+    count_tokens,
+    deadline,
+    over,
+)
 
 __all__ = ["Limits", "announce", "create_app", "read_tokens", "require_tokens", "serve"]
 
 MEDIA_TYPE = "application/vnd.purelens"
 _CHUNK = 2**20
-# Keyword arguments a remote generate may pass to HF `generate` (data, no objects).
-GENERATE_KWARGS = frozenset(
-    {
-        "do_sample",
-        "temperature",
-        "top_k",
-        "top_p",
-        "num_beams",
-        "num_return_sequences",
-        "eos_token_id",
-        "pad_token_id",
-        "min_new_tokens",
-        "repetition_penalty",
-        "no_repeat_ngram_size",
-        "length_penalty",
-        "early_stopping",
-        "use_cache",
-        "attention_mask",
-    }
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class Limits:
-    """What one request may ask of the server.
-
-    Attributes:
-        input_tokens: token ids in the batch (rows x longest row, after
-            tokenizing; x beams for generation).
-        new_tokens: ``max_new_tokens`` of a generation.
-        saved_bytes: bytes of tensors in the returned record (output included).
-        seconds: wall time of the model's work (checked at every module call).
-        request_bytes: size of the request body.
-        elements: elements of any result inside a `purelens.ops` expression.
-    """
-
-    input_tokens: int = 8192
-    new_tokens: int = 256
-    saved_bytes: int = 256 * 2**20
-    seconds: float = 60.0
-    request_bytes: int = 64 * 2**20
-    elements: int = 2**26
-
-
-class LimitError(PurelensError):
-    """A request over one of the server's `Limits`."""
-
-    def __init__(self, limit: str, message: str, status: int = 413) -> None:
-        super().__init__(message)
-        self.limit = limit
-        self.status = status
+_DEFAULT_LIMITS = Limits()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +88,7 @@ def create_app(
     *,
     tokens: Collection[str],
     name: str | None = None,
-    limits: Limits = Limits(),
+    limits: Limits = _DEFAULT_LIMITS,
     concurrency: int = 1,
 ) -> Any:
     """The FastAPI app serving the model at `path` (the bundled one by default).
@@ -148,7 +112,7 @@ def create_app(
     require_tokens(tokens)
     model, tokenizer = models.load(path)
     # The model is the server's own (just loaded): its deadline checks change no user's model.
-    check_before_every_module(model, _check_deadline)
+    check_before_every_module(model, check_deadline)
     served = _Served(
         name=name or (Path(path).name if path is not None else "default"),
         model=model,
@@ -200,8 +164,12 @@ def create_app(
         info = _describe(served)
         if prompt is not None:
             try:
-                _check_tokens(_count_tokens(served, prompt), served.limits)
-                info["shapes"] = _shapes(served, prompt)
+                check_tokens(
+                    count_tokens(served.tokenizer, served.limits, prompt, {}), served.limits
+                )
+                # Inside the gate and the deadline, as runs: it computes on the model too.
+                with served.gate, deadline(served.limits, served.limits.seconds, "shapes"):
+                    info["shapes"] = _shapes(served, prompt)
             except LimitError as e:
                 return error(e.status, str(e), e.limit)
             except Exception as e:  # a prompt the model cannot take
@@ -217,14 +185,14 @@ def create_app(
         async for chunk in request.stream():
             body += chunk
             if len(body) > served.limits.request_bytes:
-                return error(413, _over("request_bytes", len(body), served.limits), "request_bytes")
+                return error(413, over("request_bytes", len(body), served.limits), "request_bytes")
         from starlette.concurrency import run_in_threadpool
 
         try:
             data = await run_in_threadpool(_execute, served, kind, bytes(body))
         except LimitError as e:
             return error(e.status, str(e), e.limit)
-        except _BadRequest as e:
+        except BadRequest as e:
             return error(400, str(e))
         except _Failed as e:
             return error(422, str(e))
@@ -241,124 +209,84 @@ def create_app(
     return app
 
 
-class _BadRequest(PurelensError):
-    """The request is not one the server can read (400)."""
-
-
 class _Failed(PurelensError):
     """The request was read, and the run failed because of what it asked (422)."""
 
 
 def _execute(served: _Served, kind: str, body: bytes) -> bytes:
-    from ._generate import generate
-    from ._run import run
-
-    try:
-        request = _wire.decode_request(body)
-    except PurelensError as e:
-        raise _BadRequest(str(e)) from None
-    if request.call != kind:
-        raise _BadRequest(f"a {request.call!r} request was sent to the {kind!r} endpoint")
-    kwargs = dict(request.kwargs)
     limits = served.limits
-    try:
-        tokens = _count_tokens(served, request.inputs)
-    except (LimitError, _BadRequest):
-        raise
-    except Exception as e:  # text the tokenizer cannot take, ragged id lists, ...
-        raise _BadRequest(f"bad inputs: {e}") from None
-    new_tokens = None
-    if kind == "run":
-        _check_tokens(tokens, limits)
-    else:
-        new_tokens = kwargs.pop("max_new_tokens", None)
-        _check_generate(kwargs, new_tokens, tokens, limits)
-    tokenizer = served.tokenizer if is_text(request.inputs) else None
-    with served.gate, _deadline(limits.seconds), ops.limit_elements(limits.elements):
-        try:
-            if kind == "run":
-                record = run(
-                    served.model,
-                    request.inputs,
-                    request.interventions,
-                    loss=request.loss,
-                    tokenizer=tokenizer,
-                    validate=request.validate,
-                    **kwargs,
-                )
-            else:
-                record = generate(
-                    served.model,
-                    request.inputs,
-                    request.interventions,
-                    max_new_tokens=new_tokens,  # type: ignore[arg-type]
-                    tokenizer=tokenizer,
-                    validate=request.validate,
-                    **kwargs,
-                )
-        except _Timeout:
-            raise LimitError(
-                "seconds",
-                f"the {kind} took longer than this server's limit of {limits.seconds} s",
-                408,
-            ) from None
-        except ops.ElementLimitError as e:
-            raise LimitError("elements", f"{e} (limit elements)") from None
-        except PurelensError as e:
-            raise _Failed(str(e)) from None
-        except Exception as e:  # the request's values made the model fail (shape, dtype, ...)
-            raise _Failed(f"the {kind} failed: {type(e).__name__}: {e}") from None
+    start = time.monotonic()
+    with deadline(limits, limits.seconds, f"reading of the {kind} request"):
+        request, kwargs, new_tokens = _read(served, kind, body)
+    left = limits.seconds - (time.monotonic() - start)  # the wait for the gate is not counted
+    with served.gate, deadline(limits, left, kind), ops.limit_elements(limits.elements):
+        record = _call(served, kind, request, kwargs, new_tokens)
     size = _wire.saved_bytes(record)
     if size > limits.saved_bytes:
-        raise LimitError("saved_bytes", _over("saved_bytes", size, limits))
+        raise LimitError("saved_bytes", over("saved_bytes", size, limits))
     return _wire.encode_record(record)
 
 
-def _over(limit: str, value: float, limits: Limits) -> str:
-    allowed = getattr(limits, limit)
-    return f"{value} is over this server's limit {limit}={allowed}"
+def _read(served: _Served, kind: str, body: bytes) -> tuple[_wire.Request, dict[str, Any], Any]:
+    """The request in `body`, its keyword arguments and max_new_tokens, checked against limits."""
+    try:
+        request = _wire.decode_request(body, check=check_deadline)
+    except PurelensError as e:
+        raise BadRequest(str(e)) from None
+    if request.call != kind:
+        raise BadRequest(f"a {request.call!r} request was sent to the {kind!r} endpoint")
+    kwargs = dict(request.kwargs)
+    new_tokens = kwargs.pop("max_new_tokens", None) if kind == "generate" else None
+    check_kwargs(kind, kwargs)
+    try:
+        tokens = count_tokens(served.tokenizer, served.limits, request.inputs, kwargs)
+    except (LimitError, BadRequest):
+        raise
+    except Exception as e:  # text the tokenizer cannot take, ragged id lists, ...
+        raise BadRequest(f"bad inputs: {e}") from None
+    if kind == "run":
+        check_tokens(tokens, served.limits)
+    else:
+        check_generate(kwargs, new_tokens, tokens, served.limits)
+    return request, kwargs, new_tokens
 
 
-def _check_tokens(tokens: int, limits: Limits) -> None:
-    if tokens > limits.input_tokens:
-        raise LimitError("input_tokens", _over("input_tokens", tokens, limits) + " (token ids)")
+def _call(
+    served: _Served, kind: str, request: _wire.Request, kwargs: dict[str, Any], new_tokens: Any
+) -> Any:
+    """The record of `request` on the served model (inside the gate and the deadline)."""
+    from ._generate import generate
+    from ._run import run
 
-
-def _check_generate(kwargs: dict[str, Any], new: Any, tokens: int, limits: Limits) -> None:
-    if not isinstance(new, int) or isinstance(new, bool) or new < 1:
-        raise _BadRequest(f"generate needs max_new_tokens, a positive int; got {new!r}")
-    if new > limits.new_tokens:
-        raise LimitError("new_tokens", _over("new_tokens", new, limits) + " (max_new_tokens)")
-    unknown = sorted(set(kwargs) - GENERATE_KWARGS)
-    if unknown:
-        raise _BadRequest(
-            f"generate does not take {unknown} remotely; allowed: {sorted(GENERATE_KWARGS)}"
+    tokenizer = served.tokenizer if is_text(request.inputs) else None
+    try:
+        if kind == "run":
+            return run(
+                served.model,
+                request.inputs,
+                request.interventions,
+                loss=request.loss,
+                tokenizer=tokenizer,
+                validate=request.validate,
+                **kwargs,
+            )
+        return generate(
+            served.model,
+            request.inputs,
+            request.interventions,
+            max_new_tokens=new_tokens,
+            tokenizer=tokenizer,
+            validate=request.validate,
+            **kwargs,
         )
-    beams = max(_positive(kwargs, "num_beams"), _positive(kwargs, "num_return_sequences"))
-    _check_tokens(tokens * beams, limits)
-
-
-def _positive(kwargs: dict[str, Any], key: str) -> int:
-    value = kwargs.get(key, 1)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise _BadRequest(f"{key} must be a positive int, got {value!r}")
-    return value
-
-
-def _count_tokens(served: _Served, inputs: Any) -> int:
-    """Token ids in the batch the model will see: the largest tensor or the padded text."""
-    from ._inputs import tokenize
-
-    if is_text(inputs):
-        if isinstance(inputs, list) and len(inputs) > served.limits.input_tokens:
-            raise LimitError("input_tokens", _over("input_tokens", len(inputs), served.limits))
-        return int(tokenize(served.tokenizer, inputs)["input_ids"].numel())
-    import torch.utils._pytree as torch_pytree
-
-    leaves = torch_pytree.tree_leaves(inputs)
-    sizes = [t.numel() for t in leaves if isinstance(t, Tensor)]
-    ids = sum(1 for i in leaves if isinstance(i, int))  # token-id lists
-    return max([*sizes, ids], default=0)
+    except Timeout:
+        raise  # `deadline` answers it with a 408
+    except ops.ElementLimitError as e:
+        raise LimitError("elements", f"{e} (limit elements)") from None
+    except PurelensError as e:
+        raise _Failed(str(e)) from None
+    except Exception as e:  # the request's values made the model fail (shape, dtype, ...)
+        raise _Failed(f"the {kind} failed: {type(e).__name__}: {e}") from None
 
 
 def _shapes(served: _Served, prompt: str) -> dict[str, Any]:
@@ -390,30 +318,6 @@ def _chunks(data: bytes) -> Iterator[bytes]:
         yield bytes(view[start : start + _CHUNK])
 
 
-# Wall time ----------------------------------------------------------------------
-
-_clock = threading.local()
-
-
-class _Timeout(Exception):
-    """Raised inside the model when a request's deadline has passed."""
-
-
-def _check_deadline() -> None:
-    deadline = getattr(_clock, "deadline", None)
-    if deadline is not None and time.monotonic() > deadline:
-        raise _Timeout
-
-
-@contextlib.contextmanager
-def _deadline(seconds: float) -> Iterator[None]:
-    _clock.deadline = time.monotonic() + seconds
-    try:
-        yield
-    finally:
-        _clock.deadline = None
-
-
 # Serving --------------------------------------------------------------------------
 
 
@@ -423,7 +327,7 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     tokens: Collection[str],
-    limits: Limits = Limits(),
+    limits: Limits = _DEFAULT_LIMITS,
     concurrency: int = 1,
     ray: bool = False,
     replicas: int = 2,
