@@ -18,8 +18,23 @@ __all__ = ["main"]
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default in its help, unless the help says it already or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if "(default" in text or default is None or default is False or default == []:
+            return text
+        return super()._get_help_string(action)
 
 
 def _console() -> Any:
@@ -122,7 +137,10 @@ def _quiet_transformers() -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = _Parser(prog="purelens", description="Look inside neural networks, purely.")
+    parser.add_argument("--version", action="version", version=f"purelens {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     model_help = "a local HF model folder (default: the bundled model)"
 
@@ -160,7 +178,11 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="accepted bearer tokens, one a line (also: PURELENS_TOKENS, comma-separated)",
     )
-    serve.add_argument("--ray", action="store_true", help="deploy on Ray Serve with replicas")
+    serve.add_argument(
+        "--ray",
+        action="store_true",
+        help='deploy on Ray Serve with replicas (pip install "purelens[ray]")',
+    )
     serve.add_argument("--replicas", type=int, default=2, help="Ray Serve replicas")
     serve.add_argument(
         "--concurrency", type=int, default=1, help="requests running the model at once, per process"
@@ -173,15 +195,33 @@ def _parser() -> argparse.ArgumentParser:
         metavar="MODULE",
         help="import MODULE first (to register functions); repeatable",
     )
-    serve.add_argument("--max-input-tokens", type=int, default=defaults.input_tokens)
-    serve.add_argument("--max-new-tokens", type=int, default=defaults.new_tokens)
     serve.add_argument(
-        "--max-saved-mb", type=float, default=defaults.saved_bytes / 2**20, help="per request"
+        "--max-input-tokens",
+        type=int,
+        default=defaults.input_tokens,
+        help="token positions per request (inputs and keyword arguments; x beams)",
     )
     serve.add_argument(
-        "--max-seconds", type=float, default=defaults.seconds, help="wall time per request"
+        "--max-new-tokens", type=int, default=defaults.new_tokens, help="per generation"
     )
-    serve.add_argument("--max-request-mb", type=float, default=defaults.request_bytes / 2**20)
+    serve.add_argument(
+        "--max-saved-mb",
+        type=float,
+        default=defaults.saved_bytes / 2**20,
+        help="tensors in the returned record, per request",
+    )
+    serve.add_argument(
+        "--max-seconds",
+        type=float,
+        default=defaults.seconds,
+        help="wall time per request (reading it and running the model)",
+    )
+    serve.add_argument(
+        "--max-request-mb",
+        type=float,
+        default=defaults.request_bytes / 2**20,
+        help="size of a request body",
+    )
     serve.set_defaults(run=_serve)
     return parser
 

@@ -9,11 +9,26 @@ from typing import Any
 
 import torch
 
+from ._errors import PurelensError
 from ._server import Limits, announce, create_app, require_tokens
 
 __all__ = ["ray_app", "serve_ray"]
 
 _DEFAULT = Limits()
+_NO_RAY = (
+    '`purelens serve --ray` needs Ray Serve, which is not installed: pip install "purelens[ray]" '
+    "({error})."
+)
+
+
+def _ray() -> tuple[Any, Any]:
+    """The `ray` and `ray.serve` modules, or a PurelensError naming the extra that has them."""
+    try:
+        import ray
+        from ray import serve as ray_serve
+    except ImportError as e:
+        raise PurelensError(_NO_RAY.format(error=e)) from None
+    return ray, ray_serve
 
 
 def ray_app(
@@ -25,7 +40,7 @@ def ray_app(
     concurrency: int = 1,
 ) -> Any:
     """The same app on Ray Serve: `replicas` copies, a GPU each where there are GPUs."""
-    from ray import serve as ray_serve
+    _, ray_serve = _ray()
 
     class Replica:
         def __init__(self) -> None:
@@ -60,9 +75,7 @@ def serve_ray(
     import signal
     import sys
 
-    import ray
-    from ray import serve as ray_serve
-
+    ray, ray_serve = _ray()
     require_tokens(tokens)
     ray.init(ignore_reinit_error=True, include_dashboard=False)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

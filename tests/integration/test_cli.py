@@ -93,3 +93,38 @@ def test_bad_arguments_get_one_line_and_a_nonzero_exit(argv: list[str], message:
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, (
         done.stderr
     )
+
+
+def test_version_prints_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    import purelens
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"purelens {purelens.__version__}"
+
+
+def test_help_shows_the_defaults(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("COLUMNS", "300")  # one option a line, so that no default is wrapped
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--help"])
+    assert info.value.code == 0
+    printed = capsys.readouterr().out
+    for default in ("127.0.0.1", "8000", "8192", "256", "60.0", "64.0"):
+        assert f"(default: {default})" in printed, default
+    assert "(default: None)" not in printed and printed.count("(default: the bundled") == 1
+    with pytest.raises(SystemExit):
+        main(["sites", "--help"])
+    assert "(default: the home of)" in capsys.readouterr().out
+
+
+def test_serve_ray_without_ray_says_which_extra_to_install(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails, as without the extra
+    monkeypatch.setenv("PURELENS_TOKENS", "a-token")
+    assert main(["serve", "--ray", "--port", "0"]) == 2
+    printed = capsys.readouterr().err.strip()
+    assert 'pip install "purelens[ray]"' in printed and len(printed.splitlines()) == 1, printed
