@@ -151,7 +151,7 @@ SHAPES_SWAP = pytest.mark.xfail(strict=False, reason="pl.shapes swaps the model'
 def test_shapes_requests_beside_runs_leave_every_run_right(local: Any, concurrency: int) -> None:
     model, tokenizer = local
     ids = pl.tokenize(tokenizer, PROMPTS)
-    ivs = [pl.save("h.1", pl.at(-1), name="mine")]
+    ivs = [pl.save("h.1", name="mine")]
     want = pl.run(model, ids, ivs)["mine"]
     errors: list[str] = []
     runs = [0]
