@@ -91,14 +91,14 @@ def assert_same_record(remote_rec: pl.Record, local_rec: pl.Record) -> None:
 
 def test_saves_and_patches_equal_a_local_run(remote: Any, local: Any) -> None:
     model, tokenizer = local
-    last = pl.at(-1)
+    first = pl.at(0)  # pl.at(-1) on a batch padded on the right would read padding
     ivs = [
         pl.save("h.0"),
         pl.add("h.0", torch.randn(128) * 0.1),
         pl.patch("h.1.mlp", double),
         pl.patch("h.1.attn", ops.where(ops.value > 0, ops.value * 0.5, ops.value)),
         pl.save("h.1", ops.reduce(ops.value, "b s d -> b d", "mean"), name="mean"),
-        pl.save("lm_head", last, name="next"),
+        pl.save("lm_head", first, name="first"),
         pl.ablate("h.-1.attn", "mean"),
     ]
     for inputs in (PROMPTS, PROMPTS[0]):
@@ -463,20 +463,25 @@ def assert_load(url: str, local: Any) -> None:
     clients, per_client = 8, 50
     vectors = torch.randn(clients, per_client, 128, generator=torch.Generator().manual_seed(0))
     errors: list[str] = []
+    done = [0]
 
     def client(k: int) -> None:
-        handle = pl.remote(url, "default", token=TOKENS[k % 2])
-        for i in range(per_client):
-            ivs = [pl.add("h.0", vectors[k, i]), pl.save("h.1", pl.at(-1), name="mine")]
-            got = pl.run(handle, ids, ivs)
-            want = pl.run(model, ids, ivs)
-            if not torch.equal(got["mine"], want["mine"]):
-                errors.append(f"client {k} request {i}")
-        handle.close()
+        with pl.remote(url, "default", token=TOKENS[k % 2]) as handle:
+            for i in range(per_client):
+                ivs = [pl.add("h.0", vectors[k, i]), pl.save("h.1", name="mine")]
+                try:
+                    got = pl.run(handle, ids, ivs)
+                except pl.PurelensError as e:  # a failed request is an error too, not a pass
+                    errors.append(f"client {k} request {i}: {e}")
+                    continue
+                want = pl.run(model, ids, ivs)
+                if not torch.equal(got["mine"], want["mine"]):
+                    errors.append(f"client {k} request {i}")
+                done[0] += 1
 
     threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert errors == []
+    assert errors[:5] == [] and done[0] == clients * per_client
