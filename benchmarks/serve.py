@@ -62,10 +62,11 @@ def load(url: str, clients: int, requests: int) -> dict[str, Any]:
     """`clients` threads x `requests` runs; latencies, wall time, and whether all were right."""
     model, tokenizer = pl.models.load_default()
     ids = pl.tokenize(tokenizer, PROMPTS)
+    last = pl.at(pl.last_token(ids["attention_mask"]))  # the batch is padded on the right
     vectors = torch.randn(clients, requests, 128, generator=torch.Generator().manual_seed(0))
 
     def interventions(k: int, i: int) -> list[Any]:
-        return [pl.add("h.0", vectors[k, i]), pl.save("h.1", pl.at(-1), name="mine")]
+        return [pl.add("h.0", vectors[k, i]), pl.save("h.1", last, name="mine")]
 
     expected = [
         [pl.run(model, ids, interventions(k, i))["mine"] for i in range(requests)]
@@ -103,12 +104,13 @@ def local_baseline(requests: int) -> dict[str, Any]:
     """The same runs in this process, one after another: what HTTP and serving add to."""
     model, tokenizer = pl.models.load_default()
     ids = pl.tokenize(tokenizer, PROMPTS)
+    last = pl.at(pl.last_token(ids["attention_mask"]))
     vectors = torch.randn(requests, 128)
     latencies = []
     start = time.perf_counter()
     for i in range(requests):
         t0 = time.perf_counter()
-        pl.run(model, ids, [pl.add("h.0", vectors[i]), pl.save("h.1", pl.at(-1), name="mine")])
+        pl.run(model, ids, [pl.add("h.0", vectors[i]), pl.save("h.1", last, name="mine")])
         latencies.append(time.perf_counter() - t0)
     return {"wall": time.perf_counter() - start, "latencies": latencies, "wrong": 0}
 
