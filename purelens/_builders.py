@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Literal
 
+import torch
 from torch import Tensor
 
 from . import _select
@@ -28,11 +29,34 @@ __all__ = ["ablate", "add", "patch", "replace", "save", "scale", "skip", "stop",
 
 _NOT_CALLABLE = "`{arg}` of {builder}({site!r}, ...) must be callable, got {value!r}."
 _BAD_ABLATE = "`how` of pl.ablate({site!r}) must be 'zero' or 'mean', got {how!r}."
+_BAD_VALUE = (
+    "`{arg}` of {builder}({site!r}, ...) must be a tensor or a number, got {value}.\n"
+    "  E.g. {builder}({site!r}, torch.ones(d)) or {builder}({site!r}, 2.0); a list of "
+    "numbers is made a tensor."
+)
 
 
 def _check_callable(fn: Any, arg: str, builder: str, site: str) -> None:
     if not callable(fn):
         raise PurelensError(_NOT_CALLABLE.format(arg=arg, builder=builder, site=site, value=fn))
+
+
+def _check_value(value: Any, arg: str, builder: str, site: str) -> Tensor | int | float | complex:
+    """A tensor or a number as given; a (nested) list of numbers or an array as a tensor."""
+    if isinstance(value, Tensor):
+        return value
+    if isinstance(value, int | float | complex) and not isinstance(value, bool):
+        return value
+    if not isinstance(value, str | bytes | bool | dict) and value is not None:
+        try:
+            tensor = torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError):
+            pass
+        else:
+            if tensor.dtype != torch.bool:
+                return tensor
+    shown = repr(value) if len(repr(value)) <= 60 else f"a {type(value).__name__}"
+    raise PurelensError(_BAD_VALUE.format(arg=arg, builder=builder, site=site, value=shown))
 
 
 def save(
@@ -102,7 +126,8 @@ def replace(site: str, value: Tensor | float, *, step: Any = None, batch: Any = 
         tensor([0., 1., 2., 3.])
     """
     parse_site(site)
-    return Replace(site, value, _select.check_steps(step), _select.check_rows(batch))  # type: ignore[arg-type]
+    checked = _check_value(value, "value", "pl.replace", site)
+    return Replace(site, checked, _select.check_steps(step), _select.check_rows(batch))  # type: ignore[arg-type]
 
 
 def add(site: str, delta: Tensor | float, *, step: Any = None, batch: Any = None) -> Add:
@@ -115,7 +140,8 @@ def add(site: str, delta: Tensor | float, *, step: Any = None, batch: Any = None
         tensor([[1., 2.]])
     """
     parse_site(site)
-    return Add(site, delta, _select.check_steps(step), _select.check_rows(batch))
+    checked = _check_value(delta, "delta", "pl.add", site)
+    return Add(site, checked, _select.check_steps(step), _select.check_rows(batch))  # type: ignore[arg-type]
 
 
 def scale(site: str, factor: Tensor | float, *, step: Any = None, batch: Any = None) -> Scale:
@@ -128,7 +154,8 @@ def scale(site: str, factor: Tensor | float, *, step: Any = None, batch: Any = N
         tensor([[3., 3.]])
     """
     parse_site(site)
-    return Scale(site, factor, _select.check_steps(step), _select.check_rows(batch))
+    checked = _check_value(factor, "factor", "pl.scale", site)
+    return Scale(site, checked, _select.check_steps(step), _select.check_rows(batch))  # type: ignore[arg-type]
 
 
 def ablate(
@@ -171,11 +198,7 @@ def transplant(
                 [1.]])
     """
     parse_site(site)
-    srcs, dsts = _select.check_rows(src), _select.check_rows(dst)
-    srcs = (srcs,) if isinstance(srcs, int) else srcs
-    dsts = (dsts,) if isinstance(dsts, int) else dsts
-    if not isinstance(srcs, tuple) or not isinstance(dsts, tuple):
-        raise PurelensError(f"pl.transplant({site!r}): `src` and `dst` are ints or lists of ints.")
+    srcs, dsts = _transplant_rows(src, "src", site), _transplant_rows(dst, "dst", site)
     if len(srcs) == 1:
         srcs = srcs * len(dsts)
     if len(srcs) != len(dsts):
@@ -184,6 +207,20 @@ def transplant(
             "give one src row, or one per dst row."
         )
     return Transplant(site, srcs, dsts, _select.check_steps(step))
+
+
+def _transplant_rows(rows: Any, arg: str, site: str) -> tuple[int, ...]:
+    """`src` or `dst` as a tuple of rows; checked by type before anything else is done with it."""
+    if _select.is_int(rows):
+        return (rows,)
+    if isinstance(rows, list | tuple | range) and rows and all(_select.is_int(r) for r in rows):
+        return tuple(rows)
+    plain = isinstance(rows, int | float | str | list | tuple)
+    shown = repr(rows) if plain else type(rows).__name__
+    raise PurelensError(
+        f"`{arg}` of pl.transplant({site!r}, ...) must be a row (an int) or a non-empty list "
+        f"of rows, got {shown[:80]}."
+    )
 
 
 def stop(site: str, *, step: Any = None) -> Stop:

@@ -8,7 +8,6 @@ sites, functions, names and selectors are static metadata. Nodes never change:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
@@ -49,6 +48,19 @@ _BAD_RESULT = (
 _NOT_TENSOR = "{what} at site {site!r} returned {value!r}, not a torch.Tensor."
 _BAD_BROADCAST = (
     "{what} at site {site!r}: a value of shape {got} does not broadcast to the site's shape {want}."
+)
+_LOSSY_CAST = (
+    "{what} at site {site!r}: the site holds {want} values, and a {got} value would be "
+    "changed to fit them (e.g. 0.5 truncated to 0 for integers).\n"
+    "  Give a {kind} value, or intervene where the values are {got} (for token ids, "
+    "at the embedding's output: pl.add('wte', delta))."
+)
+_MEAN_OF_ONE = (
+    "{what} at site {site!r}: the value there is {got}, which has no batch or position "
+    "dimension to average over, so a mean ablation would change nothing.\n"
+    "  Under torch.func.vmap over examples, each example is a run of its own, whose "
+    "batch is that example: compute the mean over examples outside vmap and use "
+    "pl.replace(site, mean)."
 )
 
 
@@ -111,10 +123,17 @@ class Save(Intervention):
 
 
 class Writer(Intervention):
-    """An intervention that replaces the value at its site (on the selected rows)."""
+    """An intervention that replaces the value at its site (on the selected rows).
+
+    A writer hands the model a tensor of its own: one the model may write into
+    in place without changing the intervention's tensors or anything else
+    outside the pass. Writers whose results are always new tensors say so
+    with ``fresh``; the others' results are copied.
+    """
 
     __slots__ = ()
     batch: Rows
+    fresh: bool = False  # new_value always returns a new, dense tensor
 
     def new_value(self, rows: Tensor, saved: Mapping[str, Any]) -> Any:
         raise NotImplementedError
@@ -150,38 +169,37 @@ def rewrite(
         )
     if new.device != rows.device:
         new = new.to(rows.device)
+    if batch is None and new is not rows and not getattr(node, "fresh", False):
+        # The result becomes the model's own value: it must not be a view of a
+        # tensor the user holds (in-place model code would write into it) nor an
+        # expanded tensor (which in-place code cannot write into at all).
+        new = new.clone()
     return _select.put_rows(value, batch, new, node.site)
-
-
-@functools.lru_cache(maxsize=1024)
-def _signature_takes_saved(fn: Callable[..., Any]) -> bool:
-    """Whether `fn` takes a second positional argument (the saved mapping)."""
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):  # builtins without a signature take the value only
-        return False
-    positional = [
-        p
-        for p in params
-        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    ]
-    # A second parameter with a default (`lambda v, c=clean: ...`) is a closure
-    # trick, not a request for `saved`.
-    return len(positional) >= 2 and positional[1].default is inspect.Parameter.empty
 
 
 def takes_saved(fn: Callable[..., Any]) -> bool:
     """Whether `fn` takes a second positional argument (the saved mapping).
 
-    A callable may say so itself with a ``takes_saved`` attribute (as `pl.at` does).
+    A callable may say so itself with a ``takes_saved`` attribute (as `pl.at`
+    does). A second parameter with a default (``lambda v, c=clean: ...``) is a
+    closure trick, not a request for `saved`. Nothing is cached: a cache keyed
+    on the function would keep it, and everything it captures, alive.
     """
     declared = getattr(fn, "takes_saved", None)
     if isinstance(declared, bool):
         return declared
+    code = getattr(fn, "__code__", None)
+    if inspect.isfunction(fn) and code is not None:  # the common case, without inspect
+        positional = code.co_argcount
+        defaults = len(fn.__defaults__ or ())
+        return positional >= 2 and positional - defaults >= 2
     try:
-        return _signature_takes_saved(fn)
-    except TypeError:  # unhashable callables are inspected each time
-        return _signature_takes_saved.__wrapped__(fn)
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # builtins without a signature take the value only
+        return False
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    positional_params = [p for p in params if p.kind in kinds]
+    return len(positional_params) >= 2 and positional_params[1].default is inspect.Parameter.empty
 
 
 @pytree_node
@@ -200,6 +218,12 @@ class Patch(Writer):
 
 
 def _broadcast(what: Writer, value: Tensor, rows: Tensor) -> Tensor:
+    """`value` cast to the site's dtype (refusing lossy casts) and broadcast to its shape."""
+    if value.dtype != rows.dtype and not torch.can_cast(value.dtype, rows.dtype):
+        got, want = _kind(value.dtype), _kind(rows.dtype)
+        raise PurelensError(
+            _LOSSY_CAST.format(what=repr(what), site=what.site, got=got, want=want, kind=want)
+        )
     value = value.to(device=rows.device, dtype=rows.dtype)
     try:
         return torch.broadcast_to(value, rows.shape)
@@ -209,6 +233,14 @@ def _broadcast(what: Writer, value: Tensor, rows: Tensor) -> Tensor:
                 what=repr(what), site=what.site, got=list(value.shape), want=list(rows.shape)
             )
         ) from None
+
+
+def _kind(dtype: torch.dtype) -> str:
+    if dtype.is_complex:
+        return "complex"
+    if dtype.is_floating_point:
+        return "floating-point"
+    return "boolean" if dtype == torch.bool else "integer"
 
 
 @pytree_node
@@ -234,6 +266,7 @@ class Add(Writer):
     delta: Tensor | float = 0.0
     step: Steps = static_field(default=None)
     batch: Rows = static_field(default=None)
+    fresh = True
 
     def new_value(self, rows: Tensor, saved: Mapping[str, Any]) -> Tensor:
         return rows + _broadcast(self, torch.as_tensor(self.delta), rows)
@@ -248,6 +281,7 @@ class Scale(Writer):
     factor: Tensor | float = 1.0
     step: Steps = static_field(default=None)
     batch: Rows = static_field(default=None)
+    fresh = True
 
     def new_value(self, rows: Tensor, saved: Mapping[str, Any]) -> Tensor:
         return rows * _broadcast(self, torch.as_tensor(self.factor), rows)
@@ -263,12 +297,20 @@ class Ablate(Writer):
     step: Steps = static_field(default=None)
     batch: Rows = static_field(default=None)
 
+    @property
+    def fresh(self) -> bool:  # type: ignore[override]
+        return self.how == "zero"
+
     def new_value(self, rows: Tensor, saved: Mapping[str, Any]) -> Tensor:
         if self.how == "zero":
             return torch.zeros_like(rows)
+        if rows.ndim < 2:
+            raise PurelensError(
+                _MEAN_OF_ONE.format(what=repr(self), site=self.site, got=describe(rows))
+            )
         # Every dimension but the last (features) is batch or position.
         dims = tuple(range(rows.ndim - 1))
-        return rows.mean(dim=dims, keepdim=True).expand_as(rows) if dims else rows
+        return rows.mean(dim=dims, keepdim=True).expand_as(rows)
 
 
 @pytree_node
@@ -281,6 +323,7 @@ class Transplant(Writer):
     dst: tuple[int, ...] = static_field(default=())
     step: Steps = static_field(default=None)
     batch: Rows = static_field(default=None, init=False, repr=False)
+    fresh = True
 
     def new_value(self, rows: Tensor, saved: Mapping[str, Any]) -> Tensor:
         size = rows.shape[0]

@@ -38,6 +38,11 @@ _BAD_STEPS = (
     "`step` must be an int, a slice or an iterable of ints, got {value!r}.\n"
     "  Example: step=0 (the prompt pass), step=slice(3, None) or step=[1, 2]."
 )
+_NO_ROWS = (
+    "`batch=[]` selects no rows, so the intervention would never act.\n"
+    "  Leave `batch` out to act on every row, or list at least one."
+)
+_FROM_ZERO = "\n  Steps are generation steps counted from 0 (the prompt pass); select at least one."
 _ROWS_OUT_OF_RANGE = (
     "`batch={rows!r}` at site {site!r} selects rows outside the batch of size {size}."
 )
@@ -47,24 +52,54 @@ def is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _slice_problem(s: slice, *, negative: bool) -> str | None:
+    """Why `s` is not a selector slice (None when it is one)."""
+    if not all(v is None or is_int(v) for v in (s.start, s.stop, s.step)):
+        return "its bounds must be ints or None"
+    if s.step is not None and s.step <= 0:
+        return "its step must be positive (rows and steps are selected in order)"
+    if not negative and any(v is not None and v < 0 for v in (s.start, s.stop)):
+        return "steps count from 0 (the prompt pass), so its bounds cannot be negative"
+    return None
+
+
 def check_rows(batch: Any) -> Rows:
     """Validate a `batch=` selector and make it hashable (a list becomes a tuple)."""
-    if batch is None or is_int(batch) or isinstance(batch, slice):
+    if batch is None or is_int(batch):
         return batch
+    if isinstance(batch, slice):
+        problem = _slice_problem(batch, negative=True)
+        if problem is None:
+            return batch
+        raise PurelensError(_BAD_ROWS.format(value=batch) + f"\n  The slice is refused: {problem}.")
     if isinstance(batch, list | tuple | range) and all(is_int(b) for b in batch):
+        if not batch:
+            raise PurelensError(_NO_ROWS)
         return tuple(batch)
     raise PurelensError(_BAD_ROWS.format(value=batch))
 
 
 def check_steps(step: Any) -> Steps:
     """Validate a `step=` selector; an iterable becomes a frozenset."""
-    if step is None or is_int(step) or isinstance(step, slice):
+    if step is None:
         return step
-    if isinstance(step, Iterable) and not isinstance(step, str | bytes):
-        steps = tuple(step)
-        if all(is_int(s) and s >= 0 for s in steps):
+    if is_int(step):
+        if step < 0:
+            raise PurelensError(_BAD_STEPS.format(value=step) + _FROM_ZERO)
+        return step
+    if isinstance(step, slice):
+        problem = _slice_problem(step, negative=False)
+        if problem is None:
+            return step
+        raise PurelensError(_BAD_STEPS.format(value=step) + f"\n  The slice is refused: {problem}.")
+    if isinstance(step, Iterable) and not isinstance(step, str | bytes | dict):
+        try:
+            steps = tuple(step)
+        except TypeError:  # iterable in name only (a purelens.ops expression)
+            steps = ()
+        if steps and all(is_int(s) and s >= 0 for s in steps):
             return frozenset(steps)
-    raise PurelensError(_BAD_STEPS.format(value=step))
+    raise PurelensError(_BAD_STEPS.format(value=step) + _FROM_ZERO)
 
 
 def step_selected(steps: Steps, step: int) -> bool:

@@ -15,7 +15,7 @@ import purelens as pl
 
 SITES = st.sampled_from(["h.0", "h.-1", "transformer.h.3:input", "", "mlp:output"])
 VECTORS = st.integers(1, 5).map(lambda n: torch.randn(n))
-ROWS = st.one_of(st.none(), st.integers(-3, 3), st.lists(st.integers(0, 3), max_size=3))
+ROWS = st.one_of(st.none(), st.integers(-3, 3), st.lists(st.integers(0, 3), min_size=1, max_size=3))
 
 
 @st.composite
@@ -118,6 +118,20 @@ def test_repr_is_short_and_shows_shapes() -> None:
         (lambda: pl.add("h.0", 1.0, step="all"), "`step` must be"),
         (lambda: pl.add("h.0", 1.0, step=[-1]), "`step` must be"),
         (lambda: pl.skip("h.0:input"), "use pl.skip\\('h.0'\\)"),
+        # Issue 13, item 23: these were accepted, and failed later with raw errors.
+        (lambda: pl.add("0", "1"), "`delta` of pl.add\\('0', ...\\) must be a tensor or a number"),
+        (lambda: pl.replace("0", None), "`value` of pl.replace\\('0', ...\\) must be a tensor"),
+        (lambda: pl.scale("0", [1.0, "a"]), "`factor` of pl.scale\\('0', ...\\) must be a tensor"),
+        (lambda: pl.scale("0", True), "`factor` of pl.scale"),
+        (lambda: pl.add("h.0", 1.0, batch=slice(None, None, -1)), "step must be positive"),
+        (lambda: pl.add("h.0", 1.0, batch=slice(0, 1.5)), "bounds must be ints"),
+        (lambda: pl.add("h.0", 1.0, batch=[]), "selects no rows"),
+        (lambda: pl.add("h.0", 1.0, step=-1), "counted from 0"),
+        (lambda: pl.add("h.0", 1.0, step=slice(-2, None)), "cannot be negative"),
+        (lambda: pl.add("h.0", 1.0, step=[]), "select at least one"),
+        (lambda: pl.transplant("h.0", src=1.5, dst=0), "`src` of pl.transplant"),
+        (lambda: pl.transplant("h.0", src=0, dst=None), "`dst` of pl.transplant"),
+        (lambda: pl.transplant("h.0", src="01", dst=1), "`src` of pl.transplant"),
     ],
 )
 def test_bad_arguments_are_rejected_when_built(build, match: str) -> None:  # type: ignore[no-untyped-def]
@@ -128,3 +142,8 @@ def test_bad_arguments_are_rejected_when_built(build, match: str) -> None:  # ty
 def test_non_interventions_are_rejected_by_run(mlp) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(pl.PurelensError, match="must hold purelens interventions"):
         pl.run(mlp, torch.randn(1, 4), [pl.save("0"), "layers.1"])
+
+
+def test_lists_of_numbers_become_tensors() -> None:
+    assert torch.equal(pl.add("0", [1.0, 2.0]).delta, torch.tensor([1.0, 2.0]))  # type: ignore[arg-type]
+    assert pl.scale("0", 2).factor == 2
