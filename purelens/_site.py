@@ -2,24 +2,32 @@
 
 A site is ``PATH`` or ``PATH:PORT``. ``PATH`` matches a name from
 ``model.named_modules()`` exactly, or else as a unique suffix on dot
-boundaries; a negative component counts from the end of its container. The
-resolution of each path is cached per model, so a run does not rescan the
-module tree.
+boundaries; a negative component counts from the end of its container.
+
+Resolutions are cached per model, so a run does not rescan the module tree,
+and the cache never goes stale: torch calls a global registration hook
+whenever a submodule is added or replaced anywhere (`append`, `setattr`,
+``__setitem__``), which bumps a tree version that every table checks in
+O(1); removals fire no hook, so each cached path is also checked to still
+hold the module it resolved to (and a negative index, its container's
+length) in O(depth).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
-import functools
+import itertools
 import threading
 import weakref
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from torch import nn
+from torch.nn.modules.module import register_module_module_registration_hook
 
 from ._errors import SiteError
 
-__all__ = ["Site", "parse_site", "resolve", "sites"]
+__all__ = ["Site", "parse_site", "path_of", "resolve", "sites"]
 
 Port = Literal["input", "output"]
 PORTS: tuple[Port, ...] = ("output", "input")
@@ -30,6 +38,12 @@ _HELP = (
     "optionally followed by ':input' or ':output'."
 )
 _MALFORMED = "site {site!r} is malformed: {why}.\n" + _HELP
+_NOT_A_STRING = "a site is a string such as 'h.1' or 'h.1:input', got {what}.\n" + _HELP
+_A_MODULE = (
+    "a site is a string, not the module itself: {found}.\n"
+    "  purelens finds modules by path, so that interventions stay values (serializable, "
+    "hashable, usable on any copy of the model)."
+)
 _UNKNOWN = "site {site!r} matches no module of {model}. Closest: {closest}.\n" + _HELP
 _AMBIGUOUS = (
     "site {site!r} is ambiguous in {model}: it is a suffix of {matches}.\n"
@@ -44,15 +58,28 @@ class Site(NamedTuple):
     port: Port
 
 
-@functools.lru_cache(maxsize=4096)
-def parse_site(site: str) -> Site:
+def parse_site(site: Any) -> Site:
     """Split ``"PATH:PORT"`` into a `Site`, checking its form (not the model).
 
     Raises:
         SiteError: if `site` is not a string or has an unknown port.
     """
     if not isinstance(site, str):
-        raise SiteError(_MALFORMED.format(site=site, why="a site is a string"))
+        raise SiteError(_not_a_string(site))
+    parsed = _parsed.get(site)
+    if parsed is None:
+        parsed = _parse(site)
+        if len(_parsed) >= 4096:  # a bound, for programs that make sites without end
+            _parsed.clear()
+        _parsed[site] = parsed
+    return parsed
+
+
+# A plain dict, not functools.lru_cache: dynamo traces it (builders inside compiled code).
+_parsed: dict[str, Site] = {}
+
+
+def _parse(site: str) -> Site:
     path, sep, port = site.partition(":")
     if not sep:
         return Site(path, "output")
@@ -62,13 +89,77 @@ def parse_site(site: str) -> Site:
     return Site(path, port)  # type: ignore[arg-type]
 
 
+def _not_a_string(site: Any) -> str:
+    if isinstance(site, nn.Module):
+        return _A_MODULE.format(found=path_of(site))
+    if isinstance(site, list | tuple) and site and all(isinstance(s, str) for s in site):
+        what = (
+            f"a {type(site).__name__} {site!r}; one intervention names one site, so build "
+            f"one per site: [pl.save(s) for s in {site!r}]"
+        )
+        return _NOT_A_STRING.format(what=what)
+    return _NOT_A_STRING.format(what=f"{type(site).__name__} {_short(site)}")
+
+
+def path_of(module: nn.Module) -> str:
+    """Where `module` is in the models purelens has seen, as advice for a site string."""
+    kind = type(module).__name__
+    with _tables_lock:
+        models = list(itertools.islice(_tables.keys(), 16))
+    for model in models:
+        for name, candidate in model.named_modules(remove_duplicate=False):
+            if candidate is module:
+                return f"this {kind} is {name!r} in {type(model).__name__}: write {name!r}"
+    return f"got a {kind}; write its path, e.g. one of [n for n, m in model.named_modules()]"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# The tree version: bumped by torch whenever any module gains or replaces a child.
+_version = 0
+
+
+def _on_registration(module: nn.Module, name: str, submodule: Any) -> None:
+    global _version
+    _version += 1
+
+
+register_module_module_registration_hook(_on_registration)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Resolved:
+    """A cached resolution, and what must still hold for it to be right."""
+
+    name: str
+    module: weakref.ref[nn.Module]
+    # (container, its length) for each negative index the path was resolved through
+    lengths: tuple[tuple[weakref.ref[nn.Module], int], ...]
+
+    def still_holds(self, model: nn.Module) -> nn.Module | None:
+        try:
+            module = model.get_submodule(self.name)
+        except AttributeError:
+            return None
+        if module is not self.module():
+            return None
+        for container, length in self.lengths:
+            held: Any = container()
+            if held is None or len(held) != length:
+                return None
+        return module
+
+
 class _Table:
     """The module names of one model and the paths already resolved against them."""
 
     def __init__(self, model: nn.Module) -> None:
+        self.version = _version
         self.names = [name for name, _ in model.named_modules(remove_duplicate=False)]
-        self.resolved: dict[str, str] = {}
-        self.fresh = True  # scanned for the current call: a miss is then real
+        self.resolved: dict[str, _Resolved] = {}
 
 
 _tables: weakref.WeakKeyDictionary[nn.Module, _Table] = weakref.WeakKeyDictionary()
@@ -78,11 +169,13 @@ _tables_lock = threading.Lock()
 def _table(model: nn.Module, fresh: bool = False) -> _Table:
     with _tables_lock:
         table = None if fresh else _tables.get(model)
-        if table is None:
+        if table is None or table.version != _version:
             table = _tables[model] = _Table(model)
-        else:
-            table.fresh = False
         return table
+
+
+def _negative(want: str) -> bool:
+    return want.startswith("-") and want[1:].isdigit()
 
 
 def _matches(model: nn.Module, name: str, pattern: list[str]) -> bool:
@@ -95,7 +188,7 @@ def _matches(model: nn.Module, name: str, pattern: list[str]) -> bool:
         have = parts[start + i]
         if want == have:
             continue
-        if want.startswith("-") and want[1:].isdigit() and have.isdigit():
+        if _negative(want) and have.isdigit():
             parent = model.get_submodule(".".join(parts[: start + i]))
             if isinstance(parent, _INDEXED) and int(have) == len(parent) + int(want):
                 continue
@@ -134,6 +227,21 @@ def _search(model: nn.Module, table: _Table, site: str, path: str) -> str:
     )
 
 
+def _lengths(model: nn.Module, name: str, path: str) -> tuple[tuple[Any, int], ...]:
+    """The containers a negative index in `path` counted from, with their lengths now."""
+    pattern = path.split(".")
+    if not any(_negative(p) for p in pattern):
+        return ()
+    parts = name.split(".")
+    start = len(parts) - len(pattern)
+    out = []
+    for i, want in enumerate(pattern):
+        if _negative(want):
+            parent: Any = model.get_submodule(".".join(parts[: start + i]))
+            out.append((weakref.ref(parent), len(parent)))
+    return tuple(out)
+
+
 def resolve(model: nn.Module, site: str) -> tuple[str, nn.Module, Port]:
     """Resolve `site` against `model`: its full module name, the module and the port.
 
@@ -142,23 +250,17 @@ def resolve(model: nn.Module, site: str) -> tuple[str, nn.Module, Port]:
     """
     path, port = parse_site(site)
     table = _table(model)
-    name = table.resolved.get(path)
-    if name is not None:
-        try:
-            return name, model.get_submodule(name), port
-        except AttributeError:
-            # The module tree changed since the path was cached: scan it again.
-            table = _table(model, fresh=True)
-    try:
-        name = _search(model, table, site, path)
-    except SiteError:
-        if table.fresh:
-            raise
-        # Modules may have been added since the tree was scanned: look again once.
+    cached = table.resolved.get(path)
+    if cached is not None:
+        module = cached.still_holds(model)
+        if module is not None:
+            return cached.name, module, port
+        # A module was removed or moved since the path was cached: scan the tree again.
         table = _table(model, fresh=True)
-        name = _search(model, table, site, path)
-    table.resolved[path] = name
-    return name, model.get_submodule(name), port
+    name = _search(model, table, site, path)
+    module = model.get_submodule(name)
+    table.resolved[path] = _Resolved(name, weakref.ref(module), _lengths(model, name, path))
+    return name, module, port
 
 
 def sites(model: nn.Module) -> list[str]:
@@ -172,10 +274,12 @@ def sites(model: nn.Module) -> list[str]:
         >>> pl.sites(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU()))
         ['', '0', '1']
     """
+    from ._eager import unwrapped
     from ._remote import Remote
 
     if isinstance(model, Remote):
         return list(model.sites)
+    model = unwrapped(model)
     if not isinstance(model, nn.Module):
-        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+        raise SiteError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
     return list(dict.fromkeys(_table(model, fresh=True).names))

@@ -132,3 +132,64 @@ def test_a_module_added_after_the_first_run_is_found(mlp: TinyMLP) -> None:
     mlp.layers[1] = WithExtra(nn.Tanh())
     rec = pl.run(mlp, x, [pl.save("1.inner")])
     assert torch.equal(rec["1.inner"], torch.tanh(mlp.layers[0](x)))
+
+
+def test_a_cached_negative_index_follows_an_appended_block() -> None:
+    # Issue 13, item 10: after net.blocks.append(...), "blocks.-1" still meant the old last block.
+    model = Nested()
+    x = torch.randn(2, 2)
+    pl.run(model, x, [pl.save("encoder.blocks.-1")])  # cached: -> encoder.blocks.2
+    model.encoder["blocks"].append(nn.Linear(2, 2))
+    assert saved_module_output(model, "encoder.blocks.-1", "encoder.blocks.3")
+    del model.encoder["blocks"][3]  # removals fire no registration hook
+    assert saved_module_output(model, "encoder.blocks.-1", "encoder.blocks.2")
+    model.encoder["blocks"].insert(3, nn.Linear(2, 2))  # nor does insert
+    assert saved_module_output(model, "encoder.blocks.-1", "encoder.blocks.3")
+
+
+def test_a_cached_suffix_that_became_ambiguous_is_refused() -> None:
+    # Issue 13, item 10: a unique suffix, cached, stayed resolved after a second match appeared.
+    model = Nested()
+    x = torch.randn(2, 2)
+    pl.run(model, x, [pl.save("blocks.2")])  # unique: -> encoder.blocks.2
+    model.decoder["blocks"].append(nn.Linear(2, 2))  # now also decoder.blocks.2
+    with pytest.raises(pl.SiteError, match="ambiguous"):
+        pl.run(model, x, [pl.save("blocks.2")])
+
+
+def test_a_container_site_says_it_is_a_container() -> None:
+    model = Nested()
+    with pytest.raises(pl.SiteError, match=r"(?s)a ModuleList: a container .*'encoder\.blocks\.0'"):
+        pl.run(model, torch.randn(1, 2), [pl.save("encoder.blocks")])
+
+
+def test_a_module_object_as_site_names_its_path() -> None:
+    model = Nested()
+    pl.run(model, torch.randn(1, 2), [pl.save("head")])  # purelens has seen the model
+    with pytest.raises(pl.SiteError) as info:
+        pl.save(model.encoder["blocks"][1])  # type: ignore[arg-type]
+    message = str(info.value)
+    assert "'encoder.blocks.1'" in message and "in Nested" in message
+    assert "Linear(" not in message  # not the module's whole repr
+
+
+@pytest.mark.parametrize(
+    ("site", "match"),
+    [
+        (["0"], r"one intervention names one site"),
+        (None, r"a site is a string"),
+        (b"0", r"a site is a string"),
+    ],
+)
+def test_a_site_that_is_not_a_string_is_a_site_error(site: object, match: str) -> None:
+    # Issue 13, item 23: pl.save(["0"]) raised TypeError: unhashable type.
+    with pytest.raises(pl.SiteError, match=match):
+        pl.save(site)  # type: ignore[arg-type]
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_a_torchscript_site_is_refused_with_the_reason() -> None:
+    # Issue 13, item 23: torch's raw hook error.
+    model = nn.Sequential(nn.Linear(2, 2), torch.jit.script(nn.Linear(2, 2)))
+    with pytest.raises(pl.SiteError, match="TorchScript"):
+        pl.run(model, torch.randn(1, 2), [pl.save("1")])

@@ -1,0 +1,51 @@
+"""Compiled models and compiled callers: purelens runs the model eagerly.
+
+`torch.compile(model)` returns an ``OptimizedModule`` around the model. Its
+compiled code ignores hooks added after the first compiled call, and its
+``forward`` hides the model's signature, so interventions through it would
+silently not happen. `run`, `generate`, `shapes`, `sweep`, `edit` and `sites`
+therefore work on the module inside (``_orig_mod``), eagerly, with the site
+names of the model itself (``"h.1"``, not ``"_orig_mod.h.1"``).
+
+Called from code that dynamo is compiling, those functions run eagerly too
+(dynamo breaks the graph around them), so that ``pl.run`` inside a
+``torch.compile``-d function gives what it gives outside.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+
+__all__ = ["eager_under_compile", "unwrapped"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def unwrapped(model: Any) -> Any:
+    """The eager module inside `torch.compile`'s wrapper (any other value as it is)."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    if eval_frame is None:  # dynamo was never imported: nothing can be compiled
+        return model
+    while isinstance(model, eval_frame.OptimizedModule):
+        model = model._orig_mod
+    return model
+
+
+def eager_under_compile(fn: F) -> F:
+    """`fn`, run eagerly (outside the graph) when dynamo traces a call of it."""
+    disabled: list[Callable[..., Any]] = []
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            if not disabled:
+                disabled.append(torch.compiler.disable(fn, recursive=True))
+            return disabled[0](*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
