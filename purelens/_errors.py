@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["MissingSaveError", "PurelensError", "PurelensWarning", "SiteError"]
+from typing import Any
+
+__all__ = ["GenerationEnded", "MissingSaveError", "PurelensError", "PurelensWarning", "SiteError"]
 
 
 class PurelensError(Exception):
@@ -27,3 +29,15 @@ class MissingSaveError(PurelensError, KeyError):
 
 class PurelensWarning(UserWarning):
     """Base class of every warning purelens emits (the test suite makes them errors)."""
+
+
+class GenerationEnded(PurelensError):
+    """Generation ended before a step that an intervention selects.
+
+    Attributes:
+        record: what the generation produced (``record.output`` holds the
+            token ids, and ``record[name]`` what was saved), so that a long
+            generation is not lost to the error.
+    """
+
+    record: Any = None

@@ -13,10 +13,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._errors import PurelensError
+from ._eager import eager_under_compile, unwrapped
+from ._errors import GenerationEnded, PurelensError
 from ._grads import check_loss_allowed
 from ._hooks import installed
-from ._inputs import call_arguments, pad_id
+from ._inputs import call_arguments, pad_id, padding_of
 from ._interventions import Stop, flatten_interventions
 from ._pass import Pass, Plan
 from ._primary import primary_output
@@ -38,6 +39,7 @@ _LOOP_KWARGS = (
 )
 
 
+@eager_under_compile
 def generate(
     model: nn.Module,
     inputs: Any,
@@ -92,6 +94,7 @@ def generate(
             validate=validate,
             **generate_kwargs,
         )
+    model = unwrapped(model)
     if not isinstance(model, nn.Module):
         raise PurelensError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -117,13 +120,19 @@ def generate(
         )
         fake_pass(model, Pass(every_step, model), args, kwargs, None, forward_pass)
     pass_ = Pass(plan, model, steps=True)
-    with installed(pass_):
+    pass_.padding = padding_of(args, kwargs)
+    # Generation records no gradients (HF's `generate` runs under no_grad too).
+    with torch.no_grad(), installed(pass_):
         hf_generate = getattr(model, "generate", None)
         if callable(hf_generate):
             output = hf_generate(*args, max_new_tokens=max_new_tokens, **kwargs, **generate_kwargs)
         else:
             output = _loop(model, args, kwargs, max_new_tokens, **generate_kwargs)
-    pass_.check_finished()
+    try:
+        pass_.check_finished()
+    except GenerationEnded as ended:
+        ended.record = Record(pass_.record_saved(), output)
+        raise
     return Record(pass_.record_saved(), output)
 
 

@@ -19,20 +19,16 @@ loads), to stop a request that runs past its wall time.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch
 from torch import nn
 
-from ._pass import Pass, SitePlan
+from ._pass import ACTIVE, Pass, SitePlan
 
-__all__ = ["ACTIVE", "check_before_every_module", "installed"]
-
-ACTIVE: contextvars.ContextVar[tuple[Pass, ...]] = contextvars.ContextVar(
-    "purelens_passes", default=()
-)
+__all__ = ["ACTIVE", "SkipDispatch", "check_before_every_module", "installed"]
 
 
 def _output_hook(pass_: Pass, site: SitePlan) -> Callable[..., Any]:
@@ -57,8 +53,24 @@ def _step_hook(pass_: Pass) -> Callable[..., Any]:
     def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
         if pass_ in ACTIVE.get():
             pass_.begin_step()
+            pass_.recording = torch.is_grad_enabled()
 
     return hook
+
+
+class SkipDispatch:
+    """A module's ``forward`` while some pass may skip it: skip, or run the original."""
+
+    def __init__(self, module: nn.Module, original: Callable[..., Any]) -> None:
+        self.module = module
+        self.original = original
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        for pass_ in ACTIVE.get():
+            skipped, output = pass_.on_skip(self.module, args, kwargs)
+            if skipped:
+                return output
+        return self.original(*args, **kwargs)
 
 
 class _Swap:
@@ -68,16 +80,7 @@ class _Swap:
         self.users = 0
         self.had_own = "forward" in module.__dict__
         self.own = module.__dict__.get("forward")
-        original = module.forward
-
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            for pass_ in ACTIVE.get():
-                skipped, output = pass_.on_skip(module, args, kwargs)
-                if skipped:
-                    return output
-            return original(*args, **kwargs)
-
-        self.forward = forward
+        self.forward = SkipDispatch(module, module.forward)
 
     def restore(self, module: nn.Module) -> None:
         if self.had_own:
@@ -109,19 +112,23 @@ def _swap_out(module: nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def installed(pass_: Pass, *, edit: bool = False) -> Iterator[None]:
+def installed(pass_: Pass, *, edit: bool = False, root: nn.Module | None = None) -> Iterator[None]:
     """Install the hooks of `pass_`'s plan and activate it, for one call.
 
     A run's pass becomes the only active one; an edit's (``edit=True``) joins
-    the active ones, its hooks ahead of those already there.
+    the active ones, its hooks ahead of those already there. Sites on `root`
+    get no hooks: the caller, which is that module's forward, applies them.
     """
     handles = []
     swapped: list[nn.Module] = []
+    pass_.recording = torch.is_grad_enabled()
     token = ACTIVE.set((*ACTIVE.get(), pass_) if edit else (pass_,))
     try:
         if pass_.multi_step:  # each call of the root module is one generation step
             handles.append(pass_.model.register_forward_pre_hook(_step_hook(pass_), prepend=True))
         for site in pass_.plan.sites:
+            if site.module is root:
+                continue
             if site.port == "input":
                 handle = site.module.register_forward_pre_hook(
                     _input_hook(pass_, site), with_kwargs=True, prepend=edit
@@ -130,6 +137,8 @@ def installed(pass_: Pass, *, edit: bool = False) -> Iterator[None]:
                 handle = site.module.register_forward_hook(_output_hook(pass_, site), prepend=edit)
             handles.append(handle)
         for module in pass_.plan.skip_modules:
+            if module is root:
+                continue
             _swap_in(module)
             swapped.append(module)
         yield

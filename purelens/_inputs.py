@@ -16,8 +16,16 @@ import torch
 from torch import Tensor, nn
 
 from ._errors import PurelensError
+from ._positions import real_tokens
 
-__all__ = ["call_arguments", "is_text", "pad_id", "position_ids", "tokenize"]
+__all__ = [
+    "call_arguments",
+    "is_text",
+    "pad_id",
+    "padding_of",
+    "position_ids",
+    "tokenize",
+]
 
 Side = Literal["left", "right"]
 
@@ -160,13 +168,56 @@ def position_ids(attention_mask: Tensor) -> Tensor:
 
 
 @functools.lru_cache(maxsize=256)
-def _forward_takes(cls: Any, name: str) -> bool:
+def _forward_takes(cls: Any, name: str) -> bool | None:
+    """Whether `cls.forward` names `name`: True, False, or None when it takes ``**kwargs``."""
     try:
-        return name in inspect.signature(cls.forward).parameters
+        params = inspect.signature(cls.forward).parameters
     except (TypeError, ValueError):
         return False
+    if name in params:
+        return True
+    return None if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()) else False
 
 
 def _accepts_position_ids(model: nn.Module) -> bool:
-    cls: Any = type(model)
-    return _forward_takes(cls, "position_ids")
+    """Whether the model takes ``position_ids``, seen through wrappers that pass ``**kwargs`` on.
+
+    PEFT's models (``get_base_model()``) and data-parallel wrappers (``.module``)
+    take ``**kwargs`` and hand them to the model inside.
+    """
+    for _ in range(8):
+        cls: Any = type(model)
+        takes = _forward_takes(cls, "position_ids")
+        if takes is not None:
+            return takes
+        inner = _inner(model)
+        if inner is None:
+            return False
+        model = inner
+    return False
+
+
+def _inner(model: nn.Module) -> nn.Module | None:
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base):
+        inner = get_base()
+        return inner if isinstance(inner, nn.Module) and inner is not model else None
+    if isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
+        return model.module
+    return None
+
+
+def padding_of(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Tensor | None:
+    """The attention mask of a batch of token rows (for `pl.at` to see padding), if there is one.
+
+    Only a 2-D mask that lines up with the input ids or embeddings counts.
+    """
+    mask = kwargs.get("attention_mask")
+    if not isinstance(mask, Tensor) or mask.ndim != 2:
+        return None
+    tokens = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+    if tokens is None and args:
+        tokens = args[0]
+    if not isinstance(tokens, Tensor) or tuple(tokens.shape[:2]) != tuple(mask.shape):
+        return None
+    return real_tokens(mask)

@@ -2,27 +2,47 @@
 
 A `Plan` is built from the interventions of one call (sites resolved, grouped
 by module and port). A `Pass` holds what that call has saved so far. Neither
-lives on the model: hooks find the pass through a context variable
-(see `_hooks`), which is what makes runs thread-safe and re-entrant.
+lives on the model: hooks find the pass through the context variable
+`ACTIVE`, which is what makes runs thread-safe and re-entrant.
+
+A pass's interventions act on its own forward call only. While one of them
+runs (a patch function, a save's function), that pass and the passes
+activated after it are inactive: a model called from inside a run's function
+(a plain call, or an edited module) runs untouched by the run, as a nested
+`pl.run` does. An edit's function is part of the edited model, so the run
+that called the edited model still acts inside it (on an autoencoder spliced
+in by `pl.patch`, say).
 """
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
+import torch
+import torch.utils._pytree as torch_pytree
 from torch import Tensor, nn
 
-from ._errors import PurelensError
+from ._checkpoint import checkpointed
+from ._errors import GenerationEnded, PurelensError, SiteError
 from ._grads import PatchGrad, SaveGrad, mark, tap
 from ._interventions import Intervention, Save, Skip, Stop, Writer
+from ._positions import reset_padding, set_padding
 from ._primary import primary_input, primary_output
 from ._select import step_selected
 from ._site import Port, resolve
 
-__all__ = ["Pass", "Plan", "SitePlan", "StopPass"]
+__all__ = ["ACTIVE", "Pass", "Plan", "SitePlan", "StopPass", "hookable"]
+
+T = TypeVar("T")
+
+# The passes whose hooks act now, in this thread or task.
+ACTIVE: contextvars.ContextVar[tuple[Pass, ...]] = contextvars.ContextVar(
+    "purelens_passes", default=()
+)
 
 _DUPLICATE_NAME = (
     "two {kind} are named {name!r} ({first!r} and {second!r}).\n"
@@ -39,11 +59,34 @@ _NEVER_RAN = (
     "{what} never applied: {why}.\n"
     "  An intervention whose site does not run is an error rather than a silent no-op."
 )
+_ENDED = (
+    "{what} never applied: generation ended after step {last} ({why}), before the "
+    "step={step!r} it selects.\n"
+    "  What was generated is in this error's `.record` (`.record.output`: the token ids)."
+)
 _NO_TENSOR = "site {site!r}: the module {port} is {kind}, which holds no tensor to intervene on."
 _CHANGED_IN_PLACE = (
     "the value saved as {name!r} was changed in place by the model after it was "
     "saved, so the record would not hold the value at the site.\n"
     "  Save a copy instead: pl.save({site!r}, torch.clone, name={name!r})."
+)
+_CONTAINER = (
+    "site {site!r} is {name!r}, a {kind}: a container of modules that is never called "
+    "itself, so no value flows through it.\n"
+    "  Intervene on its items instead, e.g. {example!r}."
+)
+_SCRIPTED = (
+    "site {site!r} is {name!r}, a TorchScript module ({kind}), which runs no Python "
+    "hooks, so purelens cannot intervene inside it.\n"
+    "  Intervene on the eager module (before torch.jit.script), or at a site outside it."
+)
+_CHECKPOINTED = (
+    "{what} at site {site!r} acts inside gradient checkpointing (torch.utils.checkpoint, "
+    "e.g. after model.gradient_checkpointing_enable()) while gradients are recorded: the "
+    "backward pass recomputes that part of the model after this run's hooks are gone, so "
+    "the gradients would not see the intervention.\n"
+    "  Turn checkpointing off for this run (model.gradient_checkpointing_disable(), or "
+    "model.eval() for HF models), or run without gradients (torch.no_grad())."
 )
 
 
@@ -67,6 +110,7 @@ class SitePlan:
     site: str  # as the user first wrote it, for messages
     entries: tuple[tuple[int, Intervention], ...]  # (position in the run's list, node)
     stops: bool = False  # whether the pass ends here (a pl.stop among the entries)
+    only_saves: bool = True  # whether the entries only read (then checkpointing is harmless)
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -89,6 +133,7 @@ class Plan:
         taken: dict[type, dict[str, str]] = {Save: {}, SaveGrad: {}}  # name -> site
         for i, iv in enumerate(interventions):
             name, module, port = resolve(model, iv.site)
+            _check_hookable(iv.site, name, module)
             if isinstance(iv, Save | SaveGrad):
                 seen = taken[type(iv)]
                 if iv.name in seen:
@@ -121,19 +166,56 @@ class Plan:
                 first_site[(name, port)],
                 tuple(entries),
                 any(isinstance(iv, Stop) for _, iv in entries),
+                all(isinstance(iv, Save | Stop) for _, iv in entries),
             )
             for (name, port), entries in grouped.items()
         )
         save_grads = tuple(iv for iv in interventions if isinstance(iv, SaveGrad))
         return cls(interventions, sites, MappingProxyType(skips), tuple(skip_modules), save_grads)
 
+    def rebased(self, modules: Mapping[int, nn.Module]) -> Plan:
+        """The same plan on another copy of the module tree (`modules`: id(old) -> new)."""
+        sites = tuple(
+            dataclasses.replace(site, module=modules[id(site.module)]) for site in self.sites
+        )
+        skips = {id(modules[id(m)]): self.skips[id(m)] for m in self.skip_modules}
+        return Plan(
+            self.interventions,
+            sites,
+            MappingProxyType(skips),
+            tuple(modules[id(m)] for m in self.skip_modules),
+            self.save_grads,
+        )
+
+
+def hookable(module: nn.Module) -> bool:
+    """Whether hooks can act on `module`: not TorchScript, and not a container never called."""
+    return not isinstance(module, torch.jit.ScriptModule) and not _container(module)
+
+
+def _container(module: nn.Module) -> bool:
+    return type(module).forward is nn.Module.forward and bool(module._modules)
+
+
+def _check_hookable(site: str, name: str, module: nn.Module) -> None:
+    """Raise for a module that no hook can act on: a container, or TorchScript."""
+    if isinstance(module, torch.jit.ScriptModule):
+        raise SiteError(_SCRIPTED.format(site=site, name=name, kind=type(module).__name__))
+    if _container(module):
+        kind = type(module).__name__
+        first = next(iter(module._modules))
+        raise SiteError(
+            _CONTAINER.format(site=site, name=name, kind=kind, example=f"{site}.{first}")
+        )
+
 
 class Pass:
     """The state of one call: what was saved and which interventions applied.
 
     A generation call is one `Pass` over several forward steps (`begin_step`
-    is called at the start of each, 0 being the prompt pass); a value saved
-    at several steps is then a tuple.
+    is called at the start of each call of the root module; step 0 is the
+    prompt pass, including an encoder that runs before it). A value saved at
+    several steps is then a tuple.
     """
 
     def __init__(
@@ -143,7 +225,10 @@ class Pass:
         self.lenient = lenient  # for surveys (pl.shapes): skip what cannot be saved
         self.model = model
         self.multi_step = steps
-        self.step = -1 if steps else 0
+        self.step = 0
+        self._root_calls = 0
+        self.recording = False  # whether autograd records the root call (set by `installed`)
+        self.padding: Tensor | None = None  # the batch's real tokens, when it is padded
         self.saved: dict[str, Any] = {}  # the latest value of each name
         self.saved_view = MappingProxyType(self.saved)
         self.history: dict[str, list[Any]] = {}
@@ -166,7 +251,7 @@ class Pass:
                 _NO_TENSOR.format(site=site.site, port="output", kind=type(output).__name__)
             )
         value, rebuild = split
-        new = self._apply(site, value)
+        new = self._acting(self._apply, site, value)
         self._maybe_stop(site)
         return None if new is value else rebuild(new)
 
@@ -179,7 +264,7 @@ class Pass:
                 return None
             raise PurelensError(_NO_TENSOR.format(site=site.site, port="input", kind="no tensor"))
         value, rebuild = split
-        new = self._apply(site, value)
+        new = self._acting(self._apply, site, value)
         self._maybe_stop(site)
         return None if new is value else rebuild(new)
 
@@ -194,24 +279,59 @@ class Pass:
         split = primary_input(args, kwargs)
         if split is None:
             raise PurelensError(_NO_TENSOR.format(site=skip.site, port="input", kind="no tensor"))
+        if self.recording and checkpointed() == "forward":
+            raise PurelensError(_CHECKPOINTED.format(what=repr(skip), site=skip.site))
         self.applied.add(position)
         value = split[0]
-        return True, value if skip.fn is None else skip.fn(value)
+        if skip.fn is None:
+            return True, value
+        output = self._acting(skip.fn, value)
+        # The skip's result becomes the model's own value: never a tensor the user holds.
+        return True, torch_pytree.tree_map(
+            lambda x: x.clone() if isinstance(x, Tensor) else x, output
+        )
 
     # --- internals -----------------------------------------------------------
 
+    def _acting(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` as this pass's interventions run: with only the passes activated
+        before it (see the module docstring), and this pass's padding for `pl.at`."""
+        passes = ACTIVE.get()
+        below = passes[: passes.index(self)] if self in passes else passes
+        active = ACTIVE.set(below)
+        padding = set_padding(self.padding)
+        try:
+            return fn(*args)
+        finally:
+            reset_padding(padding)
+            ACTIVE.reset(active)
+
     def _apply(self, site: SitePlan, value: Tensor) -> Tensor:
+        if self.recording:
+            where = checkpointed()
+            if where == "rerun":  # autograd replaying the forward: values were taken already
+                return value
+            if where == "forward" and not site.only_saves:
+                iv = next(iv for _, iv in site.entries if not isinstance(iv, Save | Stop))
+                raise PurelensError(_CHECKPOINTED.format(what=repr(iv), site=site.site))
         self.ran.add(id(site))
         patch_grads: list[PatchGrad] = []
         save_grads: list[SaveGrad] = []
         for position, iv in site.entries:
             if iv.step is not None and not step_selected(iv.step, self.step):
                 continue
-            if isinstance(iv, Writer):
-                value = iv.write(value, self.saved_view)
-            elif isinstance(iv, Save):
-                self._save(iv, iv.record(value), position)
-            elif isinstance(iv, PatchGrad):
+            narrowed = None
+            if self.padding is not None and getattr(iv, "batch", None) is not None:
+                narrowed = set_padding(self.padding, iv.batch)  # type: ignore[attr-defined]
+            try:
+                if isinstance(iv, Writer):
+                    value = iv.write(value, self.saved_view)
+                elif isinstance(iv, Save):
+                    self._save(iv, iv.record(value), position)
+            finally:
+                if narrowed is not None:
+                    reset_padding(narrowed)
+            if isinstance(iv, PatchGrad):
                 patch_grads.append(iv)
             elif isinstance(iv, SaveGrad):
                 save_grads.append(iv)
@@ -227,7 +347,10 @@ class Pass:
         return value
 
     def begin_step(self) -> None:
-        self.step += 1
+        """A call of the root module: the first is step 0, each later one the next step."""
+        if self._root_calls:
+            self.step += 1
+        self._root_calls += 1
 
     def record_saved(self) -> dict[str, Any]:
         """The saved values for the Record: per step a tuple, unless `step=` was one int."""
@@ -245,11 +368,29 @@ class Pass:
                 return
             raise PurelensError(_RAN_TWICE.format(site=iv.site))
         self._saved_at[iv.name] = self.step
+        value = self._kept(iv, value)
         self.saved[iv.name] = value
         if self.multi_step:
             self.history.setdefault(iv.name, []).append(value)
-        if isinstance(value, Tensor) and not value.is_inference():
+
+    def _kept(self, iv: Save, value: T) -> T:
+        """`value` as the record keeps it, watched for in-place changes until the pass ends.
+
+        Inference tensors (``torch.inference_mode()``) have no version counter
+        to watch, so they are copied.
+        """
+        if isinstance(value, Tensor):
+            if value.is_inference():
+                return value.clone()  # type: ignore[return-value]
             self._saved_versions.append((iv.name, iv.site, value, value._version))
+            return value
+        value = torch_pytree.tree_map(
+            lambda x: x.clone() if isinstance(x, Tensor) and x.is_inference() else x, value
+        )
+        for leaf in torch_pytree.tree_leaves(value):
+            if isinstance(leaf, Tensor) and not leaf.is_inference():
+                self._saved_versions.append((iv.name, iv.site, leaf, leaf._version))
+        return value
 
     def _maybe_stop(self, site: SitePlan) -> None:
         if site.stops and self.stopped_at is None:
@@ -265,6 +406,15 @@ class Pass:
         if not missing:
             return
         i, iv = missing[0]
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        if self.multi_step and iv.step is not None and not self._selected_so_far(iv):
+            why = (
+                f"{self.step + 1} forward passes: max_new_tokens, an end-of-sequence token "
+                "in every row, or a stopping criterion"
+            )
+            raise GenerationEnded(
+                _ENDED.format(what=repr(iv) + more, last=self.step, why=why, step=iv.step)
+            )
         if self.stopped_at is not None:
             why = (
                 f"the pass was stopped at {self.stopped_at!r}, "
@@ -275,8 +425,10 @@ class Pass:
             why = f"site {iv.site!r} ran, but not at the selected step={iv.step!r} ({ran})"
         else:
             why = f"site {iv.site!r} did not run in this forward pass"
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise PurelensError(_NEVER_RAN.format(what=repr(iv) + more, why=why))
+
+    def _selected_so_far(self, iv: Intervention) -> bool:
+        return any(step_selected(iv.step, s) for s in range(self.step + 1))
 
     def _site_ran(self, position: int) -> bool:
         return any(

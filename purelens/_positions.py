@@ -8,6 +8,7 @@ and left padding moves "token 0" too. These helpers read the attention mask
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -17,17 +18,77 @@ from torch import Tensor
 
 from ._errors import PurelensError
 from ._interventions import takes_saved
+from ._select import Rows, take_rows
 
-__all__ = ["at", "last_token", "token_index"]
+__all__ = ["at", "last_token", "real_tokens", "reset_padding", "set_padding", "token_index"]
 
 _OUT_OF_RANGE = (
     "token {i} does not exist in row {row}, which has {count} real tokens.\n"
     "  Count from the start (0, 1, ...) or from the end (-1 is the last real token)."
 )
+_AT_OUT_OF_RANGE = (
+    "pl.at({i}): position {i} does not exist in a value with {length} positions "
+    "(shape {shape}).\n"
+    "  Positions count from 0, or from the end with -1 (the last)."
+)
+_AT_PADDING = (
+    "pl.at({i}) reads position {i} of every row, but in this batch (padded on the {side}) "
+    "position {i} of row {row} is padding, so its value is not a token's.\n"
+    "  Count real tokens per row instead: pl.at(pl.token_index(mask, {i})) with the mask "
+    "of pl.tokenize(tokenizer, texts){advice}."
+)
 _ROWS_MISMATCH = (
     "pl.at: {n} positions for a value with {rows} rows.\n"
     "  Give one position per row of the value at the site (with batch=, per selected row)."
 )
+
+
+# Which positions of the current pass's batch are real tokens, when it is padded.
+_PADDING: contextvars.ContextVar[Tensor | None] = contextvars.ContextVar(
+    "purelens_padding", default=None
+)
+
+
+def real_tokens(attention_mask: Any) -> Tensor | None:
+    """Which tokens of a batch are real (not padding), from its 2-D attention mask.
+
+    None when there is no such mask, or under `torch.func` transforms (where a
+    batched mask is not the batch's). Nothing is read from the mask here, so
+    that a run with no `pl.at` never waits for the device.
+    """
+    if isinstance(attention_mask, Tensor) and attention_mask.ndim == 2:
+        if not _functorch_wrapped(attention_mask):
+            return attention_mask != 0
+    return None
+
+
+def _functorch_wrapped(t: Tensor) -> bool:
+    return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
+
+
+def set_padding(real: Tensor | None, rows: Rows = None) -> contextvars.Token[Tensor | None]:
+    """Let `pl.at` check that fixed positions are real tokens (in the rows `rows` selects).
+
+    Returns the token that `reset_padding` takes.
+    """
+    if real is not None and rows is not None:
+        real = take_rows(real, rows, "the batch")
+    return _PADDING.set(real)
+
+
+def reset_padding(token: contextvars.Token[Tensor | None]) -> None:
+    _PADDING.reset(token)
+
+
+def _check_not_padding(i: int, value: Tensor) -> None:
+    real = _PADDING.get()
+    if real is None or value.ndim < 2 or tuple(value.shape[:2]) != tuple(real.shape):
+        return
+    pads = (~real[:, i]).nonzero()
+    if len(pads):
+        side = "left" if bool((~real[:, 0]).any()) else "right"
+        advice = ", or pl.at(-1) with left padding" if side == "right" and i < 0 else ""
+        raise PurelensError(_AT_PADDING.format(i=i, row=int(pads[0, 0]), side=side, advice=advice))
 
 
 def _check_mask(attention_mask: Tensor) -> Tensor:
@@ -102,7 +163,13 @@ class at:
     def _rows_and_index(self, value: Tensor) -> tuple[Tensor, Tensor]:
         rows = torch.arange(value.shape[0], device=value.device)
         if isinstance(self.index, int):
-            return rows, torch.full_like(rows, self.index % value.shape[1])
+            length = value.shape[1] if value.ndim >= 2 else 0
+            if not -length <= self.index < length:
+                raise PurelensError(
+                    _AT_OUT_OF_RANGE.format(i=self.index, length=length, shape=list(value.shape))
+                )
+            _check_not_padding(self.index, value)
+            return rows, torch.full_like(rows, self.index % length)
         index = self.index.to(value.device)
         if index.shape != rows.shape:
             raise PurelensError(_ROWS_MISMATCH.format(n=list(index.shape), rows=value.shape[0]))

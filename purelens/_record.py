@@ -61,7 +61,7 @@ class Record(Mapping[str, Any]):
         >>> model = torch.nn.Sequential(torch.nn.Linear(2, 3))
         >>> rec = pl.run(model, torch.ones(4, 2), [pl.save("0")])
         >>> rec
-        Record(saved={'0': float32[4, 3]}, output=float32[4, 3])
+        Record({'0': float32[4, 3]}, output=float32[4, 3])
         >>> list(rec), rec["0"].shape
         (['0'], torch.Size([4, 3]))
     """
@@ -110,7 +110,8 @@ class Record(Mapping[str, Any]):
         def show(mapping: Mapping[str, Any]) -> str:
             return "{" + ", ".join(f"{k!r}: {_describe_tree(v)}" for k, v in mapping.items()) + "}"
 
-        parts = [f"saved={show(self._saved)}", f"output={_describe_tree(self.output)}"]
+        # The saved values come first and unnamed: a Record *is* the mapping of them.
+        parts = [show(self._saved), f"output={_describe_tree(self.output)}"]
         if self.grads:
             parts.append(f"grads={show(self.grads)}")
         if self.loss is not None:

@@ -8,10 +8,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._eager import eager_under_compile, unwrapped
 from ._errors import PurelensError
 from ._grads import call_loss, check_loss_allowed, detached, gradients
 from ._hooks import installed
-from ._inputs import call_arguments
+from ._inputs import call_arguments, padding_of
 from ._interventions import flatten_interventions
 from ._pass import Pass, Plan, StopPass
 from ._record import Record
@@ -28,6 +29,7 @@ _BAD_PARAMS = (
 )
 
 
+@eager_under_compile
 def run(
     model: nn.Module,
     inputs: Any,
@@ -66,8 +68,7 @@ def run(
         tokenizer: turns text `inputs` into a padded batch.
         validate: first run the whole plan on fake tensors (shapes, no data),
             so that a bad site or a patch of the wrong shape raises before
-            any real compute. It swaps the model's parameters for fake ones
-            during that check, as `params=` does.
+            any real compute. The model is not touched by that check.
         **model_kwargs: further keyword arguments of the model call.
 
     Returns:
@@ -98,6 +99,7 @@ def run(
             validate=validate,
             **model_kwargs,
         )
+    model = unwrapped(model)
     if not isinstance(model, nn.Module):
         raise PurelensError(_NOT_A_MODULE.format(kind=type(model).__name__))
     plan = Plan.build(model, flatten_interventions(interventions))
@@ -106,8 +108,8 @@ def run(
     if params is not None:
         _check_params(model, params)
     if validate:
-        fake_pass(model, Pass(plan, model), args, kwargs, params, forward_pass)
-    pass_ = Pass(plan, model)
+        fake_pass(model, _pass(plan, model, args, kwargs), args, kwargs, params, forward_pass)
+    pass_ = _pass(plan, model, args, kwargs)
     if loss is None:
         output = forward_pass(model, pass_, args, kwargs, params)
         pass_.check_finished()
@@ -119,6 +121,12 @@ def run(
         grads = gradients(loss_value, pass_.grad_targets)
     # Detached, so that no autograd graph outlives the call.
     return Record(detached(pass_.saved), detached(output), grads, detached(loss_value))
+
+
+def _pass(plan: Plan, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Pass:
+    pass_ = Pass(plan, model)
+    pass_.padding = padding_of(args, kwargs)
+    return pass_
 
 
 def forward_pass(

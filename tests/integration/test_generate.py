@@ -118,10 +118,19 @@ def test_streamer_and_stopping_criteria_pass_through(model: nn.Module) -> None:
 def test_intervention_at_a_step_that_never_came_is_an_error(
     model: nn.Module, prompt: torch.Tensor
 ) -> None:
-    with pytest.raises(
-        pl.PurelensError, match=r"not at the selected step=9 \(generation ran steps 0 to 3\)"
-    ):
-        pl.generate(model, prompt, [pl.ablate("h.0", step=9)], max_new_tokens=4, pad_token_id=0)
+    with pytest.raises(pl.PurelensError, match=r"generation ended after step 3") as info:
+        pl.generate(
+            model,
+            prompt,
+            [pl.save("h.0", step=0), pl.ablate("h.0", step=9)],
+            max_new_tokens=4,
+            pad_token_id=0,
+        )
+    # Issue 13, item 27: what was generated comes with the error.
+    assert "before the step=9" in str(info.value)
+    record = info.value.record  # type: ignore[attr-defined]
+    expected = model.generate(prompt, max_new_tokens=4, pad_token_id=0)
+    assert torch.equal(record.output, expected) and record["h.0"].shape[1] == prompt.shape[1]
 
 
 def test_stop_and_save_grad_are_refused(model: nn.Module, prompt: torch.Tensor) -> None:
@@ -163,3 +172,32 @@ def test_plain_module_generates_with_the_builtin_loop() -> None:
     assert torch.equal(zeroed[:, :5], expected[:, :5]) and (zeroed[:, 5:] == 0).all()
     with pytest.raises(pl.PurelensError, match="'top_k' cannot be used"):
         pl.generate(model, ids, max_new_tokens=2, top_k=5)
+
+
+def test_encoder_decoder_generation_runs_the_encoder_at_step_0() -> None:
+    # Issue 13, item 21: the encoder ran at "step -1", so step=0 on an encoder site failed,
+    # although step 0 is the prompt pass.
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = T5Config(
+        vocab_size=40, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+    )  # fmt: skip
+    model = T5ForConditionalGeneration(config).eval()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    rec = pl.generate(
+        model,
+        ids,
+        [pl.save("encoder.block.0", step=0, name="enc"), pl.save("decoder.block.0", name="dec")],
+        max_new_tokens=3,
+        min_new_tokens=3,
+    )
+    assert rec["enc"].shape == (1, 4, 16)
+    assert len(rec["dec"]) == 3 and rec["dec"][0].shape == (1, 1, 16)
+    plain = model.generate(ids, max_new_tokens=3, min_new_tokens=3)
+    ablated = pl.generate(
+        model, ids, [pl.ablate("encoder.block.0", step=0)], max_new_tokens=3, min_new_tokens=3
+    )
+    assert torch.equal(pl.generate(model, ids, max_new_tokens=3, min_new_tokens=3).output, plain)
+    assert ablated.output.shape == plain.shape

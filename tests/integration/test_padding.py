@@ -66,3 +66,65 @@ def test_last_token_of_a_left_padded_batch() -> None:
     for row, prompt in enumerate(PROMPTS):
         alone = pl.run(model, prompt, [pl.save("h.1")], tokenizer=tok)
         assert torch.allclose(rec["h.1"][row], alone["h.1"][0, -1], atol=1e-5)
+
+
+def test_a_fixed_position_on_padding_is_an_error_not_a_silent_read() -> None:
+    # Issue 13, "also found": pl.at(-1) on a right-padded batch read a pad position.
+    model = tiny_gpt2(n_layer=2)
+    right = word_tokenizer(padding_side="right")
+    with pytest.raises(pl.PurelensError, match=r"pl\.at\(-1\) .*padded on the right") as info:
+        pl.run(model, PROMPTS, [pl.save("h.1", pl.at(-1))], tokenizer=right)
+    assert "pl.token_index" in str(info.value)
+    with pytest.raises(pl.PurelensError, match=r"row 1 is padding"):
+        pl.run(model, PROMPTS, [pl.patch("h.0", pl.at(3, torch.zeros_like))], tokenizer=right)
+    left = word_tokenizer(padding_side="left")
+    with pytest.raises(pl.PurelensError, match=r"padded on the left"):
+        pl.run(model, PROMPTS, [pl.save("h.1", pl.at(0))], tokenizer=left)
+    with pytest.raises(pl.PurelensError, match=r"padded on the left"):  # dict inputs too
+        pl.run(model, pl.tokenize(left, PROMPTS), [pl.save("h.1", pl.at(0))])
+    with pytest.raises(pl.PurelensError, match=r"padded on the left"):  # generation's prompt
+        pl.generate(model, PROMPTS, [pl.save("h.1", pl.at(0))], max_new_tokens=1, tokenizer=left)
+
+
+def test_a_fixed_position_that_is_real_in_every_row_still_works() -> None:
+    model = tiny_gpt2(n_layer=2)
+    left = word_tokenizer(padding_side="left")
+    rec = pl.run(model, PROMPTS, [pl.save("h.1", pl.at(-1), name="last")], tokenizer=left)
+    batch = pl.tokenize(left, PROMPTS)
+    alone = pl.run(
+        model,
+        PROMPTS,
+        [pl.save("h.1", pl.at(pl.last_token(batch["attention_mask"])))],
+        tokenizer=left,
+    )
+    assert torch.equal(rec["last"], alone["h.1"])
+    # batch= narrows the check to the selected rows: row 2 is the longest...
+    right = word_tokenizer(padding_side="right")
+    lengths = [len(p.split()) for p in PROMPTS]
+    longest = lengths.index(max(lengths))
+    pl.run(model, PROMPTS, [pl.save("h.1", pl.at(-1), batch=[longest])], tokenizer=right)
+    with pytest.raises(pl.PurelensError, match="is padding"):  # ...and every other row is short
+        pl.run(model, PROMPTS, [pl.save("h.1", pl.at(-1), batch=[1])], tokenizer=right)
+
+
+class PeftStyle(nn.Module):
+    """A wrapper that passes ``**kwargs`` on to the model inside, as PEFT's models do."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.base_model = model
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):  # type: ignore[no-untyped-def]
+        return self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+
+def test_a_wrapper_passing_kwargs_on_gets_position_ids_under_left_padding() -> None:
+    # Issue 13, item 9: wrappers must be seen through, or left padding shifts the positions.
+    model = tiny_gpt2(n_layer=2)
+    left = word_tokenizer(padding_side="left")
+    wrapped = PeftStyle(model)
+    rec = pl.run(wrapped, PROMPTS, [pl.save("h.1")], tokenizer=left)
+    assert torch.equal(rec["h.1"], pl.run(model, PROMPTS, [pl.save("h.1")], tokenizer=left)["h.1"])

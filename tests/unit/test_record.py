@@ -36,7 +36,8 @@ def test_missing_name_lists_what_was_saved(mlp) -> None:  # type: ignore[no-unty
 
 def test_repr_shows_names_shapes_and_dtypes(mlp) -> None:  # type: ignore[no-untyped-def]
     rec = pl.run(mlp.double(), torch.randn(2, 4, dtype=torch.float64), [pl.save("1")])
-    assert repr(rec) == "Record(saved={'1': float64[2, 8]}, output=float64[2, 3])"
+    # Not "saved=...": there is no `rec.saved` (the record is the mapping of saved values).
+    assert repr(rec) == "Record({'1': float64[2, 8]}, output=float64[2, 3])"
 
 
 def records() -> st.SearchStrategy[pl.Record]:
