@@ -15,10 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._eager import eager_under_compile, unwrapped
 from ._errors import MissingSaveError, PurelensError, SiteError
 from ._inputs import call_arguments
 from ._interventions import Save, describe
-from ._pass import Pass, Plan
+from ._pass import Pass, Plan, hookable
 from ._remote import check_local
 from ._run import forward_pass
 from ._site import resolve
@@ -101,6 +102,7 @@ class _Dtypes(Mapping[str, torch.dtype]):
         return len(self._dtypes)
 
 
+@eager_under_compile
 def shapes(
     model: nn.Module,
     inputs: Any,
@@ -138,14 +140,18 @@ def shapes(
         {'0:input': torch.Size([2, 3]), '1': torch.Size([2, 5])}
     """
     check_local(model, "pl.shapes")
+    model = unwrapped(model)
     if not isinstance(model, nn.Module):
         raise PurelensError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
     survey = sites is None
-    names = all_sites(model) if sites is None else list(sites)
+    if sites is None:  # every module that can run, at its output
+        names = [s for s in all_sites(model) if hookable(model.get_submodule(s))]
+    else:
+        names = list(sites)
     plan = Plan.build(model, tuple(Save(site, None, site) for site in names))
     args, kwargs = call_arguments(inputs, tokenizer, model_kwargs, model)
     pass_ = Pass(plan, model, lenient=survey)
-    fake_pass(model, pass_, args, kwargs, None, forward_pass, check=not survey)
+    fake_pass(model, pass_, args, kwargs, None, forward_pass, check=not survey, what="pl.shapes")
     values = pass_.saved
     order = list(values) if survey else names
     missing = [s for s in order if not isinstance(values.get(s), torch.Tensor)]

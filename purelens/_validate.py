@@ -1,19 +1,34 @@
-"""validate=True: run the whole plan on fake tensors before any real compute.
+"""Fake passes: the whole plan on fake tensors, before any real compute (or instead of it).
 
 Fake tensors (torch's ``FakeTensorMode``) carry shapes, dtypes and devices but
 no data, so a pass over them checks every site and every intervention's
-result for the price of shape propagation.
+result for the price of shape propagation. `validate=True`, `pl.shapes` and
+`pl.sweep`'s memory estimate use it.
+
+The model is never touched: its parameters stay where they are, and the
+mode turns each real tensor into a fake one as an operation reads it, in this
+thread only. A run in another thread meanwhile sees the model as it is. The
+conversion substitutes where the tensor read is not the one to use: a
+tensor of `params=` for the parameter it replaces, and a fake CPU tensor for
+anything on the ``meta`` device (the weights of a model built under
+``accelerate.init_empty_weights()``, and what they compute), so that they
+mix with the inputs.
+
+A model dispatched by accelerate with disk offload loads real weights from
+disk as each offloaded module runs, which cannot happen inside the mode; such
+a model runs outside it, the fake inputs taking the mode along with them.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 import torch.utils._pytree as torch_pytree
 from torch import Tensor, nn
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorConverter, FakeTensorMode
 
 from ._errors import PurelensError
 from ._pass import Pass
@@ -21,11 +36,21 @@ from ._pass import Pass
 __all__ = ["fake_pass"]
 
 _UNTRACEABLE = (
-    "validate=True could not run the plan on fake tensors (shapes without data): "
+    "{what} could not run the model on fake tensors (shapes without data): "
     "{kind}: {error}\n"
-    "  An intervention that reads tensor values (.item(), data-dependent indexing) "
-    "cannot be checked this way; run it with validate=False."
+    "  {advice}"
 )
+_ADVICE = {
+    "validate=True": (
+        "An intervention or model that reads tensor values (.item(), data-dependent "
+        "indexing) cannot be checked this way; run it with validate=False."
+    ),
+    "pl.shapes": (
+        "A model that reads tensor values (.item(), data-dependent indexing, a Python branch "
+        "on a tensor) cannot be surveyed without running it; use pl.run with pl.save on "
+        "the sites you need."
+    ),
+}
 
 
 def fake_pass(
@@ -37,59 +62,79 @@ def fake_pass(
     forward: Callable[..., Any],
     *,
     check: bool = True,
+    what: str = "validate=True",
 ) -> Any:
-    """Run `forward` for `pass_` on fake copies of the inputs and parameters.
-
-    Weights on the ``meta`` device (a model built under
-    ``accelerate.init_empty_weights()``, or offloaded to disk) become fake
-    CPU tensors, so they mix with the inputs and with whatever accelerate
-    loads on the way.
+    """Run `forward` for `pass_` on fake copies of the inputs, and of `params`.
 
     Returns:
         The fake output.
 
     Raises:
-        PurelensError: what the real pass would raise, before any real compute.
+        PurelensError: what the real pass would raise, before any real compute;
+            or, naming `what`, that the model cannot run on fake tensors.
     """
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    tensors: dict[str, Tensor] = dict(model.named_parameters(remove_duplicate=False))
-    tensors.update(model.named_buffers(remove_duplicate=False))
-    tensors.update(params or {})
-    for name in _loaded_on_the_way(model):
-        if tensors[name].is_meta:
-            del tensors[name]  # accelerate loads it from disk at forward time
+    converter = _Converter()
+    mode.fake_tensor_converter = converter
 
     def fake(value: Any) -> Any:
-        if not isinstance(value, Tensor):
-            return value
-        if value.is_meta:  # inside the mode, this allocates nothing
-            return torch.empty(value.shape, dtype=value.dtype, device="cpu")
-        return mode.from_tensor(value)
+        return mode.from_tensor(value) if isinstance(value, Tensor) else value
 
+    offloaded = _offloaded(model)
     try:
         with mode:
-            memo: dict[int, Tensor] = {}  # tied weights must stay one tensor
-            fake_params = {name: memo.setdefault(id(t), fake(t)) for name, t in tensors.items()}
+            for name, tensor in _named_tensors(model):
+                if params is not None and name in params:
+                    converter.substitute(tensor, fake(params[name]))
             fake_args, fake_kwargs = torch_pytree.tree_map(fake, (args, kwargs))
-        # The forward runs outside the mode: fake tensors carry it with them,
-        # and code that loads real weights on the way (accelerate's disk
-        # offload) can still create real tensors.
-        output = forward(model, pass_, fake_args, fake_kwargs, fake_params)
+        with contextlib.nullcontext() if offloaded else mode:
+            output = forward(model, pass_, fake_args, fake_kwargs, None)
         if check:
             pass_.check_finished()
         return output
     except PurelensError:
         raise
     except Exception as error:
-        raise PurelensError(_UNTRACEABLE.format(kind=type(error).__name__, error=error)) from error
+        message = _UNTRACEABLE.format(
+            what=what, kind=type(error).__name__, error=error, advice=_ADVICE[what]
+        )
+        raise PurelensError(message) from error
 
 
-def _loaded_on_the_way(model: nn.Module) -> list[str]:
-    """Names of the tensors that accelerate's hooks load (from disk) when their module runs."""
-    names = []
-    for prefix, module in model.named_modules():
-        if getattr(getattr(module, "_hf_hook", None), "offload", False):
-            dot = f"{prefix}." if prefix else ""
-            names += [dot + n for n, _ in module.named_parameters(remove_duplicate=False)]
-            names += [dot + n for n, _ in module.named_buffers(remove_duplicate=False)]
-    return names
+def _named_tensors(model: nn.Module) -> list[tuple[str, Tensor]]:
+    tensors: list[tuple[str, Tensor]] = list(model.named_parameters(remove_duplicate=False))
+    tensors += model.named_buffers(remove_duplicate=False)
+    return tensors
+
+
+def _offloaded(model: nn.Module) -> bool:
+    """Whether accelerate's hooks load some of the model's weights as their modules run."""
+    return any(
+        getattr(getattr(module, "_hf_hook", None), "offload", False) for module in model.modules()
+    )
+
+
+class _Converter(FakeTensorConverter):
+    """Turns real tensors into fake ones, with substitutes for some, and CPU for meta."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._substitutes: dict[int, tuple[Tensor, FakeTensor]] = {}
+
+    def substitute(self, real: Tensor, fake: FakeTensor) -> None:
+        """Read `fake` wherever `real` is read (the real tensor is kept alive meanwhile)."""
+        self._substitutes[id(real)] = (real, fake)
+
+    def from_real_tensor(  # type: ignore[override]
+        self, fake_mode: FakeTensorMode, t: Tensor, *args: Any, **kwargs: Any
+    ) -> FakeTensor:
+        found = self._substitutes.get(id(t))
+        if found is not None:
+            return found[1]
+        if t.is_meta:  # no data to share: a CPU tensor of the same layout, allocating nothing
+            with fake_mode:
+                fake = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cpu")
+            fake.requires_grad_(t.requires_grad)
+            self.substitute(t, fake)  # type: ignore[arg-type]
+            return fake  # type: ignore[return-value]
+        return super().from_real_tensor(fake_mode, t, *args, **kwargs)

@@ -144,10 +144,7 @@ def test_the_time_limit_covers_decoding() -> None:
 
 # With requests at once, pl.shapes must not swap the shared model's parameters for fake
 # tensors (issue 13, item 2; purelens._validate).
-SHAPES_SWAP = pytest.mark.xfail(strict=False, reason="pl.shapes swaps the model's parameters")
-
-
-@pytest.mark.parametrize("concurrency", [1, pytest.param(4, marks=SHAPES_SWAP)])
+@pytest.mark.parametrize("concurrency", [1, 4])
 def test_shapes_requests_beside_runs_leave_every_run_right(local: Any, concurrency: int) -> None:
     model, tokenizer = local
     ids = pl.tokenize(tokenizer, PROMPTS)

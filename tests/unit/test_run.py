@@ -370,5 +370,5 @@ def test_validate_reports_what_it_cannot_trace(mlp: TinyMLP, x: torch.Tensor) ->
     def data_dependent(v: torch.Tensor) -> torch.Tensor:
         return v * 0 if v.sum().item() > 0 else v
 
-    with pytest.raises(pl.PurelensError, match="could not run the plan on fake tensors"):
+    with pytest.raises(pl.PurelensError, match="validate=True could not run the model on fake"):
         pl.run(mlp, x, [pl.patch("0", data_dependent)], validate=True)

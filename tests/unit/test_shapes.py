@@ -59,8 +59,10 @@ def test_shapes_of_a_model_reading_values_says_why_it_cannot() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return x[x > 0]
 
-    with pytest.raises(pl.PurelensError, match="could not run the plan on fake tensors"):
+    with pytest.raises(pl.PurelensError, match=r"pl\.shapes could not run the model") as info:
         pl.shapes(nn.Sequential(DataDependent()), torch.randn(3))
+    # It speaks of what was called, not of run's validate=True (issue 13, item 23).
+    assert "validate" not in str(info.value) and "pl.run with pl.save" in str(info.value)
 
 
 def test_generate_validate_checks_every_step_before_generating() -> None:

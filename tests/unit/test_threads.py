@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -52,3 +55,59 @@ def test_a_run_inside_an_intervention_function(mlp) -> None:  # type: ignore[no-
     assert torch.equal(rec["0"], mlp.layers[0](x * 2))
     assert torch.allclose(inner["rec"].output, mlp(x * 2))  # the outer patch did not leak in
     assert hooks_on(mlp) == 0
+
+
+def _run_beside(model: torch.nn.Module, x: torch.Tensor, survey: Callable[[], object]) -> list[str]:
+    """Plain runs in one thread while `survey` repeats in another, for about a second.
+
+    Returns what went wrong with the runs (nothing, when the survey leaves the model alone).
+    """
+    with torch.no_grad():
+        expected = pl.run(model, x, [pl.save("h.1")])
+    stop = threading.Event()
+    problems: list[str] = []
+
+    def surveys() -> None:
+        while not stop.is_set():
+            survey()
+
+    def runs() -> None:
+        deadline = time.monotonic() + 1.0
+        with torch.no_grad():
+            while time.monotonic() < deadline:
+                try:
+                    rec = pl.run(model, x, [pl.save("h.1")])
+                except Exception as e:  # a crash is as wrong as a wrong value
+                    problems.append(f"{type(e).__name__}: {e}")
+                    continue
+                if type(rec["h.1"]) is not torch.Tensor:
+                    problems.append(f"a {type(rec['h.1']).__name__} in the record")
+                elif not torch.equal(rec["h.1"], expected["h.1"]):
+                    problems.append("a wrong value")
+
+    surveyor = threading.Thread(target=surveys)
+    surveyor.start()
+    try:
+        runs()
+    finally:
+        stop.set()
+        surveyor.join()
+    return problems
+
+
+def test_shapes_validate_and_sweep_estimates_leave_other_threads_alone() -> None:
+    # Issue 13, item 2: fake passes swapped the model's parameters for fake tensors,
+    # so runs in other threads returned FakeTensors or crashed.
+    model = tiny_gpt2(n_layer=2)
+    x = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(0))
+    surveys = {
+        "shapes": lambda: pl.shapes(model, x),
+        "validate": lambda: pl.run(model, x, [pl.save("h.0")], validate=True),
+        "sweep": lambda: pl.sweep(  # a new input shape each time: a new memory estimate
+            model, x[:, : int(torch.randint(2, 6, ()))], [pl.add("h.0", 1.0), pl.add("h.0", 2.0)]
+        ),
+    }
+    for name, survey in surveys.items():
+        problems = _run_beside(model, x, survey)
+        assert not problems, (name, problems[:3], len(problems))
+    assert hooks_on(model) == 0
