@@ -6,16 +6,25 @@ parameters and buffers (no weight is copied), but a root of its own, whose
 ``forward`` installs the edits' hooks for the length of each call. Between
 calls nothing is left on the shared submodules, so the original runs as it
 always did, also at the same time in another thread.
+
+That ``forward`` is an `_EditForward`, an object rather than a closure, so
+that it follows its module: ``copy.deepcopy(edited)`` copies it along (the
+copy's edits act on the copy's modules), and edits on the root site itself
+(``""``, ``":input"``) apply around the call, where no hook of the root's
+own could act anymore.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+import types
 from collections import OrderedDict
 from typing import Any
 
 from torch import nn
 
+from ._eager import unwrapped
 from ._errors import PurelensError
 from ._grads import SaveGrad
 from ._hooks import installed
@@ -58,6 +67,57 @@ def _check(iv: Intervention) -> None:
         raise PurelensError(_STEP_IN_EDIT.format(what=repr(iv)))
 
 
+class _EditForward:
+    """The ``forward`` of an edited module: its edits, around the forward it had."""
+
+    __slots__ = ("edits", "inner", "owner")
+
+    def __init__(self, owner: nn.Module, inner: Any, edits: tuple[Intervention, ...]) -> None:
+        self.owner = owner  # the edited module
+        self.inner = inner  # its forward before the edits; None: its class's
+        self.edits = edits
+
+    def rebound(self, owner: nn.Module) -> _EditForward:
+        """The same edits on another module (a shallow copy of the owner)."""
+        return _EditForward(owner, _rebound(self.inner, self.owner, owner), self.edits)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        owner = self.owner
+        pass_ = Pass(Plan.build(owner, self.edits), owner)
+        with installed(pass_, edit=True, root=owner):
+            for site in pass_.plan.sites:
+                if site.module is owner and site.port == "input":
+                    changed = pass_.on_input(site, args, kwargs)
+                    if changed is not None:
+                        args, kwargs = changed
+            skipped, output = pass_.on_skip(owner, args, kwargs)
+            if not skipped:
+                inner = self.inner
+                output = (
+                    type(owner).forward(owner, *args, **kwargs)
+                    if inner is None
+                    else inner(*args, **kwargs)
+                )
+            for site in pass_.plan.sites:
+                if site.module is owner and site.port == "output":
+                    changed = pass_.on_output(site, output)
+                    if changed is not None:
+                        output = changed
+        pass_.check_finished()
+        return output
+
+
+def _rebound(forward: Any, old: nn.Module, new: nn.Module) -> Any:
+    """`forward` (a module's own ``forward`` attribute) for `new`, where it was bound to `old`."""
+    if isinstance(forward, _EditForward) and forward.owner is old:
+        return forward.rebound(new)
+    if isinstance(forward, types.MethodType) and forward.__self__ is old:
+        return types.MethodType(forward.__func__, new)
+    if isinstance(forward, functools.partial) and forward.args[:1] == (old,):
+        return functools.partial(forward.func, new, *forward.args[1:], **forward.keywords)
+    return forward
+
+
 def edit(model: nn.Module, interventions: Any) -> nn.Module:
     """A new module that applies `interventions` on every forward; `model` is untouched.
 
@@ -68,10 +128,12 @@ def edit(model: nn.Module, interventions: Any) -> nn.Module:
     compose: ``pl.edit(pl.edit(m, a), b)`` applies ``a`` then ``b``.
     ``edited.edits`` holds the interventions (a pytree) and ``edited.original``
     the module it was made from: "clearing" edits is using the original.
+    ``copy.deepcopy(edited)`` is an edited copy (for an EMA or a reference
+    model): its edits act on its own modules.
 
     Edits change values (``patch``, ``replace``, ``add``, ``scale``,
-    ``ablate``, ``transplant``, ``skip``, ``patch_grad``); saves, stops and
-    ``step=`` belong to runs.
+    ``ablate``, ``transplant``, ``skip``, ``patch_grad``), also at the root
+    site (``""``, ``":input"``); saves, stops and ``step=`` belong to runs.
 
     Example:
         >>> import torch, purelens as pl
@@ -86,6 +148,7 @@ def edit(model: nn.Module, interventions: Any) -> nn.Module:
         True
     """
     check_local(model, "pl.edit")
+    model = unwrapped(model)
     if not isinstance(model, nn.Module):
         raise PurelensError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
     edits = flatten_interventions(interventions)
@@ -103,17 +166,9 @@ def edit(model: nn.Module, interventions: Any) -> nn.Module:
     for name in _HOOK_DICTS:
         if name in model.__dict__:
             object.__setattr__(edited, name, OrderedDict())
-    inner_forward = model.__dict__.get("forward") or type(model).forward.__get__(edited)
-    plan = Plan.build(edited, edits)  # a site "" is the edited root itself
-
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        pass_ = Pass(plan, edited)
-        with installed(pass_, edit=True):
-            output = inner_forward(*args, **kwargs)
-        pass_.check_finished()
-        return output
-
-    object.__setattr__(edited, "forward", forward)
+    Plan.build(edited, edits)  # a bad site fails here, not at the first call
+    inner = _rebound(model.__dict__.get("forward"), model, edited)
+    object.__setattr__(edited, "forward", _EditForward(edited, inner, edits))
     object.__setattr__(edited, "edits", edits)
     object.__setattr__(edited, "original", model)
     return edited

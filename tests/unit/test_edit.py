@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from concurrent.futures import ThreadPoolExecutor
 
 import optree
@@ -119,3 +120,53 @@ def test_generate_on_an_edited_hf_model() -> None:
     assert (out.output[0, 4:] == target).all() and len(out["h.0"]) == 3
     assert (model.generate(prompt, max_new_tokens=3, pad_token_id=0)[0, 4:] != target).any()
     assert torch.equal(edited.generate(prompt, max_new_tokens=3, pad_token_id=0), out.output)
+
+
+def test_a_deep_copy_of_an_edited_module_edits_its_own_modules(
+    mlp: TinyMLP, x: torch.Tensor
+) -> None:
+    # Issue 13, item 6: the copy's forward still ran the original's modules (an EMA copy
+    # or a reference model silently did nothing).
+    edited = pl.edit(mlp, [pl.scale("0", 2.0)])
+    twin = copy.deepcopy(edited)
+    assert twin.layers is not edited.layers
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.add_(1.0)  # train the copy a little
+    expected = twin.layers[2](twin.layers[1](2 * twin.layers[0](x)))
+    assert torch.allclose(twin(x), expected)
+    assert torch.allclose(edited(x), mlp.layers[2](mlp.layers[1](2 * mlp.layers[0](x))))
+    assert hooks_on(mlp) == 0 and hooks_on(twin.layers) == 0
+
+
+def test_a_plain_call_of_an_edited_module_inside_a_patch_is_not_the_runs(
+    mlp: TinyMLP, x: torch.Tensor
+) -> None:
+    # Issue 13, item 7: the outer run's interventions applied inside it (and recursed).
+    edited = pl.edit(mlp, [pl.ablate("1")])
+    seen = {}
+
+    def patch(v: torch.Tensor) -> torch.Tensor:
+        seen["inner"] = edited(x)  # a plain call, as in a reference model
+        return v
+
+    rec = pl.run(edited, x, [pl.patch("0", patch), pl.scale("2", 3.0)])
+    alone = mlp.layers[2].bias.expand(3, 3)  # ablated layer 1: only the bias is left
+    assert torch.allclose(seen["inner"], alone)  # not scaled by the outer run's 3.0
+    assert torch.allclose(rec.output, 3 * alone)
+
+
+@pytest.mark.parametrize(
+    ("edits", "expected"),
+    [
+        ([pl.scale("", 2.0)], lambda m, x: 2 * m(x)),
+        ([pl.add(":input", 1.0)], lambda m, x: m(x + 1)),
+        ([pl.skip("", lambda v: v[:, :3])], lambda m, x: x[:, :3]),
+    ],
+)
+def test_edits_at_the_root_site_apply(mlp: TinyMLP, x: torch.Tensor, edits, expected) -> None:  # type: ignore[no-untyped-def]
+    # Issue 13, item 18: an edit at the root site ("", ":input") always failed, never applied.
+    edited = pl.edit(mlp, edits)
+    assert torch.allclose(edited(x), expected(mlp, x))
+    rec = pl.run(edited, x, [pl.save(""), pl.save(":input", name="in")])
+    assert torch.allclose(rec[""], expected(mlp, x)) and torch.equal(rec["in"], x)
