@@ -30,6 +30,7 @@ import torch
 import torch.utils._pytree as torch_pytree
 from torch import Tensor, nn
 
+from ._eager import eager_under_compile, unwrapped
 from ._errors import PurelensError
 from ._inputs import call_arguments
 from ._interventions import (
@@ -74,10 +75,18 @@ _NOT_VMAPPABLE = (
 )
 _BAD_METHOD = "`method` must be 'auto', 'fold' or 'vmap', got {value!r}."
 _BAD_CHUNK = "`chunk` must be a positive int (cells per pass) or None, got {value!r}."
+_UNSPLITTABLE = (
+    "the model's output{where} has shape {shape}, with no row per example of the folded "
+    "batch (a loss reduced over it, say), so it cannot be split into the cells' values: "
+    "each cell would get the value of all cells together.\n"
+    "  Keep only per-row outputs (output=lambda out: out.logits) and compute such values "
+    "from them, or use method='vmap' (cells that differ only in their tensors)."
+)
 _CELL = "\x00cell{k}\x00"
 _FALLBACK_BYTES = 2**26  # per cell, when no estimate can be made
 
 
+@eager_under_compile
 def sweep(
     model: nn.Module,
     inputs: Any,
@@ -145,6 +154,7 @@ def sweep(
         True
     """
     check_local(model, "pl.sweep")
+    model = unwrapped(model)
     if method not in ("auto", "fold", "vmap"):
         raise PurelensError(_BAD_METHOD.format(value=method))
     if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
@@ -289,19 +299,56 @@ def _repeat(tree: Any, size: int, n: int) -> Any:
 
 
 def _cell_output(output: Any, k: int, n: int, size: int) -> Any:
-    """Cell `k`'s rows of the folded output; leaves that are not tensors (caches) dropped."""
+    """Cell `k`'s rows of the folded output; leaves that are not tensors (caches) dropped.
 
-    def rows(x: Any) -> Any:
+    A tensor without a row per example of the folded batch (a loss reduced
+    over it) cannot be told apart by cell: it becomes an `_Unsplittable`, an
+    error as soon as it is used or kept.
+    """
+
+    def rows(path: Any, x: Any) -> Any:
         if isinstance(x, Tensor):
-            return x[k * size : (k + 1) * size] if x.ndim and x.shape[0] == n * size else x
+            if x.ndim and x.shape[0] == n * size:
+                return x[k * size : (k + 1) * size]
+            return x if n == 1 else _Unsplittable(torch_pytree.keystr(path), x)
         return None if x is not None and not isinstance(x, int | float | bool | str) else x
 
-    return torch_pytree.tree_map(rows, output)
+    return torch_pytree.tree_map_with_path(rows, output)
+
+
+class _Unsplittable:
+    """A part of a folded output that holds no row per cell: using it is an error."""
+
+    def __init__(self, where: str, value: Tensor) -> None:
+        self._message = _UNSPLITTABLE.format(where=where or "output", shape=list(value.shape))
+
+    def fail(self, *args: Any, **kwargs: Any) -> Any:
+        raise PurelensError(self._message)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        self.fail()
+
+    def __iter__(self) -> Any:
+        raise TypeError(self._message)  # as for any value that is not iterable
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        leaves = torch_pytree.tree_leaves((args, kwargs))
+        next(a for a in leaves if isinstance(a, cls)).fail()
+
+    __getitem__ = __float__ = __int__ = __bool__ = __len__ = fail
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = fail
+    __truediv__ = __rtruediv__ = __matmul__ = __rmatmul__ = __neg__ = __pow__ = fail
 
 
 def _join(trees: list[Any], join: Callable[[list[Tensor]], Tensor]) -> Any:
     """Trees of one structure joined leafwise (`torch.stack` or `torch.cat`)."""
     flat = [torch_pytree.tree_flatten(t) for t in trees]
+    for leaf in flat[0][0]:
+        if isinstance(leaf, _Unsplittable):
+            leaf.fail()
     columns = zip(*(leaves for leaves, _ in flat), strict=True)
     joined = [join(list(col)) if isinstance(col[0], Tensor) else col[0] for col in columns]
     return torch_pytree.tree_unflatten(joined, flat[0][1])

@@ -220,3 +220,23 @@ def test_auto_folds_when_the_model_cannot_run_under_vmap() -> None:
     rec = pl.sweep(model, x, cells)
     for k, want in enumerate(loop(model, x, cells)):
         assert close(rec.output[k], want.output)
+
+
+def test_an_output_reduced_over_the_batch_is_never_split_wrongly(gpt2: nn.Module) -> None:
+    # Issue 13, item 4: with folding, an HF loss (labels=) is one number for all cells'
+    # rows together, and every cell got that same wrong value.
+    x = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(3))
+    cells = [pl.ablate("h.0.mlp"), pl.scale("h.1", 0.5), pl.ablate("h.1.attn")]  # folded
+    with pytest.raises(pl.PurelensError, match=r"output\['loss'\] has shape \[\]"):
+        pl.sweep(gpt2, {"input_ids": x, "labels": x}, cells, method="fold")
+    with pytest.raises(pl.PurelensError, match="cannot be split into the cells"):
+        pl.sweep(gpt2, {"input_ids": x, "labels": x}, cells, output=lambda out: out.loss * 2)
+    rec = pl.sweep(gpt2, {"input_ids": x, "labels": x}, cells, output=lambda out: out.logits)
+    for k, cell in enumerate(cells):  # per-row outputs are split rightly
+        alone = pl.run(gpt2, {"input_ids": x, "labels": x}, [cell]).output
+        assert torch.allclose(rec.output[k], alone.logits, atol=1e-5)
+    steer = [pl.add("h.1", v) for v in torch.randn(3, 32)]  # vmap: each cell's own loss
+    rec = pl.sweep(gpt2, {"input_ids": x, "labels": x}, steer, output=lambda out: out.loss)
+    for k, cell in enumerate(steer):
+        alone = pl.run(gpt2, {"input_ids": x, "labels": x}, [cell]).output.loss
+        assert torch.allclose(rec.output[k], alone, atol=1e-5)
