@@ -30,6 +30,7 @@ from ._checkpoint import checkpointed
 from ._errors import GenerationEnded, PurelensError, SiteError
 from ._grads import PatchGrad, SaveGrad, mark, tap
 from ._interventions import Intervention, Save, Skip, Stop, Writer
+from ._params import restore, without_replacements
 from ._positions import reset_padding, set_padding
 from ._primary import primary_input, primary_output
 from ._select import step_selected
@@ -300,9 +301,13 @@ class Pass:
         below = passes[: passes.index(self)] if self in passes else passes
         active = ACTIVE.set(below)
         padding = set_padding(self.padding)
+        # A run's `params=` are its model's tensors; its functions see the model's own.
+        hidden = None if below else without_replacements()
         try:
             return fn(*args)
         finally:
+            if hidden is not None:
+                restore(hidden)
             reset_padding(padding)
             ACTIVE.reset(active)
 

@@ -14,6 +14,7 @@ from ._grads import call_loss, check_loss_allowed, detached, gradients
 from ._hooks import installed
 from ._inputs import call_arguments, padding_of
 from ._interventions import flatten_interventions
+from ._params import replaced
 from ._pass import Pass, Plan, StopPass
 from ._record import Record
 from ._remote import Remote
@@ -54,8 +55,10 @@ def run(
             arguments), a dict (keyword arguments), or text with `tokenizer`.
         interventions: `pl.save`, `pl.patch`, ... or (nested) lists of them.
         params: names -> tensors used instead of the model's own parameters
-            and buffers (through `torch.func.functional_call`), so that
-            `torch.func.grad` with respect to them composes.
+            and buffers, as `torch.func.functional_call` does (tied weights
+            included), so that `torch.func.grad` with respect to them
+            composes; but seen by this call only, never by runs in other
+            threads or by the functions of its interventions.
         loss: ``loss(output)`` or ``loss(output, saved)`` returning a scalar
             tensor (or a dict of named scalars). `run` then enables gradients
             for its pass, takes ``torch.autograd.grad`` of the loss with
@@ -140,7 +143,8 @@ def forward_pass(
         try:
             if params is None:
                 return model(*args, **kwargs)
-            return torch.func.functional_call(model, dict(params), args, kwargs, strict=False)
+            with replaced(model, params):
+                return model(*args, **kwargs)
         except StopPass as stop:
             if stop.owner is not pass_:
                 raise

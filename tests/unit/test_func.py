@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.func import grad, jacrev, vmap
 
@@ -112,3 +113,46 @@ def test_jacrev_with_respect_to_params_and_intervention_leaves(mlp: TinyMLP) -> 
     assert torch.allclose(jac_p["layers.2.bias"], torch.eye(3))
     assert isinstance(jac_iv, pl.Intervention) and jac_iv.delta.shape == (3, 8)
     assert torch.allclose(jac_iv.delta, jacrev(lambda v: steered(mlp, x, v)[0])(torch.zeros(8)))
+
+
+def test_params_equal_functional_call_with_tied_weights_buffers_and_vmap() -> None:
+    from tests.helpers import tiny_gpt2
+
+    model = tiny_gpt2(n_layer=1)
+    x = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(0))
+    wte = torch.randn(97, 32) * 0.02  # tied to lm_head.weight: one name replaces both
+    params = {"transformer.wte.weight": wte, "transformer.h.0.ln_1.bias": torch.ones(32)}
+    want = torch.func.functional_call(model, params, (x,)).logits
+    assert torch.allclose(pl.run(model, x, params=params).output.logits, want, atol=1e-6)
+
+    def loss(p: dict[str, torch.Tensor]) -> torch.Tensor:
+        return pl.run(model, x, params=p).output.logits.square().mean()
+
+    def reference(p: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.func.functional_call(model, p, (x,)).logits.square().mean()
+
+    got, expected = torch.func.grad(loss)(params), torch.func.grad(reference)(params)
+    for name in params:
+        assert torch.allclose(got[name], expected[name], atol=1e-6)
+    stacked = {"transformer.wte.weight": torch.stack([wte, 2 * wte])}
+    ensemble = vmap(lambda p: pl.run(model, x, params=p).output.logits)(stacked)
+    assert torch.allclose(
+        ensemble[1],
+        pl.run(model, x, params={"transformer.wte.weight": 2 * wte}).output.logits,
+        atol=1e-5,
+    )
+    with pytest.raises(pl.PurelensError, match="ties them"):
+        pl.run(model, x, params={"transformer.wte.weight": wte, "lm_head.weight": wte.clone()})
+
+
+def test_a_runs_functions_see_the_models_own_params(mlp: TinyMLP) -> None:
+    x = torch.randn(2, 4)
+    zeros = {n: torch.zeros_like(p) for n, p in mlp.named_parameters()}
+    inner = {}
+
+    def patch(v: torch.Tensor) -> torch.Tensor:
+        inner["out"] = mlp(x)  # the model, not the run's params
+        return v
+
+    rec = pl.run(mlp, x, [pl.patch("0", patch)], params=zeros)
+    assert torch.equal(inner["out"], mlp(x)) and bool((rec.output == 0).all())

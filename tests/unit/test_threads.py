@@ -111,3 +111,22 @@ def test_shapes_validate_and_sweep_estimates_leave_other_threads_alone() -> None
         problems = _run_beside(model, x, survey)
         assert not problems, (name, problems[:3], len(problems))
     assert hooks_on(model) == 0
+
+
+def test_params_are_seen_by_their_own_run_only() -> None:
+    # Issue 13, item 2 (params=): functional_call swapped the tensors into the shared
+    # modules, where runs and plain calls in other threads saw them.
+    model = tiny_gpt2(n_layer=2)
+    x = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(0))
+    zeros = {n: torch.zeros_like(p) for n, p in model.named_parameters() if "h.0" in n}
+    with torch.no_grad():
+        replaced = pl.run(model, x, [pl.save("h.1")], params=zeros)["h.1"]
+    assert not torch.equal(replaced, pl.run(model, x, [pl.save("h.1")])["h.1"])
+
+    def with_params() -> None:
+        with torch.no_grad():
+            assert torch.equal(pl.run(model, x, [pl.save("h.1")], params=zeros)["h.1"], replaced)
+
+    problems = _run_beside(model, x, with_params)
+    assert not problems, (problems[:3], len(problems))
+    assert all(type(m.__dict__["_parameters"]) is dict for m in model.modules())
