@@ -22,6 +22,11 @@ TEXTS = [
 ]
 
 
+def save_last(tok, site: str) -> pl.Intervention:  # type: ignore[no-untyped-def]
+    """Save `site` at each prompt's last real token, in the batch `tok` pads."""
+    return pl.save(site, pl.at(pl.last_token(pl.tokenize(tok, PROMPTS)["attention_mask"])))
+
+
 def real_positions(mask: torch.Tensor, row: int) -> torch.Tensor:
     return mask[row].nonzero()[:, 0]
 
@@ -56,13 +61,7 @@ def test_pretrained_bert_batched_rows_equal_texts_alone(side: str) -> None:
 
 def test_last_token_of_a_left_padded_batch() -> None:
     model, tok = tiny_gpt2(n_layer=2, seed=5), word_tokenizer(padding_side="left")
-    batch = pl.tokenize(tok, PROMPTS)
-    rec = pl.run(
-        model,
-        PROMPTS,
-        [pl.save("h.1", pl.at(pl.last_token(batch["attention_mask"])))],
-        tokenizer=tok,
-    )
+    rec = pl.run(model, PROMPTS, [save_last(tok, "h.1")], tokenizer=tok)
     for row, prompt in enumerate(PROMPTS):
         alone = pl.run(model, prompt, [pl.save("h.1")], tokenizer=tok)
         assert torch.allclose(rec["h.1"][row], alone["h.1"][0, -1], atol=1e-5)
@@ -90,13 +89,7 @@ def test_a_fixed_position_that_is_real_in_every_row_still_works() -> None:
     model = tiny_gpt2(n_layer=2)
     left = word_tokenizer(padding_side="left")
     rec = pl.run(model, PROMPTS, [pl.save("h.1", pl.at(-1), name="last")], tokenizer=left)
-    batch = pl.tokenize(left, PROMPTS)
-    alone = pl.run(
-        model,
-        PROMPTS,
-        [pl.save("h.1", pl.at(pl.last_token(batch["attention_mask"])))],
-        tokenizer=left,
-    )
+    alone = pl.run(model, PROMPTS, [save_last(left, "h.1")], tokenizer=left)
     assert torch.equal(rec["last"], alone["h.1"])
     # batch= narrows the check to the selected rows: row 2 is the longest...
     right = word_tokenizer(padding_side="right")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import struct
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -19,7 +18,6 @@ import safetensors.torch
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from torch import nn
 
 import purelens as pl
 from purelens import ops
@@ -42,23 +40,6 @@ PROMPTS = ["bilora lives in", "the home of kaithund is"]
 @pl.functions.register("tests.remote.double")
 def double(v: torch.Tensor) -> torch.Tensor:
     return v * 2
-
-
-@pytest.fixture(scope="module")
-def url() -> Iterator[str]:
-    with serving(create_app(tokens=TOKENS, limits=LIMITS)) as address:
-        yield address
-
-
-@pytest.fixture(scope="module")
-def remote(url: str) -> Iterator[Any]:
-    with pl.remote(url, "default", token=TOKENS[0]) as handle:
-        yield handle
-
-
-@pytest.fixture(scope="module")
-def local() -> tuple[nn.Module, Any]:
-    return pl.models.load_default()
 
 
 def assert_same(a: Any, b: Any) -> None:

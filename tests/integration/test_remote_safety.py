@@ -12,14 +12,12 @@ import json
 import struct
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 import safetensors.torch
 import torch
-from torch import nn
 
 import purelens as pl
 from purelens import ops
@@ -27,7 +25,6 @@ from purelens._server import Limits, create_app
 from purelens._wire import Request, encode_request
 from tests.helpers import serving
 from tests.integration.test_remote import (
-    LIMITS,
     PROMPTS,
     TOKENS,
     assert_same_record,
@@ -36,23 +33,6 @@ from tests.integration.test_remote import (
 )
 
 HEADERS = {"Authorization": f"Bearer {TOKENS[0]}"}
-
-
-@pytest.fixture(scope="module")
-def url() -> Iterator[str]:
-    with serving(create_app(tokens=TOKENS, limits=LIMITS)) as address:
-        yield address
-
-
-@pytest.fixture(scope="module")
-def remote(url: str) -> Iterator[Any]:
-    with pl.remote(url, "default", token=TOKENS[0]) as handle:
-        yield handle
-
-
-@pytest.fixture(scope="module")
-def local() -> tuple[nn.Module, Any]:
-    return pl.models.load_default()
 
 
 def post(url: str, body: bytes, endpoint: str = "run", timeout: float = 10.0) -> httpx.Response:
