@@ -183,6 +183,5 @@ def without_replacements() -> contextvars.Token[Mapping[Key, Mapping[str, Tensor
     return _REPLACED.set(None)
 
 
-
 def restore(token: contextvars.Token[Mapping[Key, Mapping[str, Tensor]] | None]) -> None:
     _REPLACED.reset(token)
