@@ -28,8 +28,9 @@ from ._eager import unwrapped
 from ._errors import PurelensError
 from ._grads import SaveGrad
 from ._hooks import installed
+from ._inputs import padding_of
 from ._interventions import Intervention, Save, Stop, flatten_interventions
-from ._pass import Pass, Plan
+from ._pass import ACTIVE, Pass, Plan, SitePlan
 from ._remote import check_local
 
 __all__ = ["edit"]
@@ -38,6 +39,11 @@ _NOT_AN_EDIT = (
     "{what} cannot be an edit: an edited module returns only its output, so there is "
     "nowhere to put saved values, and a stop would leave nothing to return.\n"
     "  Use pl.run(edited, x, [{builder}(...)]) on the edited module instead."
+)
+_ENCODER = (
+    "  In generation, HF runs the encoder on its own (get_encoder()), outside the edited "
+    "model's forward, so an edit inside the encoder cannot apply there: in pl.generate, "
+    "give it as a run-time intervention with step=0 instead."
 )
 _STEP_IN_EDIT = (
     "{what}: edits apply at every forward call, so `step=` has no meaning there.\n"
@@ -68,9 +74,16 @@ def _check(iv: Intervention) -> None:
 
 
 class _EditForward:
-    """The ``forward`` of an edited module: its edits, around the forward it had."""
+    """The ``forward`` of an edited module: its edits, around the forward it had.
+
+    The edited module's own sites (``""``, ``":input"``) take no hooks (they
+    would act before or after this call, not inside it): this forward applies
+    them, the edits' first and then those of the passes already active (the
+    run's), in the order hooks would.
+    """
 
     __slots__ = ("edits", "inner", "owner")
+    applies_own_sites = True  # `installed` hooks no site on a module with this forward
 
     def __init__(self, owner: nn.Module, inner: Any, edits: tuple[Intervention, ...]) -> None:
         self.owner = owner  # the edited module
@@ -84,12 +97,13 @@ class _EditForward:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         owner = self.owner
         pass_ = Pass(Plan.build(owner, self.edits), owner)
-        with installed(pass_, edit=True, root=owner):
-            for site in pass_.plan.sites:
-                if site.module is owner and site.port == "input":
-                    changed = pass_.on_input(site, args, kwargs)
-                    if changed is not None:
-                        args, kwargs = changed
+        pass_.padding = padding_of(args, kwargs)
+        with installed(pass_, edit=True):
+            passes = tuple(reversed(ACTIVE.get()))  # this edit's pass first, as with hooks
+            for site, p in _own_sites(passes, owner, "input"):
+                changed = p.on_input(site, args, kwargs)
+                if changed is not None:
+                    args, kwargs = changed
             skipped, output = pass_.on_skip(owner, args, kwargs)
             if not skipped:
                 inner = self.inner
@@ -98,13 +112,28 @@ class _EditForward:
                     if inner is None
                     else inner(*args, **kwargs)
                 )
-            for site in pass_.plan.sites:
-                if site.module is owner and site.port == "output":
-                    changed = pass_.on_output(site, output)
-                    if changed is not None:
-                        output = changed
-        pass_.check_finished()
+            for site, p in _own_sites(passes, owner, "output"):
+                changed = p.on_output(site, output)
+                if changed is not None:
+                    output = changed
+        try:
+            pass_.check_finished()
+        except PurelensError as error:
+            if "encoder_outputs" in kwargs:
+                raise PurelensError(f"{error}\n{_ENCODER}") from None
+            raise
         return output
+
+
+def _own_sites(
+    passes: tuple[Pass, ...], owner: nn.Module, port: str
+) -> list[tuple[SitePlan, Pass]]:
+    return [
+        (site, p)
+        for p in passes
+        for site in p.plan.sites
+        if site.module is owner and site.port == port
+    ]
 
 
 def _rebound(forward: Any, old: nn.Module, new: nn.Module) -> Any:
@@ -166,9 +195,12 @@ def edit(model: nn.Module, interventions: Any) -> nn.Module:
     for name in _HOOK_DICTS:
         if name in model.__dict__:
             object.__setattr__(edited, name, OrderedDict())
-    Plan.build(edited, edits)  # a bad site fails here, not at the first call
     inner = _rebound(model.__dict__.get("forward"), model, edited)
-    object.__setattr__(edited, "forward", _EditForward(edited, inner, edits))
+    every = edits
+    if isinstance(inner, _EditForward):  # an edit of an edited module: one forward, in order
+        inner, every = inner.inner, inner.edits + edits
+    Plan.build(edited, every)  # a bad site fails here, not at the first call
+    object.__setattr__(edited, "forward", _EditForward(edited, inner, every))
     object.__setattr__(edited, "edits", edits)
     object.__setattr__(edited, "original", model)
     return edited

@@ -112,12 +112,12 @@ def _swap_out(module: nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def installed(pass_: Pass, *, edit: bool = False, root: nn.Module | None = None) -> Iterator[None]:
+def installed(pass_: Pass, *, edit: bool = False) -> Iterator[None]:
     """Install the hooks of `pass_`'s plan and activate it, for one call.
 
     A run's pass becomes the only active one; an edit's (``edit=True``) joins
-    the active ones, its hooks ahead of those already there. Sites on `root`
-    get no hooks: the caller, which is that module's forward, applies them.
+    the active ones, its hooks ahead of those already there. A module whose
+    ``forward`` applies its own sites (an edited module's) gets no hooks.
     """
     handles = []
     swapped: list[nn.Module] = []
@@ -127,7 +127,7 @@ def installed(pass_: Pass, *, edit: bool = False, root: nn.Module | None = None)
         if pass_.multi_step:  # each call of the root module is one generation step
             handles.append(pass_.model.register_forward_pre_hook(_step_hook(pass_), prepend=True))
         for site in pass_.plan.sites:
-            if site.module is root:
+            if _applies_own_sites(site.module):
                 continue
             if site.port == "input":
                 handle = site.module.register_forward_pre_hook(
@@ -137,7 +137,7 @@ def installed(pass_: Pass, *, edit: bool = False, root: nn.Module | None = None)
                 handle = site.module.register_forward_hook(_output_hook(pass_, site), prepend=edit)
             handles.append(handle)
         for module in pass_.plan.skip_modules:
-            if module is root:
+            if edit and module is pass_.model:  # the edited module's forward skips itself
                 continue
             _swap_in(module)
             swapped.append(module)
@@ -148,6 +148,10 @@ def installed(pass_: Pass, *, edit: bool = False, root: nn.Module | None = None)
         for module in swapped:
             _swap_out(module)
         ACTIVE.reset(token)
+
+
+def _applies_own_sites(module: nn.Module) -> bool:
+    return getattr(module.__dict__.get("forward"), "applies_own_sites", False) is True
 
 
 def check_before_every_module(model: nn.Module, check: Callable[[], None]) -> None:

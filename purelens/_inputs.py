@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ._errors import PurelensError
-from ._positions import real_tokens
+from ._padding import real_tokens
 
 __all__ = [
     "call_arguments",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -17,6 +18,7 @@ from torch import Tensor
 
 from . import _select
 from ._errors import PurelensError
+from ._padding import aligned
 from ._select import Rows, Steps
 from ._tree import hashable, pytree_node, static_field
 
@@ -49,6 +51,11 @@ _NOT_TENSOR = "{what} at site {site!r} returned {value!r}, not a torch.Tensor."
 _BAD_BROADCAST = (
     "{what} at site {site!r}: a value of shape {got} does not broadcast to the site's shape {want}."
 )
+_MEAN_OF_INTEGERS = (
+    "{what} at site {site!r}: the value there is {got}, and the mean of integers (token ids) "
+    "is not one of them.\n  Mean-ablate where the values are floating-point (the embedding's "
+    "output), or replace the ids with pl.replace."
+)
 _LOSSY_CAST = (
     "{what} at site {site!r}: the site holds {want} values, and a {got} value would be "
     "changed to fit them (e.g. 0.5 truncated to 0 for integers).\n"
@@ -56,8 +63,8 @@ _LOSSY_CAST = (
     "at the embedding's output: pl.add('wte', delta))."
 )
 _MEAN_OF_ONE = (
-    "{what} at site {site!r}: the value there is {got}, which has no batch or position "
-    "dimension to average over, so a mean ablation would change nothing.\n"
+    "{what} at site {site!r}: the value there is {got}, with one token or example to average "
+    "over (no batch or position beyond it), so a mean ablation would change nothing.\n"
     "  Under torch.func.vmap over examples, each example is a run of its own, whose "
     "batch is that example: compute the mean over examples outside vmap and use "
     "pl.replace(site, mean)."
@@ -304,13 +311,26 @@ class Ablate(Writer):
     def new_value(self, rows: Tensor, saved: Mapping[str, Any]) -> Tensor:
         if self.how == "zero":
             return torch.zeros_like(rows)
-        if rows.ndim < 2:
+        if not (rows.is_floating_point() or rows.is_complex()):
+            raise PurelensError(
+                _MEAN_OF_INTEGERS.format(what=repr(self), site=self.site, got=describe(rows))
+            )
+        # Every dimension but the last (features) is batch or position; in a padded
+        # batch of token rows, only real tokens count.
+        dims = tuple(range(rows.ndim - 1))
+        real = aligned(rows)
+        if real is None:
+            count = math.prod(rows.shape[:-1])
+            mean = rows.mean(dim=dims, keepdim=True)
+        else:
+            weight = real.reshape(*real.shape, *([1] * (rows.ndim - 2))).to(rows.dtype)
+            count = int(real.sum()) * math.prod(rows.shape[2:-1])
+            mean = (rows * weight).sum(dim=dims, keepdim=True) / max(count, 1)
+        if count < 2:
             raise PurelensError(
                 _MEAN_OF_ONE.format(what=repr(self), site=self.site, got=describe(rows))
             )
-        # Every dimension but the last (features) is batch or position.
-        dims = tuple(range(rows.ndim - 1))
-        return rows.mean(dim=dims, keepdim=True).expand_as(rows)
+        return mean.expand_as(rows)
 
 
 @pytree_node

@@ -30,8 +30,8 @@ from ._checkpoint import checkpointed
 from ._errors import GenerationEnded, PurelensError, SiteError
 from ._grads import PatchGrad, SaveGrad, mark, tap
 from ._interventions import Intervention, Save, Skip, Stop, Writer
+from ._padding import reset_padding, set_padding
 from ._params import restore, without_replacements
-from ._positions import reset_padding, set_padding
 from ._primary import primary_input, primary_output
 from ._select import step_selected
 from ._site import Port, resolve

@@ -8,7 +8,6 @@ and left padding moves "token 0" too. These helpers read the attention mask
 
 from __future__ import annotations
 
-import contextvars
 import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -18,9 +17,9 @@ from torch import Tensor
 
 from ._errors import PurelensError
 from ._interventions import takes_saved
-from ._select import Rows, take_rows
+from ._padding import aligned
 
-__all__ = ["at", "last_token", "real_tokens", "reset_padding", "set_padding", "token_index"]
+__all__ = ["at", "last_token", "token_index"]
 
 _OUT_OF_RANGE = (
     "token {i} does not exist in row {row}, which has {count} real tokens.\n"
@@ -43,46 +42,9 @@ _ROWS_MISMATCH = (
 )
 
 
-# Which positions of the current pass's batch are real tokens, when it is padded.
-_PADDING: contextvars.ContextVar[Tensor | None] = contextvars.ContextVar(
-    "purelens_padding", default=None
-)
-
-
-def real_tokens(attention_mask: Any) -> Tensor | None:
-    """Which tokens of a batch are real (not padding), from its 2-D attention mask.
-
-    None when there is no such mask, or under `torch.func` transforms (where a
-    batched mask is not the batch's). Nothing is read from the mask here, so
-    that a run with no `pl.at` never waits for the device.
-    """
-    if isinstance(attention_mask, Tensor) and attention_mask.ndim == 2:
-        if not _functorch_wrapped(attention_mask):
-            return attention_mask != 0
-    return None
-
-
-def _functorch_wrapped(t: Tensor) -> bool:
-    return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
-
-
-def set_padding(real: Tensor | None, rows: Rows = None) -> contextvars.Token[Tensor | None]:
-    """Let `pl.at` check that fixed positions are real tokens (in the rows `rows` selects).
-
-    Returns the token that `reset_padding` takes.
-    """
-    if real is not None and rows is not None:
-        real = take_rows(real, rows, "the batch")
-    return _PADDING.set(real)
-
-
-def reset_padding(token: contextvars.Token[Tensor | None]) -> None:
-    _PADDING.reset(token)
-
-
 def _check_not_padding(i: int, value: Tensor) -> None:
-    real = _PADDING.get()
-    if real is None or value.ndim < 2 or tuple(value.shape[:2]) != tuple(real.shape):
+    real = aligned(value)
+    if real is None:
         return
     pads = (~real[:, i]).nonzero()
     if len(pads):

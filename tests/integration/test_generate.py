@@ -201,3 +201,16 @@ def test_encoder_decoder_generation_runs_the_encoder_at_step_0() -> None:
     )
     assert torch.equal(pl.generate(model, ids, max_new_tokens=3, min_new_tokens=3).output, plain)
     assert ablated.output.shape == plain.shape
+
+
+def test_an_encoder_edit_in_generation_says_why_it_cannot_apply() -> None:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = T5Config(
+        vocab_size=40, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+    )  # fmt: skip
+    edited = pl.edit(T5ForConditionalGeneration(config).eval(), [pl.ablate("encoder.block.0")])
+    with pytest.raises(pl.PurelensError, match="runs the encoder on its own"):
+        pl.generate(edited, torch.tensor([[5, 6, 7]]), max_new_tokens=2)

@@ -121,3 +121,40 @@ def test_a_wrapper_passing_kwargs_on_gets_position_ids_under_left_padding() -> N
     wrapped = PeftStyle(model)
     rec = pl.run(wrapped, PROMPTS, [pl.save("h.1")], tokenizer=left)
     assert torch.equal(rec["h.1"], pl.run(model, PROMPTS, [pl.save("h.1")], tokenizer=left)["h.1"])
+
+
+def test_mean_ablation_in_a_padded_batch_averages_real_tokens_only() -> None:
+    model = tiny_gpt2(n_layer=2)
+    right = word_tokenizer(padding_side="right")
+    batch = pl.tokenize(right, PROMPTS)
+    real = batch["attention_mask"].bool()
+    h0 = pl.run(model, PROMPTS, [pl.save("h.0")], tokenizer=right)["h.0"]
+    rec = pl.run(model, PROMPTS, [pl.ablate("h.0", "mean"), pl.save("h.0")], tokenizer=right)
+    assert torch.allclose(rec["h.0"][0, 0], h0[real].mean(0), atol=1e-5)
+    assert not torch.allclose(rec["h.0"][0, 0], h0.mean((0, 1)), atol=1e-4)
+    rows = pl.run(model, PROMPTS, [pl.ablate("h.0", "mean", batch=[1, 2])], tokenizer=right)
+    mean = pl.run(
+        model, PROMPTS, [pl.save("h.0", lambda v: v[1:3][real[1:3]].mean(0))], tokenizer=right
+    )
+    edited = pl.run(model, PROMPTS, [pl.replace("h.0", mean["h.0"], batch=[1, 2])], tokenizer=right)
+    assert torch.allclose(rows.output.logits, edited.output.logits, atol=1e-5)
+
+
+def test_the_padding_check_holds_in_edits_and_under_beams() -> None:
+    model = tiny_gpt2(n_layer=2)
+    right, left = word_tokenizer(padding_side="right"), word_tokenizer(padding_side="left")
+    edited = pl.edit(model, [pl.patch("h.0", pl.at(-1, torch.zeros_like))])
+    with pytest.raises(pl.PurelensError, match="is padding"):
+        edited(**pl.tokenize(right, PROMPTS))
+    with pytest.raises(pl.PurelensError, match="is padding"):
+        pl.run(edited, PROMPTS, tokenizer=right)
+    with pytest.raises(pl.PurelensError, match="is padding"):  # rows are prompts x beams
+        pl.generate(
+            model, PROMPTS, [pl.save("h.0", pl.at(0), step=0)],
+            tokenizer=left, max_new_tokens=2, num_beams=2, pad_token_id=0,
+        )  # fmt: skip
+    rec = pl.generate(  # batch= counts the expanded rows, and is no error about the mask
+        model, PROMPTS, [pl.save("h.0", step=0, batch=7)],
+        tokenizer=left, max_new_tokens=2, num_beams=2, pad_token_id=0,
+    )  # fmt: skip
+    assert rec["h.0"].shape[0] == 1

@@ -157,16 +157,29 @@ def test_a_plain_call_of_an_edited_module_inside_a_patch_is_not_the_runs(
 
 
 @pytest.mark.parametrize(
-    ("edits", "expected"),
+    ("edits", "expected", "seen_in"),
     [
-        ([pl.scale("", 2.0)], lambda m, x: 2 * m(x)),
-        ([pl.add(":input", 1.0)], lambda m, x: m(x + 1)),
-        ([pl.skip("", lambda v: v[:, :3])], lambda m, x: x[:, :3]),
+        ([pl.scale("", 2.0)], lambda m, x: 2 * m(x), lambda x: x),
+        ([pl.add(":input", 1.0)], lambda m, x: m(x + 1), lambda x: x + 1),
+        ([pl.skip("", lambda v: v[:, :3])], lambda m, x: x[:, :3], lambda x: x),
     ],
 )
-def test_edits_at_the_root_site_apply(mlp: TinyMLP, x: torch.Tensor, edits, expected) -> None:  # type: ignore[no-untyped-def]
-    # Issue 13, item 18: an edit at the root site ("", ":input") always failed, never applied.
+def test_edits_at_the_root_site_apply_before_the_runs(  # type: ignore[no-untyped-def]
+    mlp: TinyMLP, x: torch.Tensor, edits, expected, seen_in
+) -> None:
+    # Issue 13, item 18: an edit at the root site ("", ":input") always failed, never applied;
+    # then it applied after the run's interventions at the root, not before.
     edited = pl.edit(mlp, edits)
     assert torch.allclose(edited(x), expected(mlp, x))
     rec = pl.run(edited, x, [pl.save(""), pl.save(":input", name="in")])
-    assert torch.allclose(rec[""], expected(mlp, x)) and torch.equal(rec["in"], x)
+    assert torch.allclose(rec[""], expected(mlp, x)) and torch.equal(rec["in"], seen_in(x))
+
+
+def test_root_input_edits_and_run_interventions_compose_in_order(
+    mlp: TinyMLP, x: torch.Tensor
+) -> None:
+    edited = pl.edit(mlp, [pl.add(":input", 1.0)])
+    twice = pl.edit(edited, [pl.scale(":input", 3.0)])  # an edit of an edit comes after it
+    assert torch.allclose(pl.run(edited, x, [pl.scale(":input", 2.0)]).output, mlp(2 * (x + 1)))
+    assert torch.allclose(twice(x), mlp(3 * (x + 1)))
+    assert torch.allclose(pl.run(twice, x, [pl.add(":input", 1.0)]).output, mlp(3 * (x + 1) + 1))

@@ -95,15 +95,26 @@ def test_a_saved_tuple_changed_in_place_is_caught() -> None:
         pl.run(model, torch.randn(2, 4), [pl.save("1.inner", lambda v: (v, v.sum()))])
 
 
-def test_mean_ablation_of_a_value_without_batch_or_position_is_an_error() -> None:
-    # Item 12: on 1-D values it returned the value unchanged, also under vmap over examples.
+@pytest.mark.parametrize("shape", [(4,), (1, 4), (1, 1, 4)])
+def test_mean_ablation_over_a_single_value_is_an_error(shape: tuple[int, ...]) -> None:
+    # Item 12: on 1-D values (and on one row of one token) it returned the value unchanged.
+    model = nn.Sequential(nn.Identity(), nn.Identity())
+    with pytest.raises(pl.PurelensError, match="one token or example to average"):
+        pl.run(model, torch.randn(shape), [pl.ablate("0", "mean")])
+
+
+def test_mean_ablation_under_vmap_over_single_examples_is_an_error() -> None:
     mlp = TinyMLP()
-    with pytest.raises(pl.PurelensError, match="no batch or position dimension"):
-        pl.run(mlp, torch.randn(4), [pl.ablate("0", "mean")])
-    with pytest.raises(pl.PurelensError, match="no batch or position dimension"):
+    with pytest.raises(pl.PurelensError, match="one token or example to average"):
         torch.func.vmap(lambda x: pl.run(mlp, x, [pl.ablate("0", "mean")]).output)(
             torch.randn(5, 4)
         )
+
+
+def test_mean_ablation_of_token_ids_is_an_error() -> None:
+    model = nn.Sequential(nn.Embedding(10, 4))
+    with pytest.raises(pl.PurelensError, match="mean of integers"):
+        pl.run(model, torch.tensor([[1, 2], [3, 4]]), [pl.ablate("0:input", "mean")])
 
 
 def test_vmap_over_batches_mean_ablates_each_batch_as_its_own_run() -> None:

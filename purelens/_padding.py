@@ -1,0 +1,70 @@
+"""Which tokens of the current pass's batch are padding, for interventions that must know.
+
+A pass that runs on a padded batch of token rows (text with ``tokenizer=``,
+or ``input_ids`` with a 2-D ``attention_mask``) makes its real-token mask
+current while its interventions run (see `_pass`): `pl.at` then refuses a
+fixed position that is padding in some row, and a mean ablation averages
+over real tokens only. With ``batch=``, the mask is narrowed to the selected
+rows. A value with k times the mask's rows (HF generation expands each
+prompt into beams or return sequences, row after row) lines up with the
+mask repeated k times per row.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._select import Rows, row_indices
+
+__all__ = ["aligned", "real_tokens", "reset_padding", "set_padding"]
+
+_PADDING: contextvars.ContextVar[Tensor | None] = contextvars.ContextVar(
+    "purelens_padding", default=None
+)
+
+
+def real_tokens(attention_mask: Any) -> Tensor | None:
+    """Which tokens of a batch are real (not padding), from its 2-D attention mask.
+
+    None when there is no such mask, or under `torch.func` transforms (where a
+    batched mask is not the batch's). Nothing is read from the mask here, so
+    that a run that does not need it never waits for the device.
+    """
+    if isinstance(attention_mask, Tensor) and attention_mask.ndim == 2:
+        if not torch._C._functorch.is_functorch_wrapped_tensor(attention_mask):
+            return attention_mask != 0
+    return None
+
+
+def set_padding(real: Tensor | None, rows: Rows = None) -> contextvars.Token[Tensor | None]:
+    """Make `real` current (narrowed to the rows `rows` selects).
+
+    Returns the token for `reset_padding`.
+    """
+    if real is not None and rows is not None:
+        try:
+            real = real[row_indices(rows, real.shape[0], "the batch")]
+        except Exception:  # rows the mask does not have (beams): no check, no error here
+            real = None
+    return _PADDING.set(real)
+
+
+def reset_padding(token: contextvars.Token[Tensor | None]) -> None:
+    _PADDING.reset(token)
+
+
+def aligned(value: Tensor) -> Tensor | None:
+    """The current real-token mask, lined up with `value`'s first two dimensions, if it can be."""
+    real = _PADDING.get()
+    if real is None or value.ndim < 2 or value.shape[1] != real.shape[1]:
+        return None
+    rows, mask_rows = value.shape[0], real.shape[0]
+    if rows == mask_rows:
+        return real
+    if mask_rows and rows % mask_rows == 0:
+        return real.repeat_interleave(rows // mask_rows, dim=0)
+    return None
