@@ -56,6 +56,12 @@ _IN_INFERENCE = (
     "`loss=` cannot work under torch.inference_mode(): inference tensors have no "
     "gradients.\n  Use torch.no_grad() instead; run enables gradients for its own pass."
 )
+_REENTRANT = (
+    "`loss=` takes gradients with torch.autograd.grad, which torch's reentrant gradient "
+    "checkpointing (use_reentrant=True) does not support.\n"
+    "  Use non-reentrant checkpointing (model.gradient_checkpointing_enable("
+    "{'use_reentrant': False})), or turn checkpointing off for the run."
+)
 _BAD_LOSS = "`loss` must return a scalar tensor, or a dict of named scalar tensors; {problem}."
 _NOT_DIFFERENTIABLE = (
     "{what}: the value at site {site!r} is {kind}, which has no gradient.\n"
@@ -219,9 +225,14 @@ def gradients(
     for i, (key, value) in enumerate(losses.items()):
         found: tuple[Tensor | None, ...]
         if value.requires_grad:
-            found = torch.autograd.grad(
-                value, tensors, allow_unused=True, retain_graph=i < len(losses) - 1
-            )
+            try:
+                found = torch.autograd.grad(
+                    value, tensors, allow_unused=True, retain_graph=i < len(losses) - 1
+                )
+            except RuntimeError as error:
+                if "use_reentrant=True" not in str(error):
+                    raise
+                raise PurelensError(_REENTRANT) from None
         else:  # the loss does not depend on anything differentiable
             found = (None,) * len(tensors)
         per_loss[key] = [

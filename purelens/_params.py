@@ -24,8 +24,10 @@ import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
+from ._checkpoint import checkpointed
 from ._errors import PurelensError
 
 __all__ = ["replaced", "restore", "without_replacements"]
@@ -37,6 +39,18 @@ _REPLACED: contextvars.ContextVar[Mapping[Key, Mapping[str, Tensor]] | None] = (
     contextvars.ContextVar("purelens_replaced", default=None)
 )
 
+# Whether autograd recorded the call that set the replacements.
+_RECORDING: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "purelens_replaced_recording", default=False
+)
+
+_CHECKPOINTED = (
+    "`params=` replaces {name!r}, which a part of the model under gradient checkpointing "
+    "reads while gradients are recorded: the backward pass reruns that part after the run, "
+    "when it reads the model's own tensors again, so the gradients would be wrong.\n"
+    "  Turn checkpointing off for this run (model.gradient_checkpointing_disable()), or run "
+    "without gradients (torch.no_grad())."
+)
 _TIED_APART = (
     "`params` gives {a!r} and {b!r} different tensors, but the model ties them (one "
     "tensor under both names).\n  Give one of the names (it replaces the tensor under "
@@ -64,6 +78,8 @@ class _Overlay(dict):  # type: ignore[type-arg]
     def __getitem__(self, name: str) -> Any:
         replacing = self._replacing()
         if replacing is not None and name in replacing:
+            if _RECORDING.get() and checkpointed() == "forward":
+                raise PurelensError(_CHECKPOINTED.format(name=name))
             return replacing[name]
         return dict.__getitem__(self, name)
 
@@ -164,6 +180,7 @@ def replaced(model: nn.Module, params: Mapping[str, Tensor]) -> Iterator[None]:
     outer = _REPLACED.get() or {}
     merged = {**outer, **{key: {**outer.get(key, {}), **names} for key, names in table.items()}}
     token = _REPLACED.set(merged)
+    recording = _RECORDING.set(torch.is_grad_enabled())
     try:
         for module, kind in owners:
             _install(module, kind)
@@ -172,6 +189,7 @@ def replaced(model: nn.Module, params: Mapping[str, Tensor]) -> Iterator[None]:
     finally:
         for module, kind in installed:
             _uninstall(module, kind)
+        _RECORDING.reset(recording)
         _REPLACED.reset(token)
 
 

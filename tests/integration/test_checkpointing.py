@@ -113,3 +113,36 @@ def test_any_torch_checkpoint_is_recognised(reentrant: bool) -> None:
         pl.run(model, x, [pl.scale("inner.0", 2.0)])
     rec = pl.run(model, x, [pl.save("inner.1"), pl.scale("", 2.0)], loss=lambda out: out.sum())
     assert rec["inner.1"].shape == (3, 4)
+
+
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad")
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_params_read_inside_a_checkpointed_block_are_refused(reentrant: bool) -> None:
+    # The backward rerun reads the model's own tensors, not the run's params=.
+    model = Checkpointed(reentrant)
+    w = torch.randn(4, 4, requires_grad=True)
+    x = torch.randn(3, 4)
+    with pytest.raises(pl.PurelensError, match="`params=` replaces 'weight'"):
+        pl.run(model, x, params={"inner.0.weight": w})
+    with pytest.raises(pl.PurelensError, match="gradient checkpointing"):
+        pl.run(model, x, params={"inner.0.weight": w}, loss=lambda out: out.sum())
+    with torch.no_grad():
+        got = pl.run(model, x, params={"inner.0.weight": w}).output
+        assert torch.allclose(got, torch.func.functional_call(model, {"inner.0.weight": w}, (x,)))
+    hf = gpt2(checkpointing=True, reentrant=reentrant)
+    inside = {"transformer.h.0.mlp.c_fc.weight": torch.randn(16, 64, requires_grad=True)}
+    with pytest.raises(pl.PurelensError, match="gradient checkpointing"):
+        pl.run(hf, X, params=inside)
+    grads = []
+    for model in (hf, gpt2(checkpointing=False)):  # outside the blocks (and tied to lm_head)
+        wte = torch.randn(50, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        out = pl.run(model, X, params={"transformer.wte.weight": wte}).output
+        out.logits.square().sum().backward()
+        grads.append(wte.grad)
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)
+
+
+def test_loss_under_reentrant_checkpointing_says_what_torch_cannot_do() -> None:
+    model = gpt2(checkpointing=True, reentrant=True)
+    with pytest.raises(pl.PurelensError, match="reentrant gradient checkpointing"):
+        pl.run(model, X, [pl.save_grad("wte")], loss=lambda out: out.logits.sum())
