@@ -40,6 +40,12 @@ _UNTRACEABLE = (
     "{kind}: {error}\n"
     "  {advice}"
 )
+_COMPILED = (
+    "{what} cannot run {name!r} on fake tensors: it was compiled in place "
+    "(Module.compile()), and compiled code does not run on them.\n"
+    "  Survey the model before compiling it, or compile with torch.compile(model), whose "
+    "wrapper purelens runs eagerly."
+)
 _ADVICE = {
     "validate=True": (
         "An intervention or model that reads tensor values (.item(), data-dependent "
@@ -73,6 +79,9 @@ def fake_pass(
         PurelensError: what the real pass would raise, before any real compute;
             or, naming `what`, that the model cannot run on fake tensors.
     """
+    compiled = next((n for n, m in model.named_modules() if _compiled_in_place(m)), None)
+    if compiled is not None:
+        raise PurelensError(_COMPILED.format(what=what, name=compiled or "the model"))
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     converter = _Converter()
     mode.fake_tensor_converter = converter
@@ -81,6 +90,7 @@ def fake_pass(
         return mode.from_tensor(value) if isinstance(value, Tensor) else value
 
     offloaded = _offloaded(model)
+    before = _snapshot(model)
     try:
         with mode:
             for name, tensor in _named_tensors(model):
@@ -99,6 +109,49 @@ def fake_pass(
             what=what, kind=type(error).__name__, error=error, advice=_ADVICE[what]
         )
         raise PurelensError(message) from error
+    finally:
+        _undo_fakes(before)
+
+
+def _compiled_in_place(module: nn.Module) -> bool:
+    return module.__dict__.get("_compiled_call_impl") is not None
+
+
+_State = list[tuple[dict[str, Any], dict[str, Any]]]
+
+
+def _snapshot(model: nn.Module) -> _State:
+    """Each module's attributes, buffers and parameters (the dicts' entries, copied)."""
+    state: _State = []
+    for module in model.modules():
+        for store in (module.__dict__, module.__dict__["_buffers"], module.__dict__["_parameters"]):
+            state.append((store, dict(dict.items(store))))
+    return state
+
+
+def _undo_fakes(state: _State) -> None:
+    """Put back what the model stored during the fake pass that holds fake tensors.
+
+    Models cache tensors they compute in their first forward (rotary tables,
+    ``long_inv_freq``); cached in a fake pass, they would be fake ever after.
+    """
+    for store, before in state:
+        for key, value in list(dict.items(store)):
+            if _holds_fake(value) and value is not before.get(key):
+                if key in before:
+                    dict.__setitem__(store, key, before[key])
+                else:
+                    dict.__delitem__(store, key)
+
+
+def _holds_fake(value: Any) -> bool:
+    if isinstance(value, FakeTensor):
+        return True
+    if isinstance(value, list | tuple):
+        return any(isinstance(v, FakeTensor) for v in value)
+    if isinstance(value, dict):
+        return any(isinstance(v, FakeTensor) for v in value.values())
+    return False
 
 
 def _named_tensors(model: nn.Module) -> list[tuple[str, Tensor]]:

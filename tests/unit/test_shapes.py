@@ -104,3 +104,36 @@ def test_survey_keys_resolve_like_sites(mlp: TinyMLP) -> None:
     assert shapes.dtypes["-1"] == torch.float32
     with pytest.raises(KeyError, match="'1:input' is not among the sites surveyed"):
         shapes["1:input"]
+
+
+def test_a_fake_pass_leaves_no_fake_tensor_cached_on_the_model() -> None:
+    # A model caching what its first forward computes (longrope's long_inv_freq) kept a
+    # FakeTensor after pl.shapes, validate=True or a sweep's estimate: later runs were wrong.
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    rope = {
+        "rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 4,
+        "long_factor": [2.0] * 4, "original_max_position_embeddings": 16, "factor": 4.0,
+    }  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        rope_parameters=rope,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    reference = copy.deepcopy(model)
+    x = torch.randint(0, 64, (1, 20))
+    pl.shapes(model, x)
+    pl.run(model, x, [pl.save("layers.0")], validate=True)
+    assert torch.equal(model(x).logits, reference(x).logits)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's compile stack
+def test_a_model_compiled_in_place_cannot_be_surveyed_and_says_so() -> None:
+    model = nn.Sequential(nn.Linear(3, 4))
+    model.compile()
+    with pytest.raises(pl.PurelensError, match=r"compiled in place \(Module\.compile\(\)\)"):
+        pl.shapes(model, torch.ones(2, 3))
