@@ -14,9 +14,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
 
 from ._errors import PurelensError
-from ._interventions import takes_saved
+from ._interventions import describe, takes_saved
 from ._padding import aligned
 
 __all__ = ["at", "last_token", "token_index"]
@@ -36,6 +37,19 @@ _AT_PADDING = (
     "  Count real tokens per row instead: pl.at(pl.token_index(mask, {i})) with the mask "
     "of pl.tokenize(tokenizer, texts){advice}."
 )
+_AT_ROW_OUT_OF_RANGE = (
+    "pl.at: position {i} of row {row} does not exist in a value with {length} positions "
+    "(shape {shape}).\n"
+    "  Positions count from 0, or from the end with -1 (the last)."
+)
+_BAD_INDEX = (
+    "`index` of pl.at must be an int or a tensor of integer positions (one per row), "
+    "got {index!r}.\n  E.g. pl.at(-1) or pl.at(pl.last_token(mask))."
+)
+_AT_RESULT = (
+    "the function of pl.at returned {got}, but the entries it replaces are {want} (one per "
+    "row): it must keep their shape, and their dtype (or one that casts without loss)."
+)
 _ROWS_MISMATCH = (
     "pl.at: {n} positions for a value with {rows} rows.\n"
     "  Give one position per row of the value at the site (with batch=, per selected row)."
@@ -51,6 +65,10 @@ def _check_not_padding(i: int, value: Tensor) -> None:
         side = "left" if bool((~real[:, 0]).any()) else "right"
         advice = ", or pl.at(-1) with left padding" if side == "right" and i < 0 else ""
         raise PurelensError(_AT_PADDING.format(i=i, row=int(pads[0, 0]), side=side, advice=advice))
+
+
+def _wrapped(t: Tensor) -> bool:
+    return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
 
 
 def _check_mask(attention_mask: Tensor) -> Tensor:
@@ -135,7 +153,27 @@ class at:
         index = self.index.to(value.device)
         if index.shape != rows.shape:
             raise PurelensError(_ROWS_MISMATCH.format(n=list(index.shape), rows=value.shape[0]))
+        length = value.shape[1] if value.ndim >= 2 else 0
+        if not _wrapped(index) and not isinstance(value, FakeTensor):
+            outside = ((index < -length) | (index >= length)).nonzero()
+            if len(outside):
+                row = int(outside[0, 0])
+                i = int(index[row])
+                raise PurelensError(
+                    _AT_ROW_OUT_OF_RANGE.format(
+                        i=i, row=row, length=length, shape=list(value.shape)
+                    )
+                )
         return rows, index
+
+    def __post_init__(self) -> None:
+        index = self.index
+        integer = isinstance(index, int) and not isinstance(index, bool)
+        tensor = isinstance(index, Tensor) and not (index.is_floating_point() or index.is_complex())
+        if not (integer or tensor) or (isinstance(index, Tensor) and index.dtype == torch.bool):
+            raise PurelensError(_BAD_INDEX.format(index=index))
+        if self.fn is not None and not callable(self.fn):
+            raise PurelensError(f"`fn` of pl.at must be callable or None, got {self.fn!r}.")
 
     def __eq__(self, other: object) -> bool:
         # By value, so that interventions rebuilt by pl.loads (or written twice) are equal.
@@ -163,4 +201,9 @@ class at:
         if self.fn is None:
             return entries
         new = self.fn(entries, saved) if takes_saved(self.fn) else self.fn(entries)
+        if not isinstance(new, Tensor) or new.shape != entries.shape:
+            got = describe(new) if isinstance(new, Tensor) else repr(new)[:80]
+            raise PurelensError(_AT_RESULT.format(got=got, want=describe(entries)))
+        if new.dtype != entries.dtype and not torch.can_cast(new.dtype, entries.dtype):
+            raise PurelensError(_AT_RESULT.format(got=describe(new), want=describe(entries)))
         return value.index_put((rows, index), new.to(value.dtype))

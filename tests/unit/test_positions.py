@@ -90,3 +90,35 @@ def test_transplant_arguments_are_checked() -> None:
     model = nn.Sequential(nn.Identity())
     with pytest.raises(pl.PurelensError, match="row 5 is outside the batch of size 2"):
         pl.run(model, torch.randn(2, 2), [pl.transplant("0", src=5, dst=0)])
+
+
+@pytest.mark.parametrize("index", [1.5, "a", True, torch.tensor([0.5, 1.0]), None])
+def test_at_refuses_an_index_that_is_not_positions(index: object) -> None:
+    with pytest.raises(pl.PurelensError, match=r"`index` of pl\.at"):
+        pl.at(index)  # type: ignore[arg-type]
+
+
+def test_at_with_a_row_position_outside_the_value_is_an_error() -> None:
+    model = nn.Sequential(nn.Identity())
+    with pytest.raises(pl.PurelensError, match="position 5 of row 0 does not exist"):
+        pl.run(model, torch.randn(2, 4, 3), [pl.save("0", pl.at(torch.tensor([5, 0])))])
+
+
+@pytest.mark.parametrize(
+    ("fn", "match"),
+    [
+        (lambda e: torch.zeros(1), r"returned float32\[1\]"),  # was broadcast over every row
+        (lambda e: e[:1], r"returned float32\[1, 3\]"),
+        (lambda e: "x", "returned 'x'"),
+    ],
+)
+def test_at_checks_what_its_function_returns(fn, match: str) -> None:  # type: ignore[no-untyped-def]
+    model = nn.Sequential(nn.Identity())
+    with pytest.raises(pl.PurelensError, match=match):
+        pl.run(model, torch.randn(2, 4, 3), [pl.patch("0", pl.at(-1, fn))])
+
+
+def test_at_refuses_a_lossy_result_on_token_ids() -> None:
+    model = nn.Sequential(nn.Embedding(10, 4))
+    with pytest.raises(pl.PurelensError, match="casts without loss"):
+        pl.run(model, torch.tensor([[1, 2, 3]]), [pl.patch("0:input", pl.at(0, lambda e: e + 0.7))])
