@@ -32,6 +32,10 @@ _NO_STOP = (
     "{what} has no meaning in pl.generate: it ends one forward pass, and "
     "generation is many.\n  Use pl.run for a single pass."
 )
+_NO_LENGTH = (
+    "`max_new_tokens` is needed for a model with no `.generate` method (purelens's own "
+    "loop has no generation config to take it from), e.g. max_new_tokens=8."
+)
 _LOOP_KWARGS = (
     "{names} cannot be used with a model that has no `.generate` method: purelens "
     "then runs a small loop of its own, which takes `do_sample`, `temperature` "
@@ -45,7 +49,7 @@ def generate(
     inputs: Any,
     interventions: Any = (),
     *,
-    max_new_tokens: int,
+    max_new_tokens: int | None = None,
     tokenizer: Any = None,
     validate: bool = False,
     **generate_kwargs: Any,
@@ -64,7 +68,8 @@ def generate(
             ``attention_mask``), or text with `tokenizer`.
         interventions: as in `pl.run`; `step=` selects steps (0 is the
             prompt pass).
-        max_new_tokens: how many tokens to generate.
+        max_new_tokens: how many tokens to generate; None leaves it to the
+            model's generation config (a plain module's loop needs it).
         tokenizer: turns text into a left-padded batch.
         validate: first run the prompt pass on fake tensors with every
             intervention (whatever its `step=`), so that a bad site or a
@@ -97,8 +102,15 @@ def generate(
     model = unwrapped(model)
     if not isinstance(model, nn.Module):
         raise PurelensError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if max_new_tokens is not None and (
+        not isinstance(max_new_tokens, int)
+        or isinstance(max_new_tokens, bool)
+        or max_new_tokens < 1
+    ):
         raise PurelensError(f"`max_new_tokens` must be a positive int, got {max_new_tokens!r}.")
+    hf_generate = getattr(model, "generate", None)
+    if max_new_tokens is None and not callable(hf_generate):
+        raise PurelensError(_NO_LENGTH)
     plan = Plan.build(model, flatten_interventions(interventions))
     check_loss_allowed(None, list(plan.save_grads))
     for iv in plan.interventions:
@@ -123,10 +135,11 @@ def generate(
     pass_.padding = padding_of(args, kwargs)
     # Generation records no gradients (HF's `generate` runs under no_grad too).
     with torch.no_grad(), installed(pass_):
-        hf_generate = getattr(model, "generate", None)
         if callable(hf_generate):
-            output = hf_generate(*args, max_new_tokens=max_new_tokens, **kwargs, **generate_kwargs)
+            length = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
+            output = hf_generate(*args, **length, **kwargs, **generate_kwargs)
         else:
+            assert max_new_tokens is not None
             output = _loop(model, args, kwargs, max_new_tokens, **generate_kwargs)
     try:
         pass_.check_finished()

@@ -15,6 +15,7 @@ from . import _wire
 from ._errors import PurelensError
 from ._interventions import flatten_interventions
 from ._record import Record
+from ._tree import NAMESPACE
 
 __all__ = ["Remote", "RemoteError", "check_local", "remote"]
 
@@ -83,6 +84,7 @@ class Remote:
         _no_transforms("run")
         _local_only(params=params, tokenizer=tokenizer)
         ivs = list(flatten_interventions(interventions))
+        _no_autograd("run", (inputs, ivs, model_kwargs))
         request = _wire.Request("run", _data(inputs), ivs, loss, model_kwargs, validate)
         return self._call(request)
 
@@ -91,7 +93,7 @@ class Remote:
         inputs: Any,
         interventions: Any = (),
         *,
-        max_new_tokens: int,
+        max_new_tokens: int | None = None,
         tokenizer: Any = None,
         validate: bool = False,
         **generate_kwargs: Any,
@@ -99,8 +101,11 @@ class Remote:
         """`pl.generate` on the server; `pl.generate(remote, ...)` calls this."""
         _no_transforms("generate")
         _local_only(tokenizer=tokenizer)
-        kwargs = {**generate_kwargs, "max_new_tokens": max_new_tokens}
+        kwargs = dict(generate_kwargs)
+        if max_new_tokens is not None:
+            kwargs["max_new_tokens"] = max_new_tokens
         ivs = list(flatten_interventions(interventions))
+        _no_autograd("generate", (inputs, ivs, kwargs))
         request = _wire.Request("generate", _data(inputs), ivs, None, kwargs, validate)
         return self._call(request)
 
@@ -222,11 +227,31 @@ def check_local(model: Any, what: str) -> None:
         )
 
 
+_NO_AUTOGRAD = (
+    "pl.{call} on a remote model got a tensor that requires gradients, but what the server "
+    "returns carries no autograd history, so gradients through it would silently be zero.\n"
+    "  Ask the server for gradients instead: pl.run(remote, x, [pl.save_grad(site)], "
+    "loss=...), or detach the tensor if you need no gradients."
+)
+
+
 def _no_transforms(call: str) -> None:
     import torch
 
     if torch._C._functorch.peek_interpreter_stack() is not None:
         raise PurelensError(_NO_TRANSFORMS.format(call=call))
+
+
+def _no_autograd(call: str, tree: Any) -> None:
+    """Raise when autograd records a tensor sent away (its gradients could not come back)."""
+    import optree
+    import torch
+
+    if not torch.is_grad_enabled():
+        return
+    leaves = optree.tree_leaves(tree, namespace=NAMESPACE)  # type: ignore[arg-type]
+    if any(isinstance(t, torch.Tensor) and t.requires_grad for t in leaves):
+        raise PurelensError(_NO_AUTOGRAD.format(call=call))
 
 
 def _local_only(**given: Any) -> None:

@@ -214,3 +214,14 @@ def test_an_encoder_edit_in_generation_says_why_it_cannot_apply() -> None:
     edited = pl.edit(T5ForConditionalGeneration(config).eval(), [pl.ablate("encoder.block.0")])
     with pytest.raises(pl.PurelensError, match="runs the encoder on its own"):
         pl.generate(edited, torch.tensor([[5, 6, 7]]), max_new_tokens=2)
+
+
+@pytest.mark.filterwarnings("ignore:Using the model-agnostic default `max_length`")
+def test_max_new_tokens_defaults_to_the_generation_config(
+    model: nn.Module, prompt: torch.Tensor
+) -> None:
+    # It was a required argument, though the API gives it a default of None.
+    rec = pl.generate(model, prompt, [pl.save("h.0")], pad_token_id=0)
+    assert torch.equal(rec.output, model.generate(prompt, pad_token_id=0))
+    with pytest.raises(pl.PurelensError, match=r"needed for a model with no `\.generate`"):
+        pl.generate(nn.Sequential(nn.Embedding(5, 5)), torch.tensor([[1, 2]]))

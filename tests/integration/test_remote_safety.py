@@ -201,6 +201,25 @@ def test_remote_models_refuse_torch_func_transforms(remote: Any, local: Any) -> 
         )(torch.zeros(2, 128))
 
 
+def test_remote_models_refuse_tensors_that_autograd_records(remote: Any, local: Any) -> None:
+    # Gradients through a remote run were silently zero (the answer has no autograd history).
+    _, tokenizer = local
+    ids = pl.tokenize(tokenizer, PROMPTS)
+    v = torch.zeros(128, requires_grad=True)
+    with pytest.raises(pl.PurelensError, match="requires gradients"):
+        pl.run(remote, ids, [pl.add("h.1", v)])
+    with pytest.raises(pl.PurelensError, match="requires gradients"):
+        torch.autograd.functional.jacobian(
+            lambda d: pl.run(remote, ids, [pl.add("h.1", d)]).output.logits[0, -1, 5],
+            torch.zeros(128),
+        )
+    with torch.no_grad():  # nothing recorded: fine
+        assert pl.run(remote, ids, [pl.add("h.1", v)]).output.logits.shape[0] == 2
+    with pytest.raises(pl.RemoteError, match="max_new_tokens") as info:
+        pl.generate(remote, ids)  # the server needs a bound; it says so (a TypeError before)
+    assert info.value.status == 400
+
+
 def record_bytes(header: dict[str, Any]) -> bytes:
     data = json.dumps({"format": "purelens.record", "version": 1, **header}).encode()
     return b"purelens record\n" + struct.pack("<Q", len(data)) + data + safetensors.torch.save({})
