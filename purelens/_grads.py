@@ -120,15 +120,21 @@ def tap(value: Tensor, patches: list[PatchGrad]) -> Tensor:
     return value
 
 
-def mark(value: Tensor, node: SaveGrad) -> Tensor:
-    """`value`, made a tensor that gradients reach (a leaf when nothing upstream needs one)."""
+def mark(value: Tensor, node: SaveGrad, *, own: bool = False) -> Tensor:
+    """`value`, made a tensor that gradients reach (a leaf when nothing upstream needs one).
+
+    With `own` (an ``:input`` port), the result is always a tensor of its own,
+    which only the module consumes: the gradient is the one flowing into the
+    module, whether or not anything upstream requires gradients (a pre-hook
+    cannot reach the value's other consumers, such as a residual connection).
+    """
     if not (value.is_floating_point() or value.is_complex()):
         raise PurelensError(
             _NOT_DIFFERENTIABLE.format(what=repr(node), site=node.site, kind=f"{value.dtype}")
         )
     if not value.requires_grad:
-        value = value.detach().requires_grad_(True)
-    return value
+        return value.detach().requires_grad_(True)
+    return value.view_as(value) if own else value
 
 
 def save_grad(
@@ -137,7 +143,10 @@ def save_grad(
     """Record d(loss)/d(value at `site`) in ``rec.grads[name]``; needs `loss=` in `run`.
 
     The gradient is the one arriving at the site, before any `patch_grad` on
-    the same site rewrites it. With `batch=`, only those rows are kept.
+    the same site rewrites it. On an ``:input`` port it is the gradient
+    flowing into the module through that input (not through the input's
+    other consumers, such as a residual connection). With `batch=`, only
+    those rows are kept.
 
     Example:
         >>> import torch, purelens as pl

@@ -347,7 +347,7 @@ class Pass:
         for node in save_grads:
             if node.name in self.grad_targets:
                 raise PurelensError(_RAN_TWICE.format(site=node.site))
-            value = mark(value, node)
+            value = mark(value, node, own=site.port == "input")
             self.grad_targets[node.name] = (value, node)
         return value
 

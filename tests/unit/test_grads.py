@@ -252,3 +252,21 @@ def test_vjp_and_jacrev_compose_with_patch_grad(mlp64: TinyMLP, x64: torch.Tenso
     assert torch.allclose(vx, -plain)
     jac = torch.func.jacrev(lambda x: f(x)[0, 0])(x64)
     assert torch.allclose(jac, -grad(lambda x: mlp64(x)[0, 0])(x64))
+
+
+def test_save_grad_on_an_input_port_does_not_depend_on_frozen_weights() -> None:
+    # With frozen weights the value was a fresh leaf (the path through the module only);
+    # with trainable weights, the tensor itself (the residual path counted too).
+    from tests.helpers import tiny_gpt2
+
+    x = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(0))
+
+    def grads(frozen: bool) -> dict[str, torch.Tensor]:
+        model = tiny_gpt2(n_layer=2).requires_grad_(not frozen)
+        ivs = [pl.save_grad("h.0.ln_1:input", name="in"), pl.save_grad("h.0:input", name="block")]
+        return dict(pl.run(model, x, ivs, loss=lambda out: out.logits.square().sum()).grads)
+
+    trainable, frozen = grads(False), grads(True)
+    for name in ("in", "block"):
+        assert torch.allclose(trainable[name], frozen[name], atol=1e-6), name
+    assert not torch.allclose(frozen["in"], frozen["block"], atol=1e-4)  # the residual differs
