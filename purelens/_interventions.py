@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
 
 from . import _select
 from ._errors import PurelensError
@@ -50,6 +51,10 @@ _BAD_RESULT = (
 _NOT_TENSOR = "{what} at site {site!r} returned {value!r}, not a torch.Tensor."
 _BAD_BROADCAST = (
     "{what} at site {site!r}: a value of shape {got} does not broadcast to the site's shape {want}."
+)
+_OVERFLOW = (
+    "{what} at site {site!r}: its value does not fit the site's {want} values (it would "
+    "overflow or wrap around).\n  Give a value within the range of {want}."
 )
 _MEAN_OF_INTEGERS = (
     "{what} at site {site!r}: the value there is {got}, and the mean of integers (token ids) "
@@ -231,6 +236,8 @@ def _broadcast(what: Writer, value: Tensor, rows: Tensor) -> Tensor:
         raise PurelensError(
             _LOSSY_CAST.format(what=repr(what), site=what.site, got=got, want=want, kind=want)
         )
+    if value.dtype != rows.dtype:
+        _check_fits(what, value, rows.dtype)
     value = value.to(device=rows.device, dtype=rows.dtype)
     try:
         return torch.broadcast_to(value, rows.shape)
@@ -240,6 +247,23 @@ def _broadcast(what: Writer, value: Tensor, rows: Tensor) -> Tensor:
                 what=repr(what), site=what.site, got=list(value.shape), want=list(rows.shape)
             )
         ) from None
+
+
+def _check_fits(what: Writer, value: Tensor, dtype: torch.dtype) -> None:
+    """Raise if casting `value` to `dtype` changes it beyond rounding (overflow, wrap-around)."""
+    if torch._C._functorch.is_functorch_wrapped_tensor(value) or isinstance(value, FakeTensor):
+        return  # no values to look at
+    cast = value.to(dtype)
+    if dtype.is_floating_point or dtype.is_complex:
+        broken = bool((torch.isinf(cast) & ~torch.isinf(value)).any())
+    else:
+        broken = not bool((cast.to(value.dtype) == value).all())
+    if broken:
+        raise PurelensError(
+            _OVERFLOW.format(
+                what=repr(what), site=what.site, want=str(dtype).removeprefix("torch.")
+            )
+        )
 
 
 def _kind(dtype: torch.dtype) -> str:

@@ -61,8 +61,8 @@ _NEVER_RAN = (
     "  An intervention whose site does not run is an error rather than a silent no-op."
 )
 _ENDED = (
-    "{what} never applied: generation ended after step {last} ({why}), before the "
-    "step={step!r} it selects.\n"
+    "{what} did not apply at every step it selects: generation ended after step {last} "
+    "({why}), before step {step}.\n"
     "  What was generated is in this error's `.record` (`.record.output`: the token ids)."
 )
 _NO_TENSOR = "site {site!r}: the module {port} is {kind}, which holds no tensor to intervene on."
@@ -284,8 +284,8 @@ class Pass:
             raise PurelensError(_CHECKPOINTED.format(what=repr(skip), site=skip.site))
         self.applied.add(position)
         value = split[0]
-        if skip.fn is None:
-            return True, value
+        if skip.fn is None:  # the module's output would be a new tensor, not its input
+            return True, value.clone()
         output = self._acting(skip.fn, value)
         # The skip's result becomes the model's own value: never a tensor the user holds.
         return True, torch_pytree.tree_map(
@@ -407,18 +407,24 @@ class Pass:
         for name, site, value, version in self._saved_versions:
             if value._version != version:
                 raise PurelensError(_CHANGED_IN_PLACE.format(name=name, site=site))
+        if self.multi_step:
+            for iv in self.plan.interventions:
+                if isinstance(iv.step, frozenset) and max(iv.step) > self.step:
+                    raise GenerationEnded(
+                        _ENDED.format(
+                            what=repr(iv), last=self.step, why=self._ended(), step=self._late(iv)
+                        )
+                    )
         missing = [(i, iv) for i, iv in enumerate(self.plan.interventions) if i not in self.applied]
         if not missing:
             return
         i, iv = missing[0]
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         if self.multi_step and iv.step is not None and not self._selected_so_far(iv):
-            why = (
-                f"{self.step + 1} forward passes: max_new_tokens, an end-of-sequence token "
-                "in every row, or a stopping criterion"
-            )
             raise GenerationEnded(
-                _ENDED.format(what=repr(iv) + more, last=self.step, why=why, step=iv.step)
+                _ENDED.format(
+                    what=repr(iv) + more, last=self.step, why=self._ended(), step=self._late(iv)
+                )
             )
         if self.stopped_at is not None:
             why = (
@@ -431,6 +437,22 @@ class Pass:
         else:
             why = f"site {iv.site!r} did not run in this forward pass"
         raise PurelensError(_NEVER_RAN.format(what=repr(iv) + more, why=why))
+
+    def _late(self, iv: Intervention) -> str:
+        """The first step `iv` selects after the last step that ran."""
+        steps = iv.step
+        if isinstance(steps, int):
+            return str(steps)
+        if isinstance(steps, frozenset):
+            return str(min(s for s in steps if s > self.step))
+        assert isinstance(steps, slice)
+        return str(steps.start or 0)
+
+    def _ended(self) -> str:
+        return (
+            f"{self.step + 1} forward passes: max_new_tokens, an end-of-sequence token "
+            "in every row, or a stopping criterion"
+        )
 
     def _selected_so_far(self, iv: Intervention) -> bool:
         return any(step_selected(iv.step, s) for s in range(self.step + 1))

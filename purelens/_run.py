@@ -13,7 +13,7 @@ from ._errors import PurelensError
 from ._grads import call_loss, check_loss_allowed, detached, gradients
 from ._hooks import installed
 from ._inputs import call_arguments, padding_of
-from ._interventions import flatten_interventions
+from ._interventions import describe, flatten_interventions
 from ._params import replaced
 from ._pass import Pass, Plan, StopPass
 from ._record import Record
@@ -155,11 +155,23 @@ def _check_params(model: nn.Module, params: Any) -> None:
     if not isinstance(params, Mapping):
         problem = f"got {type(params).__name__}"
     else:
-        known = {name for name, _ in model.named_parameters(remove_duplicate=False)}
-        known.update(name for name, _ in model.named_buffers(remove_duplicate=False))
-        unknown = [k for k in params if k not in known]
-        if not unknown:
+        known: dict[str, Tensor] = dict(model.named_parameters(remove_duplicate=False))
+        known.update(model.named_buffers(remove_duplicate=False))
+        problem = ""
+        for name, value in params.items():
+            own = known.get(name)
+            if own is None:
+                problem = f"{name!r} is not one of the model's"
+            elif not isinstance(value, Tensor):
+                problem = f"{name!r} is {type(value).__name__}, not a tensor"
+            elif value.shape != own.shape or value.dtype != own.dtype:
+                problem = (
+                    f"{name!r} is {describe(value)}, but the model's is {describe(own)} "
+                    "(the same shape and dtype are needed)"
+                )
+            if problem:
+                break
+        if not problem:
             return
-        problem = f"{unknown[0]!r} is not one of the model's"
     example = next((name for name, _ in model.named_parameters()), "weight")
     raise PurelensError(_BAD_PARAMS.format(problem=problem, example=example))

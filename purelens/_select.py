@@ -44,7 +44,8 @@ _NO_ROWS = (
 )
 _FROM_ZERO = "\n  Steps are generation steps counted from 0 (the prompt pass); select at least one."
 _ROWS_OUT_OF_RANGE = (
-    "`batch={rows!r}` at site {site!r} selects rows outside the batch of size {size}."
+    "`batch={rows!r}` at site {site!r} selects rows outside the batch of size {size} "
+    "(or none of its rows)."
 )
 
 
@@ -117,7 +118,10 @@ def step_selected(steps: Steps, step: int) -> bool:
 def row_indices(rows: Rows, size: int, site: str) -> list[int]:
     """The rows `rows` selects in a batch of `size`, as non-negative indices (checked)."""
     if isinstance(rows, slice):
-        return list(range(size))[rows]
+        indices = list(range(size))[rows]
+        if not indices:
+            raise PurelensError(_ROWS_OUT_OF_RANGE.format(rows=rows, site=site, size=size))
+        return indices
     picked = (rows,) if isinstance(rows, int) else rows
     assert picked is not None
     if any(not -size <= r < size for r in picked):
@@ -130,6 +134,10 @@ def take_rows(value: Tensor, rows: Rows, site: str) -> Tensor:
     if rows is None:
         return value
     if isinstance(rows, slice):
+        if not range(value.shape[0])[rows]:
+            raise PurelensError(
+                _ROWS_OUT_OF_RANGE.format(rows=rows, site=site, size=value.shape[0])
+            )
         return value[rows]
     return value[row_indices(rows, value.shape[0], site)]
 

@@ -127,7 +127,7 @@ def test_intervention_at_a_step_that_never_came_is_an_error(
             pad_token_id=0,
         )
     # Issue 13, item 27: what was generated comes with the error.
-    assert "before the step=9" in str(info.value)
+    assert "before step 9" in str(info.value)
     record = info.value.record  # type: ignore[attr-defined]
     expected = model.generate(prompt, max_new_tokens=4, pad_token_id=0)
     assert torch.equal(record.output, expected) and record["h.0"].shape[1] == prompt.shape[1]
@@ -225,3 +225,14 @@ def test_max_new_tokens_defaults_to_the_generation_config(
     assert torch.equal(rec.output, model.generate(prompt, pad_token_id=0))
     with pytest.raises(pl.PurelensError, match=r"needed for a model with no `\.generate`"):
         pl.generate(nn.Sequential(nn.Embedding(5, 5)), torch.tensor([[1, 2]]))
+
+
+def test_a_step_set_reaching_past_the_end_of_generation_is_an_error(
+    model: nn.Module, prompt: torch.Tensor
+) -> None:
+    # step={1, 9} applied at step 1 and never at 9, silently.
+    with pytest.raises(pl.PurelensError, match="before step 9") as info:
+        pl.generate(
+            model, prompt, [pl.ablate("h.0", step={1, 9})], max_new_tokens=3, pad_token_id=0
+        )
+    assert info.value.record.output.shape[1] == prompt.shape[1] + 3  # type: ignore[attr-defined]

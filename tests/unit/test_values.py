@@ -182,3 +182,58 @@ def test_a_plain_model_call_inside_a_patch_is_untouched_by_the_run() -> None:
 
     pl.run(mlp, x, [pl.patch("0", patch), pl.ablate("2")])
     assert torch.equal(inner["out"], mlp(x))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "writer"),
+    [
+        (torch.int32, pl.add("0", torch.tensor(2**40))),  # int64 -> int32 wraps around
+        (torch.float16, pl.add("0", 1e5)),  # overflows to inf
+        (torch.float16, pl.replace("0", torch.tensor([7e4, 0.0]))),
+    ],
+)
+def test_a_value_that_does_not_fit_the_sites_dtype_is_refused(
+    dtype: torch.dtype, writer: pl.Intervention
+) -> None:
+    model = nn.Sequential(nn.Identity())
+    with pytest.raises(pl.PurelensError, match="does not fit the site's"):
+        pl.run(model, torch.zeros(1, 2, dtype=dtype), [writer])
+
+
+def test_a_value_that_fits_after_rounding_is_fine() -> None:
+    model = nn.Sequential(nn.Identity())
+    out = pl.run(model, torch.zeros(1, 2, dtype=torch.float16), [pl.add("0", 0.1)]).output
+    assert out.dtype == torch.float16 and torch.allclose(
+        out.float(), torch.full((1, 2), 0.1), atol=1e-3
+    )
+
+
+def test_a_default_skip_hands_the_model_a_copy_of_its_input() -> None:
+    # The skipped module's output was the input tensor itself, so `h += 1` changed the user's x.
+    x = torch.randn(3, 4)
+    kept = x.clone()
+    out = pl.run(nn.Sequential(nn.Linear(4, 4), AddsInPlace()), x, [pl.skip("0")]).output
+    assert torch.equal(x, kept) and torch.equal(out, kept + 1)
+
+
+@pytest.mark.parametrize(
+    "writer", [pl.ablate("0", batch=slice(5, 9)), pl.save("0", batch=slice(5, 9))]
+)
+def test_a_slice_selecting_no_rows_is_an_error(writer: pl.Intervention) -> None:
+    model = nn.Sequential(nn.Identity())
+    with pytest.raises(pl.PurelensError, match="selects rows outside the batch of size 2"):
+        pl.run(model, torch.randn(2, 3), [writer])
+
+
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [
+        ("zeros", "not a tensor"),
+        (torch.zeros(3, 3), r"float32\[3, 3\], but the model's is float32\[8, 4\]"),
+        (torch.zeros(8, 4, dtype=torch.float64), r"float64\[8, 4\]"),
+    ],
+)
+def test_params_of_the_wrong_kind_are_refused(value: object, match: str) -> None:
+    mlp = TinyMLP()
+    with pytest.raises(pl.PurelensError, match=match):
+        pl.run(mlp, torch.randn(2, 4), params={"layers.0.weight": value})  # type: ignore[dict-item]
