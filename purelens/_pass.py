@@ -26,6 +26,7 @@ import torch
 import torch.utils._pytree as torch_pytree
 from torch import Tensor, nn
 
+from ._budget import check, spend
 from ._checkpoint import checkpointed
 from ._errors import GenerationEnded, PurelensError, SiteError
 from ._grads import PatchGrad, SaveGrad, mark, tap
@@ -325,6 +326,7 @@ class Pass:
         for position, iv in site.entries:
             if iv.step is not None and not step_selected(iv.step, self.step):
                 continue
+            check()  # a server's deadline, between interventions
             narrowed = None
             if self.padding is not None and getattr(iv, "batch", None) is not None:
                 narrowed = set_padding(self.padding, iv.batch)  # type: ignore[attr-defined]
@@ -347,6 +349,7 @@ class Pass:
         for node in save_grads:
             if node.name in self.grad_targets:
                 raise PurelensError(_RAN_TWICE.format(site=node.site))
+            spend(value)  # its gradient will be as large
             value = mark(value, node, own=site.port == "input")
             self.grad_targets[node.name] = (value, node)
         return value
@@ -373,6 +376,7 @@ class Pass:
                 return
             raise PurelensError(_RAN_TWICE.format(site=iv.site))
         self._saved_at[iv.name] = self.step
+        spend(value)
         value = self._kept(iv, value)
         self.saved[iv.name] = value
         if self.multi_step:

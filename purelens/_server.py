@@ -29,6 +29,7 @@ from fastapi import Request  # at module level: FastAPI reads the annotations by
 from torch import nn
 
 from . import _wire, ops
+from ._budget import SavedBytesError, bounded
 from ._errors import PurelensError
 from ._hooks import check_before_every_module
 from ._inputs import is_text
@@ -220,7 +221,8 @@ def _execute(served: _Served, kind: str, body: bytes) -> bytes:
         request, kwargs, new_tokens = _read(served, kind, body)
     left = limits.seconds - (time.monotonic() - start)  # the wait for the gate is not counted
     with served.gate, deadline(limits, left, kind), ops.limit_elements(limits.elements):
-        record = _call(served, kind, request, kwargs, new_tokens)
+        with bounded(check_deadline, limits.saved_bytes):
+            record = _call(served, kind, request, kwargs, new_tokens)
     size = _wire.saved_bytes(record)
     if size > limits.saved_bytes:
         raise LimitError("saved_bytes", over("saved_bytes", size, limits))
@@ -281,6 +283,8 @@ def _call(
         )
     except Timeout:
         raise  # `deadline` answers it with a 408
+    except SavedBytesError as e:
+        raise LimitError("saved_bytes", str(e)) from None
     except ops.ElementLimitError as e:
         raise LimitError("elements", f"{e} (limit elements)") from None
     except PurelensError as e:

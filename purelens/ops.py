@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._budget import check
 from ._errors import PurelensError
 
 __all__ = [
@@ -119,6 +120,7 @@ class _NotIterable(PurelensError, TypeError):
 
 
 def _check_elements(n: int) -> None:
+    check()  # a server's deadline, between the nodes of an expression
     limit = _MAX_ELEMENTS.get()
     if limit is not None and n > limit:
         raise ElementLimitError(f"ops: a result of {n} elements is over the limit of {limit}.")
@@ -331,7 +333,9 @@ class Unary(Expr):
         return (self.a,)
 
     def evaluate(self, value: Tensor, saved: Mapping[str, Any]) -> Any:
-        return UNARY[self.op](torch.as_tensor(self.a.evaluate(value, saved)))
+        result = torch.as_tensor(self.a.evaluate(value, saved))
+        check()
+        return UNARY[self.op](result)
 
     def __repr__(self) -> str:
         return f"ops.unary({self.op!r}, {self.a!r})"
@@ -419,6 +423,7 @@ class Einops(Expr):
         import einops
 
         x = self.a.evaluate(value, saved)
+        check()
         if self.reduction is None:
             return einops.rearrange(x, self.pattern, **dict(self.axes))
         return einops.reduce(x, self.pattern, self.reduction, **dict(self.axes))

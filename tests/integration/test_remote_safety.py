@@ -119,6 +119,46 @@ def test_the_time_limit_covers_decoding() -> None:
     assert answer.json()["limit"] == "seconds"
 
 
+REACHED: list[int] = []
+
+
+@pl.functions.register("tests.remote_safety.reached")
+def reached(v: torch.Tensor) -> torch.Tensor:
+    """A patch that records, in this process (the test's own server), that it ran."""
+    REACHED.append(1)
+    return v
+
+
+def test_saved_values_are_bounded_while_the_run_saves_them(local: Any) -> None:
+    # The saved_bytes limit was checked after the run: 2000 copies of an activation took
+    # a gigabyte of the shared server's memory first.
+    _, tokenizer = local
+    ids = pl.tokenize(tokenizer, PROMPTS)["input_ids"]
+    ivs = [pl.save("h.0", torch.clone, name=f"s{i}") for i in range(200)]
+    body = encode_request(Request("run", ids, [*ivs, pl.patch("h.0", reached)]))
+    REACHED.clear()
+    with serving(create_app(tokens=TOKENS, limits=Limits(saved_bytes=2**16))) as url:
+        answer = post(url, body)
+    assert answer.status_code == 413 and answer.json()["limit"] == "saved_bytes", answer.text
+    assert not REACHED  # it stopped at the first save over the budget, before the patch
+
+
+def test_the_time_limit_holds_between_interventions_and_inside_expressions(local: Any) -> None:
+    # The deadline was checked before modules only: heavy ops expressions at one site ran on.
+    _, tokenizer = local
+    ids = pl.tokenize(tokenizer, PROMPTS)["input_ids"]
+    heavy = ops.value[None] * torch.ones(300, 1, 1, 1)  # 300 copies of the value...
+    for _ in range(10):
+        heavy = ops.unary("tanh", heavy * 1.0001)  # ...worked on again and again
+    ivs = [pl.save("h.0", heavy, name=f"s{i}") for i in range(40)]
+    body = encode_request(Request("run", ids, [*ivs, pl.patch("h.0", reached)]))
+    REACHED.clear()
+    with serving(create_app(tokens=TOKENS, limits=Limits(seconds=0.05))) as url:
+        answer = post(url, body, timeout=60)
+    assert answer.status_code == 408 and answer.json()["limit"] == "seconds", answer.text
+    assert not REACHED  # it stopped between the saves at h.0, before the patch there
+
+
 # Describing shapes shares the gate and the deadline of runs --------------------------
 
 

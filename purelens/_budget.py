@@ -1,0 +1,72 @@
+"""Bounds on one call's work, for a server that runs other people's requests.
+
+`bounded` sets, for the current context, a function that raises when the
+call must stop (a deadline), called between interventions, between the nodes
+of `purelens.ops` expressions and before every module of the served model;
+and a budget of bytes for the values a pass saves, spent as it saves them,
+so that a request asking for too much fails before it has taken the memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch.utils._pytree as torch_pytree
+from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
+
+from ._errors import PurelensError
+
+__all__ = ["SavedBytesError", "bounded", "check", "spend"]
+
+_CHECK: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar(
+    "purelens_check", default=None
+)
+_LEFT: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
+    "purelens_saved_bytes_left", default=None
+)
+
+
+class SavedBytesError(PurelensError):
+    """The values saved in one call are over the budget that `bounded` set."""
+
+
+@contextlib.contextmanager
+def bounded(
+    check: Callable[[], None] | None = None, saved_bytes: int | None = None
+) -> Iterator[None]:
+    """Within this context, call `check` between steps of work and keep saves to `saved_bytes`."""
+    checking = _CHECK.set(check)
+    left = _LEFT.set(None if saved_bytes is None else [saved_bytes, saved_bytes])
+    try:
+        yield
+    finally:
+        _LEFT.reset(left)
+        _CHECK.reset(checking)
+
+
+def check() -> None:
+    """Call the context's check (it raises when the work must stop)."""
+    fn = _CHECK.get()
+    if fn is not None:
+        fn()
+
+
+def spend(value: Any) -> None:
+    """Count the bytes of the tensors in `value` against the context's budget."""
+    left = _LEFT.get()
+    if left is None:
+        return
+    tensors = [value] if isinstance(value, Tensor) else torch_pytree.tree_leaves(value)
+    left[0] -= sum(
+        t.numel() * t.element_size()
+        for t in tensors
+        if isinstance(t, Tensor) and not isinstance(t, FakeTensor)  # a fake pass holds no data
+    )
+    if left[0] < 0:
+        raise SavedBytesError(
+            f"the values saved are over this call's budget of {left[1]} bytes (limit saved_bytes)"
+        )
