@@ -240,6 +240,8 @@ def _read(served: _Served, kind: str, body: bytes) -> tuple[_wire.Request, dict[
     kwargs = dict(request.kwargs)
     new_tokens = kwargs.pop("max_new_tokens", None) if kind == "generate" else None
     check_kwargs(kind, kwargs)
+    if isinstance(request.inputs, dict):  # keyword arguments of the model call too
+        check_kwargs("run", request.inputs)
     try:
         tokens = count_tokens(served.tokenizer, served.limits, request.inputs, kwargs)
     except (LimitError, BadRequest):

@@ -119,6 +119,14 @@ def test_the_time_limit_covers_decoding() -> None:
     assert answer.json()["limit"] == "seconds"
 
 
+def test_dict_inputs_take_the_same_allow_list_as_keyword_arguments(url: str, local: Any) -> None:
+    _, tokenizer = local
+    ids = pl.tokenize(tokenizer, PROMPTS)["input_ids"]
+    body = encode_request(Request("run", {"input_ids": ids, "params": {"x": ids}}, []))
+    answer = post(url, body)
+    assert answer.status_code == 400 and "'params'" in answer.json()["error"], answer.text
+
+
 REACHED: list[int] = []
 
 
