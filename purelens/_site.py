@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import itertools
 import threading
 import weakref
 from typing import Any, Literal, NamedTuple
@@ -105,7 +104,7 @@ def path_of(module: nn.Module) -> str:
     """Where `module` is in the models purelens has seen, as advice for a site string."""
     kind = type(module).__name__
     with _tables_lock:
-        models = list(itertools.islice(_tables.keys(), 16))
+        models = list(_tables.keys())[-16:][::-1]  # the models used last, first
     for model in models:
         for name, candidate in model.named_modules(remove_duplicate=False):
             if candidate is module:
