@@ -174,9 +174,7 @@ def test_plain_module_generates_with_the_builtin_loop() -> None:
         pl.generate(model, ids, max_new_tokens=2, top_k=5)
 
 
-def test_encoder_decoder_generation_runs_the_encoder_at_step_0() -> None:
-    # Issue 13, item 21: the encoder ran at "step -1", so step=0 on an encoder site failed,
-    # although step 0 is the prompt pass.
+def tiny_t5() -> nn.Module:
     from transformers import T5Config, T5ForConditionalGeneration
 
     torch.manual_seed(0)
@@ -184,7 +182,13 @@ def test_encoder_decoder_generation_runs_the_encoder_at_step_0() -> None:
         vocab_size=40, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
         decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
     )  # fmt: skip
-    model = T5ForConditionalGeneration(config).eval()
+    return T5ForConditionalGeneration(config).eval()
+
+
+def test_encoder_decoder_generation_runs_the_encoder_at_step_0() -> None:
+    # Issue 13, item 21: the encoder ran at "step -1", so step=0 on an encoder site failed,
+    # although step 0 is the prompt pass.
+    model = tiny_t5()
     ids = torch.tensor([[5, 6, 7, 8]])
     rec = pl.generate(
         model,
@@ -204,14 +208,7 @@ def test_encoder_decoder_generation_runs_the_encoder_at_step_0() -> None:
 
 
 def test_an_encoder_edit_in_generation_says_why_it_cannot_apply() -> None:
-    from transformers import T5Config, T5ForConditionalGeneration
-
-    torch.manual_seed(0)
-    config = T5Config(
-        vocab_size=40, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
-        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
-    )  # fmt: skip
-    edited = pl.edit(T5ForConditionalGeneration(config).eval(), [pl.ablate("encoder.block.0")])
+    edited = pl.edit(tiny_t5(), [pl.ablate("encoder.block.0")])
     with pytest.raises(pl.PurelensError, match="runs the encoder on its own"):
         pl.generate(edited, torch.tensor([[5, 6, 7]]), max_new_tokens=2)
 
