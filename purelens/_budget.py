@@ -20,7 +20,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from ._errors import PurelensError
 
-__all__ = ["SavedBytesError", "bounded", "check", "spend"]
+__all__ = ["SavedBytesError", "bounded", "check", "spend", "stopped"]
 
 _CHECK: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar(
     "purelens_check", default=None
@@ -49,10 +49,19 @@ def bounded(
 
 
 def check() -> None:
-    """Call the context's check (it raises when the work must stop)."""
+    """Call the context's check (it raises when the work must stop; see `stopped`)."""
     fn = _CHECK.get()
     if fn is not None:
-        fn()
+        try:
+            fn()
+        except Exception as error:
+            error._purelens_stopped = True  # type: ignore[attr-defined]
+            raise
+
+
+def stopped(error: BaseException) -> bool:
+    """Whether `error` was raised by the context's check (not by the work itself)."""
+    return getattr(error, "_purelens_stopped", False) is True
 
 
 def spend(value: Any) -> None:

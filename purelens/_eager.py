@@ -28,10 +28,11 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def unwrapped(model: Any) -> Any:
     """The eager module inside `torch.compile`'s wrapper (any other value as it is)."""
-    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
-    if eval_frame is None:  # dynamo was never imported: nothing can be compiled
+    # Before dynamo is imported (or while another thread imports it), nothing is compiled.
+    optimized = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", None)
+    if optimized is None:
         return model
-    while isinstance(model, eval_frame.OptimizedModule):
+    while isinstance(model, optimized):
         model = model._orig_mod
     return model
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import types
 from collections import OrderedDict
 from typing import Any
@@ -27,7 +28,7 @@ from torch import nn
 from ._eager import unwrapped
 from ._errors import PurelensError
 from ._grads import SaveGrad
-from ._hooks import installed
+from ._hooks import installed, skip_of
 from ._inputs import padding_of
 from ._interventions import Intervention, Save, Stop, flatten_interventions
 from ._pass import ACTIVE, Pass, Plan, SitePlan
@@ -90,6 +91,14 @@ class _EditForward:
         self.inner = inner  # its forward before the edits; None: its class's
         self.edits = edits
 
+    @property
+    def __signature__(self) -> inspect.Signature:
+        """The signature of the forward it wraps (HF's `generate` reads it to pass arguments)."""
+        inner = self.inner
+        if inner is None:
+            inner = type(self.owner).forward.__get__(self.owner)
+        return inspect.signature(inner)
+
     def rebound(self, owner: nn.Module) -> _EditForward:
         """The same edits on another module (a shallow copy of the owner)."""
         return _EditForward(owner, _rebound(self.inner, self.owner, owner), self.edits)
@@ -104,7 +113,7 @@ class _EditForward:
                 changed = p.on_input(site, args, kwargs)
                 if changed is not None:
                     args, kwargs = changed
-            skipped, output = pass_.on_skip(owner, args, kwargs)
+            skipped, output = skip_of(passes, owner, args, kwargs)
             if not skipped:
                 inner = self.inner
                 output = (

@@ -32,6 +32,11 @@ _NO_STOP = (
     "{what} has no meaning in pl.generate: it ends one forward pass, and "
     "generation is many.\n  Use pl.run for a single pass."
 )
+_NO_PARAMS = (
+    "pl.generate takes no `params=`: generation calls the model many times, through HF's "
+    "generate.\n  Use pl.run with params= for one pass, or pl.edit to change the weights' "
+    "effect for every call."
+)
 _NO_LENGTH = (
     "`max_new_tokens` is needed for a model with no `.generate` method (purelens's own "
     "loop has no generation config to take it from), e.g. max_new_tokens=8."
@@ -102,6 +107,8 @@ def generate(
     model = unwrapped(model)
     if not isinstance(model, nn.Module):
         raise PurelensError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+    if "params" in generate_kwargs:
+        raise PurelensError(_NO_PARAMS)
     if max_new_tokens is not None and (
         not isinstance(max_new_tokens, int)
         or isinstance(max_new_tokens, bool)

@@ -26,9 +26,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._errors import PurelensError
 from ._pass import ACTIVE, Pass, SitePlan
 
-__all__ = ["ACTIVE", "SkipDispatch", "check_before_every_module", "installed"]
+__all__ = ["ACTIVE", "SkipDispatch", "check_before_every_module", "installed", "skip_of"]
+
+_SKIPPED_TWICE = (
+    "the module is skipped twice, by {sites} (an edit's pl.skip and a run's, say); a module "
+    "can be skipped once.\n  Give one pl.skip, with a function that does both."
+)
 
 
 def _output_hook(pass_: Pass, site: SitePlan) -> Callable[..., Any]:
@@ -66,11 +72,21 @@ class SkipDispatch:
         self.original = original
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        for pass_ in ACTIVE.get():
-            skipped, output = pass_.on_skip(self.module, args, kwargs)
-            if skipped:
-                return output
-        return self.original(*args, **kwargs)
+        skipped, output = skip_of(tuple(reversed(ACTIVE.get())), self.module, args, kwargs)
+        return output if skipped else self.original(*args, **kwargs)
+
+
+def skip_of(
+    passes: tuple[Pass, ...], module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[bool, Any]:
+    """Whether one of `passes` skips `module` now, and the output it gives; two is an error."""
+    skips = [(p, p.on_skip(module, args, kwargs)) for p in passes]
+    skipping = [(p, output) for p, (skipped, output) in skips if skipped]
+    if len(skipping) > 1:
+        raise PurelensError(
+            _SKIPPED_TWICE.format(sites=[p.plan.skips[id(module)][1].site for p, _ in skipping])
+        )
+    return (True, skipping[0][1]) if skipping else (False, None)
 
 
 class _Swap:
@@ -137,7 +153,7 @@ def installed(pass_: Pass, *, edit: bool = False) -> Iterator[None]:
                 handle = site.module.register_forward_hook(_output_hook(pass_, site), prepend=edit)
             handles.append(handle)
         for module in pass_.plan.skip_modules:
-            if edit and module is pass_.model:  # the edited module's forward skips itself
+            if _applies_own_sites(module):  # an edited module's forward skips it itself
                 continue
             _swap_in(module)
             swapped.append(module)

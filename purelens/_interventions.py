@@ -342,7 +342,7 @@ class Ablate(Writer):
         # Every dimension but the last (features) is batch or position; in a padded
         # batch of token rows, only real tokens count.
         dims = tuple(range(rows.ndim - 1))
-        real = aligned(rows)
+        real = aligned(rows) if rows.ndim >= 3 else None  # (batch, positions, ..., features)
         if real is None:
             count = math.prod(rows.shape[:-1])
             mean = rows.mean(dim=dims, keepdim=True)

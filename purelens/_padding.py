@@ -40,17 +40,29 @@ def real_tokens(attention_mask: Any) -> Tensor | None:
     return None
 
 
-def set_padding(real: Tensor | None, rows: Rows = None) -> contextvars.Token[Tensor | None]:
-    """Make `real` current (narrowed to the rows `rows` selects).
+def set_padding(
+    real: Tensor | None, rows: Rows = None, size: int | None = None
+) -> contextvars.Token[Tensor | None]:
+    """Make `real` current: lined up with a value of `size` rows, then narrowed to `rows`.
 
     Returns the token for `reset_padding`.
     """
-    if real is not None and rows is not None:
+    if real is not None and rows is not None and size is not None:
+        real = _expanded(real, size)
         try:
-            real = real[row_indices(rows, real.shape[0], "the batch")]
-        except Exception:  # rows the mask does not have (beams): no check, no error here
+            real = None if real is None else real[row_indices(rows, real.shape[0], "the batch")]
+        except Exception:  # rows the value does not have: the writer says so, not this
             real = None
     return _PADDING.set(real)
+
+
+def _expanded(real: Tensor, rows: int) -> Tensor | None:
+    """`real` for a value of `rows` rows: itself, or each row repeated (beams), or None."""
+    if rows == real.shape[0]:
+        return real
+    if real.shape[0] and rows % real.shape[0] == 0:
+        return real.repeat_interleave(rows // real.shape[0], dim=0)
+    return None
 
 
 def reset_padding(token: contextvars.Token[Tensor | None]) -> None:
@@ -62,9 +74,4 @@ def aligned(value: Tensor) -> Tensor | None:
     real = _PADDING.get()
     if real is None or value.ndim < 2 or value.shape[1] != real.shape[1]:
         return None
-    rows, mask_rows = value.shape[0], real.shape[0]
-    if rows == mask_rows:
-        return real
-    if mask_rows and rows % mask_rows == 0:
-        return real.repeat_interleave(rows // mask_rows, dim=0)
-    return None
+    return _expanded(real, value.shape[0])

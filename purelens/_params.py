@@ -39,6 +39,10 @@ _REPLACED: contextvars.ContextVar[Mapping[Key, Mapping[str, Tensor]] | None] = (
     contextvars.ContextVar("purelens_replaced", default=None)
 )
 
+# Whether the replacements take the model's writes too (fake passes: nothing they store
+# may reach the model, or another thread).
+_PRIVATE: contextvars.ContextVar[bool] = contextvars.ContextVar("purelens_private", default=False)
+
 # Whether autograd recorded the call that set the replacements.
 _RECORDING: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "purelens_replaced_recording", default=False
@@ -62,7 +66,8 @@ class _Overlay(dict):  # type: ignore[type-arg]
     """A module's ``_parameters`` or ``_buffers``, answering reads with the context's replacements.
 
     Every read is overridden (``__iter__`` too, so that ``dict(overlay)``
-    takes the slow path through ``__getitem__``); writes go to the entries.
+    takes the slow path through ``__getitem__``); writes go to the entries,
+    or, in a private context, to the context's replacements.
     """
 
     __slots__ = ("_key",)
@@ -78,22 +83,39 @@ class _Overlay(dict):  # type: ignore[type-arg]
     def __getitem__(self, name: str) -> Any:
         replacing = self._replacing()
         if replacing is not None and name in replacing:
-            if _RECORDING.get() and checkpointed() == "forward":
+            if _RECORDING.get() and not _PRIVATE.get() and checkpointed() == "forward":
                 raise PurelensError(_CHECKPOINTED.format(name=name))
             return replacing[name]
         return dict.__getitem__(self, name)
 
+    def __setitem__(self, name: str, value: Any) -> None:
+        replacing = self._replacing()
+        if replacing is not None and _PRIVATE.get():
+            replacing[name] = value  # type: ignore[index]
+        else:
+            dict.__setitem__(self, name, value)
+
+    def __contains__(self, name: object) -> bool:
+        replacing = self._replacing()
+        return dict.__contains__(self, name) or (replacing is not None and name in replacing)
+
     def get(self, name: str, default: Any = None) -> Any:
-        return self[name] if dict.__contains__(self, name) else default
+        return self[name] if name in self else default
 
     def __iter__(self) -> Iterator[str]:
-        return dict.__iter__(self)
+        replacing = self._replacing()
+        if replacing is None:
+            return dict.__iter__(self)
+        return iter([*dict.keys(self), *(k for k in replacing if not dict.__contains__(self, k))])
+
+    def keys(self) -> Any:
+        return list(iter(self))
 
     def items(self) -> Any:
         replacing = self._replacing()
         if replacing is None:
             return dict.items(self)
-        return [(k, replacing.get(k, v)) for k, v in dict.items(self)]
+        return [(k, self[k]) for k in self]
 
     def values(self) -> Any:
         return [v for _, v in self.items()]
@@ -142,21 +164,24 @@ def _uninstall(module: nn.Module, kind: str) -> None:
 
 
 def _table(
-    model: nn.Module, params: Mapping[str, Tensor]
+    model: nn.Module, params: Mapping[str, Tensor], every: bool = False
 ) -> tuple[dict[Key, dict[str, Tensor]], list[tuple[nn.Module, str]]]:
     """What each (module, dict name) reads instead, and those modules (one walk of the tree)."""
     holders: dict[int, list[tuple[nn.Module, str, str]]] = {}  # id(tensor) -> its places
     owned: dict[str, Tensor] = {}  # full name -> the module's own tensor
+    table: dict[Key, dict[str, Tensor]] = {}
+    modules: dict[Key, nn.Module] = {}
     for prefix, module in model.named_modules(remove_duplicate=False):
         dot = f"{prefix}." if prefix else ""
         for kind in ("_parameters", "_buffers"):
+            if every:  # every module gets a table of its own, for its writes
+                table.setdefault((id(module), kind), {})
+                modules[(id(module), kind)] = module
             for local, tensor in dict.items(module.__dict__[kind]):  # entries, not replacements
                 if tensor is not None:
                     holders.setdefault(id(tensor), []).append((module, kind, local))
                     owned[dot + local] = tensor
-    table: dict[Key, dict[str, Tensor]] = {}
     given: dict[int, tuple[str, Tensor]] = {}  # id(own tensor) -> the first name given for it
-    modules: dict[Key, nn.Module] = {}
     for name, tensor in params.items():
         own = owned[name]
         first = given.setdefault(id(own), (name, tensor))
@@ -169,18 +194,23 @@ def _table(
 
 
 @contextlib.contextmanager
-def replaced(model: nn.Module, params: Mapping[str, Tensor]) -> Iterator[None]:
+def replaced(
+    model: nn.Module, params: Mapping[str, Tensor], *, private: bool = False
+) -> Iterator[None]:
     """Within this context, and in it only, `model` reads `params` in place of its own tensors.
 
     `params` maps names of ``model.named_parameters()`` and
-    ``model.named_buffers()`` (checked by the caller) to tensors.
+    ``model.named_buffers()`` (checked by the caller) to tensors. With
+    `private`, every module's parameters and buffers are the context's: what
+    the model stores in them (a buffer it caches) stays in the context.
     """
-    table, owners = _table(model, params)
+    table, owners = _table(model, params, every=private)
     installed: list[tuple[nn.Module, str]] = []
     outer = _REPLACED.get() or {}
     merged = {**outer, **{key: {**outer.get(key, {}), **names} for key, names in table.items()}}
     token = _REPLACED.set(merged)
     recording = _RECORDING.set(torch.is_grad_enabled())
+    privately = _PRIVATE.set(private)
     try:
         for module, kind in owners:
             _install(module, kind)
@@ -189,6 +219,7 @@ def replaced(model: nn.Module, params: Mapping[str, Tensor]) -> Iterator[None]:
     finally:
         for module, kind in installed:
             _uninstall(module, kind)
+        _PRIVATE.reset(privately)
         _RECORDING.reset(recording)
         _REPLACED.reset(token)
 

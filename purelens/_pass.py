@@ -329,7 +329,7 @@ class Pass:
             check()  # a server's deadline, between interventions
             narrowed = None
             if self.padding is not None and getattr(iv, "batch", None) is not None:
-                narrowed = set_padding(self.padding, iv.batch)  # type: ignore[attr-defined]
+                narrowed = set_padding(self.padding, iv.batch, value.shape[0])  # type: ignore[attr-defined]
             try:
                 if isinstance(iv, Writer):
                     value = iv.write(value, self.saved_view)

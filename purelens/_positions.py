@@ -42,6 +42,11 @@ _AT_ROW_OUT_OF_RANGE = (
     "(shape {shape}).\n"
     "  Positions count from 0, or from the end with -1 (the last)."
 )
+_AT_ROW_PADDING = (
+    "pl.at: position {i} of row {row} is padding in this batch, so its value is not a "
+    "token's.\n  Positions from pl.token_index(mask, i) or pl.last_token(mask) are real "
+    "tokens; compute them from the mask of this batch (pl.tokenize)."
+)
 _BAD_INDEX = (
     "`index` of pl.at must be an int or a tensor of integer positions (one per row), "
     "got {index!r}.\n  E.g. pl.at(-1) or pl.at(pl.last_token(mask))."
@@ -164,6 +169,12 @@ class at:
                         i=i, row=row, length=length, shape=list(value.shape)
                     )
                 )
+            real = aligned(value)
+            if real is not None:
+                pads = (~real[rows, index]).nonzero()
+                if len(pads):
+                    row = int(pads[0, 0])
+                    raise PurelensError(_AT_ROW_PADDING.format(i=int(index[row]), row=row))
         return rows, index
 
     def __post_init__(self) -> None:

@@ -23,6 +23,11 @@ from ._validate import fake_pass
 __all__ = ["forward_pass", "run"]
 
 _NOT_A_MODULE = "`model` must be a torch.nn.Module, got {kind}."
+_OFFLOADED = (
+    "`params` replaces {name!r}, which accelerate loads onto its module as the module runs "
+    "(CPU or disk offload), over any replacement.\n"
+    "  Load the model without offloading those weights to use params= on them."
+)
 _BAD_PARAMS = (
     "`params` must be a mapping from parameter or buffer names to tensors; "
     "{problem}.\n  Names are those of model.named_parameters() and model.named_buffers(), "
@@ -151,6 +156,13 @@ def forward_pass(
             return None
 
 
+def _check_not_offloaded(model: nn.Module, params: Mapping[str, Tensor]) -> None:
+    for name in params:
+        owner = model.get_submodule(name.rpartition(".")[0])
+        if getattr(getattr(owner, "_hf_hook", None), "offload", False):
+            raise PurelensError(_OFFLOADED.format(name=name))
+
+
 def _check_params(model: nn.Module, params: Any) -> None:
     if not isinstance(params, Mapping):
         problem = f"got {type(params).__name__}"
@@ -172,6 +184,7 @@ def _check_params(model: nn.Module, params: Any) -> None:
             if problem:
                 break
         if not problem:
+            _check_not_offloaded(model, params)
             return
     example = next((name for name, _ in model.named_parameters()), "weight")
     raise PurelensError(_BAD_PARAMS.format(problem=problem, example=example))

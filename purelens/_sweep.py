@@ -82,6 +82,12 @@ _UNSPLITTABLE = (
     "  Keep only per-row outputs (output=lambda out: out.logits) and compute such values "
     "from them, or use method='vmap' (cells that differ only in their tensors)."
 )
+_ROWS_MIX = (
+    "a cell folded into a batch with others gives other values than alone: the "
+    "model mixes the rows of its batch (batch norm in training mode, a sequence-first "
+    "layout such as nn.GRU(batch_first=False)), so folded cells would see each other.\n"
+    "  Use method='vmap' (cells that differ only in their tensors), chunk=1, or model.eval()."
+)
 _CELL = "\x00cell{k}\x00"
 _FALLBACK_BYTES = 2**26  # per cell, when no estimate can be made
 
@@ -194,7 +200,48 @@ def sweep(
                 stacked = None
         cells_here = [cell_ivs[k] for k in ks]
         parts.append(_fold_chunk(model, args, kwargs, size, base_ivs, cells_here, keep))
+        if len(ks) > 1 and len(parts) == 1:
+            _check_alone(model, args, kwargs, size, base_ivs, cells_here[-1], keep, parts[0])
     return _concat(parts)
+
+
+def _check_alone(
+    model: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    size: int,
+    base: tuple[Intervention, ...],
+    cell: tuple[Intervention, ...],
+    keep: Callable[[Any], Any],
+    folded: Record,
+) -> None:
+    """Raise unless the last cell, folded after the others, gives what it gives alone.
+
+    Folding assumes rows that do not mix: a model that mixes them (batch norm in
+    training mode, a sequence-first layout) would give cells the others' rows. One
+    more pass, for the last cell alone (which a causal mix reaches too), tells.
+    """
+    alone = run(model, args, [*base, *cell], **kwargs)
+    pairs = [(folded[name][-1], alone[name]) for name in folded]
+    if folded.output is not None and alone.output is not None:
+        mine = keep(_cell_output(alone.output, 0, 1, size))
+        flat_folded = torch_pytree.tree_leaves(folded.output)
+        flat_alone = torch_pytree.tree_leaves(mine)
+        pairs += [(a[-1], b) for a, b in zip(flat_folded, flat_alone, strict=False)]
+    for a, b in pairs:
+        if isinstance(a, Tensor) and isinstance(b, Tensor) and not _close(a, b):
+            raise PurelensError(_ROWS_MIX)
+
+
+def _close(a: Tensor, b: Tensor) -> bool:
+    if a.shape != b.shape:
+        return False
+    if not (a.is_floating_point() or a.is_complex()) or not a.numel():
+        return bool(torch.equal(a, b))
+    low = a.dtype in (torch.float16, torch.bfloat16)
+    a, b = a.detach(), b.detach()
+    gap = float((a - b).abs().max())
+    return gap <= (5e-2 if low else 1e-3) * float(b.abs().max()) + (1e-2 if low else 1e-4)
 
 
 # Folding -------------------------------------------------------------------

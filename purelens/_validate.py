@@ -22,6 +22,7 @@ a model runs outside it, the fake inputs taking the mode along with them.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -30,7 +31,9 @@ import torch.utils._pytree as torch_pytree
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorConverter, FakeTensorMode
 
+from ._budget import stopped
 from ._errors import PurelensError
+from ._params import replaced
 from ._pass import Pass
 
 __all__ = ["fake_pass"]
@@ -45,6 +48,10 @@ _COMPILED = (
     "(Module.compile()), and compiled code does not run on them.\n"
     "  Survey the model before compiling it, or compile with torch.compile(model), whose "
     "wrapper purelens runs eagerly."
+)
+_UNCOPYABLE = (
+    "{what} cannot copy the {kind} among the inputs for its fake pass ({error}), and the "
+    "model would write fake tensors into it.\n  Run without it, or without the check."
 )
 _ADVICE = {
     "validate=True": (
@@ -89,22 +96,48 @@ def fake_pass(
     def fake(value: Any) -> Any:
         return mode.from_tensor(value) if isinstance(value, Tensor) else value
 
+    def fake_or_copy(value: Any) -> Any:
+        """A fake of a tensor; a copy (holding fakes) of an object such as a KV cache."""
+        if isinstance(value, Tensor):
+            return mode.from_tensor(value)
+        if value is None or isinstance(value, _PLAIN):
+            return value
+        # A copy whose tensors are fakes, so that the model (a KV cache's update, say)
+        # writes nothing into the caller's object.
+        memo: dict[int, Any] = {id(t): mode.from_tensor(t) for t in _tensors_in(value)}
+        try:
+            return copy.deepcopy(value, memo)
+        except Exception as error:
+            kind = type(value).__name__
+            raise PurelensError(_UNCOPYABLE.format(what=what, kind=kind, error=error)) from None
+
     offloaded = _offloaded(model)
     before = _snapshot(model)
     try:
+        named = _named_tensors(model)
+        given = {}  # id(own tensor) -> its replacement (under every name it is tied to)
+        if params is not None:
+            own = dict(named)
+            given = {id(own[name]): tensor for name, tensor in params.items()}
         with mode:
-            for name, tensor in _named_tensors(model):
-                if params is not None and name in params:
-                    converter.substitute(tensor, fake(params[name]))
-            fake_args, fake_kwargs = torch_pytree.tree_map(fake, (args, kwargs))
-        with contextlib.nullcontext() if offloaded else mode:
-            output = forward(model, pass_, fake_args, fake_kwargs, None)
+            # accelerate loads offloaded weights as their modules run (into this pass's
+            # private parameters, outside the mode); the others are fakes from the start.
+            loaded = _loaded_on_the_way(model) if offloaded else set()
+            fakes = {name: fake(given.get(id(t), t)) for name, t in named if name not in loaded}
+            fake_args, fake_kwargs = torch_pytree.tree_map(fake_or_copy, (args, kwargs))
+        # The model reads fakes in place of its own tensors, and what it stores in its
+        # parameters and buffers stays in this context (see `_params`).
+        with replaced(model, fakes, private=True):
+            with contextlib.nullcontext() if offloaded else mode:
+                output = forward(model, pass_, fake_args, fake_kwargs, None)
         if check:
             pass_.check_finished()
         return output
     except PurelensError:
         raise
     except Exception as error:
+        if stopped(error):  # a server's deadline, not the model's doing
+            raise
         message = _UNTRACEABLE.format(
             what=what, kind=type(error).__name__, error=error, advice=_ADVICE[what]
         )
@@ -113,29 +146,71 @@ def fake_pass(
         _undo_fakes(before)
 
 
+def _tensors_in(value: Any, depth: int = 0) -> list[Tensor]:
+    """The tensors an object holds, in its attributes and containers (a few levels deep)."""
+    if isinstance(value, Tensor):
+        return [value]
+    if depth > 6 or value is None or isinstance(value, _PLAIN):
+        return []
+    if isinstance(value, dict):
+        children: Any = value.values()
+    elif isinstance(value, list | tuple | set):
+        children = value
+    elif hasattr(value, "__dict__"):
+        children = vars(value).values()
+    else:
+        return []
+    return [t for child in children for t in _tensors_in(child, depth + 1)]
+
+
 def _compiled_in_place(module: nn.Module) -> bool:
     return module.__dict__.get("_compiled_call_impl") is not None
 
 
 _State = list[tuple[dict[str, Any], dict[str, Any]]]
+_PLAIN = (bool, int, float, complex, str, bytes, torch.dtype, torch.device)
 
 
 def _snapshot(model: nn.Module) -> _State:
-    """Each module's attributes, buffers and parameters (the dicts' entries, copied)."""
+    """Each module's attributes, and the dicts and lists they hold (a few levels deep).
+
+    Its parameters and buffers need none: they are private to the pass.
+    """
     state: _State = []
+
+    def keep(container: Any, depth: int) -> None:
+        if isinstance(container, dict):
+            state.append((container, dict(container)))
+            children: Any = container.values()
+        elif isinstance(container, list):
+            state.append((container, list(container)))  # type: ignore[arg-type]
+            children = container
+        else:
+            return
+        if depth < 3:
+            for child in children:
+                keep(child, depth + 1)
+
     for module in model.modules():
-        for store in (module.__dict__, module.__dict__["_buffers"], module.__dict__["_parameters"]):
-            state.append((store, dict(dict.items(store))))
+        state.append((module.__dict__, dict(module.__dict__)))
+        for key, value in module.__dict__.items():
+            if not key.startswith("_"):
+                keep(value, 1)
     return state
 
 
 def _undo_fakes(state: _State) -> None:
     """Put back what the model stored during the fake pass that holds fake tensors.
 
-    Models cache tensors they compute in their first forward (rotary tables,
-    ``long_inv_freq``); cached in a fake pass, they would be fake ever after.
+    Models cache what they compute in their first forward (rotary tables,
+    ``long_inv_freq``, a dict of tensors); cached in a fake pass, it would be
+    fake ever after.
     """
     for store, before in state:
+        if isinstance(store, list):
+            if any(_holds_fake(v) for v in store):
+                store[:] = before  # type: ignore[assignment]
+            continue
         for key, value in list(dict.items(store)):
             if _holds_fake(value) and value is not before.get(key):
                 if key in before:
@@ -144,13 +219,16 @@ def _undo_fakes(state: _State) -> None:
                     dict.__delitem__(store, key)
 
 
-def _holds_fake(value: Any) -> bool:
+def _holds_fake(value: Any, depth: int = 0) -> bool:
+    """Whether `value` is, or holds in its containers, a fake tensor."""
     if isinstance(value, FakeTensor):
         return True
-    if isinstance(value, list | tuple):
-        return any(isinstance(v, FakeTensor) for v in value)
+    if depth > 4:
+        return False
+    if isinstance(value, list | tuple | set):
+        return any(_holds_fake(v, depth + 1) for v in value)
     if isinstance(value, dict):
-        return any(isinstance(v, FakeTensor) for v in value.values())
+        return any(_holds_fake(v, depth + 1) for v in value.values())
     return False
 
 
@@ -158,6 +236,17 @@ def _named_tensors(model: nn.Module) -> list[tuple[str, Tensor]]:
     tensors: list[tuple[str, Tensor]] = list(model.named_parameters(remove_duplicate=False))
     tensors += model.named_buffers(remove_duplicate=False)
     return tensors
+
+
+def _loaded_on_the_way(model: nn.Module) -> set[str]:
+    """Names of the tensors that accelerate's hooks load (from disk) when their module runs."""
+    names: set[str] = set()
+    for prefix, module in model.named_modules():
+        if getattr(getattr(module, "_hf_hook", None), "offload", False):
+            dot = f"{prefix}." if prefix else ""
+            names.update(dot + n for n, _ in module.named_parameters(remove_duplicate=False))
+            names.update(dot + n for n, _ in module.named_buffers(remove_duplicate=False))
+    return names
 
 
 def _offloaded(model: nn.Module) -> bool:

@@ -88,11 +88,12 @@ _MAX_ELEMENTS: contextvars.ContextVar[int | None] = contextvars.ContextVar(
 
 @contextlib.contextmanager
 def limit_elements(n: int) -> Iterator[None]:
-    """Refuse, before computing it, any result of more than `n` elements (in this context).
+    """Refuse, before computing it, any result that takes one expression over `n` elements.
 
-    A server evaluating expressions from requests uses this, since
-    broadcasting and indexing can make a few small constants into a huge
-    tensor.
+    The results of one evaluation of an expression count together (nested
+    operations keep theirs alive until the end). A server evaluating
+    expressions from requests uses this, since broadcasting and indexing can
+    make a few small constants into a huge tensor.
 
     Example:
         >>> import torch
@@ -119,11 +120,27 @@ class _NotIterable(PurelensError, TypeError):
     """Iterating an expression (a TypeError too, as for any value that is not iterable)."""
 
 
+# The elements of the results so far in the current evaluation (see `Expr.__call__`).
+_SPENT: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
+    "purelens_ops_spent", default=None
+)
+
+
 def _check_elements(n: int) -> None:
     check()  # a server's deadline, between the nodes of an expression
     limit = _MAX_ELEMENTS.get()
-    if limit is not None and n > limit:
+    if limit is None:
+        return
+    if n > limit:
         raise ElementLimitError(f"ops: a result of {n} elements is over the limit of {limit}.")
+    spent = _SPENT.get()
+    if spent is not None:
+        spent[0] += n
+        if spent[0] > limit:
+            raise ElementLimitError(
+                f"ops: the results of one expression come to {spent[0]} elements, over the "
+                f"limit of {limit}."
+            )
 
 
 def _device(value: Any) -> torch.device | None:
@@ -157,7 +174,11 @@ class Expr:
         return any(isinstance(n, Saved) for n in self.nodes())
 
     def __call__(self, value: Tensor, saved: Mapping[str, Any] | None = None) -> Any:
-        return self.evaluate(value, saved if saved is not None else {})
+        token = _SPENT.set([0])
+        try:
+            return self.evaluate(value, saved if saved is not None else {})
+        finally:
+            _SPENT.reset(token)
 
     def __add__(self, other: Any) -> Expr:
         return Binary("add", self, _wrap(other))
@@ -334,7 +355,7 @@ class Unary(Expr):
 
     def evaluate(self, value: Tensor, saved: Mapping[str, Any]) -> Any:
         result = torch.as_tensor(self.a.evaluate(value, saved))
-        check()
+        _check_elements(result.numel())
         return UNARY[self.op](result)
 
     def __repr__(self) -> str:

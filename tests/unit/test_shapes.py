@@ -137,3 +137,51 @@ def test_a_model_compiled_in_place_cannot_be_surveyed_and_says_so() -> None:
     model.compile()
     with pytest.raises(pl.PurelensError, match=r"compiled in place \(Module\.compile\(\)\)"):
         pl.shapes(model, torch.ones(2, 3))
+
+
+class Counter(nn.Module):
+    """Counts its calls in a 0-dim buffer, in place (as BatchNorm's num_batches_tracked)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.cache: dict[str, tuple[torch.Tensor, ...]] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if "t" not in self.cache:  # a tensor cached in a dict on the first call
+            self.cache["t"] = (torch.ones(x.shape[-1]) * 2,)
+        return x * self.cache["t"][0]
+
+
+def test_fake_passes_change_no_buffer_and_cache_nothing() -> None:
+    model = nn.Sequential(Counter())
+    x = torch.randn(2, 3)
+    pl.shapes(model, x)
+    pl.run(model, x, [pl.save("0")], validate=True)  # one real call
+    assert int(model[0].calls) == 1
+    assert type(model[0].cache["t"][0]) is torch.Tensor
+    bn = nn.BatchNorm1d(3).train()
+    pl.shapes(bn, x)
+    assert int(bn.num_batches_tracked) == 0 and bool((bn.running_mean == 0).all())
+    averaging = nn.BatchNorm1d(3, momentum=None).train()  # reads its count: no fake pass
+    with pytest.raises(pl.PurelensError, match="could not run the model on fake"):
+        pl.run(averaging, x, validate=True)
+    assert int(averaging.num_batches_tracked) == 0
+
+
+def test_a_kv_cache_given_to_a_fake_pass_is_left_alone() -> None:
+    from transformers import DynamicCache
+
+    from tests.helpers import tiny_gpt2
+
+    model = tiny_gpt2(n_layer=2)
+    x, more = torch.randint(1, 97, (1, 5)), torch.randint(1, 97, (1, 1))
+    cache, reference = DynamicCache(config=model.config), DynamicCache(config=model.config)
+    model(x, past_key_values=cache, use_cache=True)
+    model(x, past_key_values=reference, use_cache=True)
+    pl.shapes(model, more, past_key_values=cache, use_cache=True)
+    rec = pl.run(model, more, past_key_values=cache, use_cache=True, validate=True)
+    want = model(more, past_key_values=reference, use_cache=True).logits
+    assert type(rec.output.logits) is torch.Tensor and torch.equal(rec.output.logits, want)
+    assert cache.get_seq_length() == reference.get_seq_length() == 6

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+from torch import nn
 
 import purelens as pl
 from tests.helpers import hooks_on, tiny_gpt2
@@ -130,3 +131,47 @@ def test_params_are_seen_by_their_own_run_only() -> None:
     problems = _run_beside(model, x, with_params)
     assert not problems, (problems[:3], len(problems))
     assert all(type(m.__dict__["_parameters"]) is dict for m in model.modules())
+
+
+class Rotary(nn.Module):
+    """Grows a cached table (a buffer it registers again) when a longer sequence comes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("table", torch.cos(torch.arange(8.0))[:, None], persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[1]
+        if n > self.table.shape[0]:
+            self.register_buffer(
+                "table", torch.cos(torch.arange(float(n)))[:, None], persistent=False
+            )
+        return x * self.table[:n]
+
+
+def test_a_fake_pass_caches_nothing_another_thread_can_see() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), Rotary(), nn.Linear(4, 4))
+    short, long = torch.randn(2, 6, 4), torch.randn(2, 300, 4)
+    with torch.no_grad():
+        expected = model(short)
+    stop = threading.Event()
+    problems: list[str] = []
+
+    def surveys() -> None:
+        while not stop.is_set():
+            pl.shapes(model, long)
+
+    surveyor = threading.Thread(target=surveys)
+    surveyor.start()
+    try:
+        deadline = time.monotonic() + 1.0
+        with torch.no_grad():
+            while time.monotonic() < deadline:
+                out = pl.run(model, short).output
+                if type(out) is not torch.Tensor or not torch.equal(out, expected):
+                    problems.append(type(out).__name__)
+    finally:
+        stop.set()
+        surveyor.join()
+    assert not problems, problems[:3]
+    assert model[1].table.shape == (8, 1)
