@@ -99,3 +99,12 @@ def test_shapes_of_an_offloaded_model_and_of_one_with_no_weights(
     assert dict(pl.shapes(empty, X)) == dict(expected)
     assert pl.shapes(empty, X).dtypes == expected.dtypes
     assert dispatched.transformer.h[1].attn.c_attn.weight.is_meta  # still offloaded
+
+
+def test_params_on_offloaded_weights_is_refused(pair: tuple[nn.Module, nn.Module]) -> None:
+    # accelerate loads offloaded weights onto the module as it runs: a raw TypeError before.
+    _, dispatched = pair
+    name = "transformer.h.1.attn.c_attn.weight"
+    own = dict(pair[0].named_parameters())[name]
+    with pytest.raises(pl.PurelensError, match="accelerate loads onto its module"):
+        pl.run(dispatched, X, params={name: torch.zeros_like(own)})

@@ -60,3 +60,15 @@ def test_a_run_inside_a_compiled_function_runs_eagerly(model: torch.nn.Module) -
         return rec.output.logits.softmax(-1) + rec["h.0"].mean()
 
     assert torch.allclose(torch.compile(experiment)(x), experiment(x))
+
+
+def test_a_half_imported_dynamo_is_no_compiled_model(
+    model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Runs beside another thread's first import of dynamo raised AttributeError.
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "torch._dynamo.eval_frame", types.ModuleType("partial"))
+    x = torch.randint(0, 97, (1, 4))
+    assert torch.equal(pl.run(model, x).output.logits, model(x).logits)

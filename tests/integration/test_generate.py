@@ -233,3 +233,9 @@ def test_a_step_set_reaching_past_the_end_of_generation_is_an_error(
             model, prompt, [pl.ablate("h.0", step={1, 9})], max_new_tokens=3, pad_token_id=0
         )
     assert info.value.record.output.shape[1] == prompt.shape[1] + 3  # type: ignore[attr-defined]
+
+
+def test_generate_refuses_params(model: nn.Module, prompt: torch.Tensor) -> None:
+    zeros = {"transformer.wte.weight": torch.zeros_like(model.transformer.wte.weight)}
+    with pytest.raises(pl.PurelensError, match="takes no `params=`"):
+        pl.generate(model, prompt, max_new_tokens=2, params=zeros)

@@ -158,3 +158,57 @@ def test_the_padding_check_holds_in_edits_and_under_beams() -> None:
         tokenizer=left, max_new_tokens=2, num_beams=2, pad_token_id=0,
     )  # fmt: skip
     assert rec["h.0"].shape[0] == 1
+
+
+def test_generation_on_an_edited_model_keeps_left_padding_positions() -> None:
+    # The edited forward showed HF a (*args, **kwargs) signature: no position_ids were made.
+    model = tiny_gpt2(n_layer=2)
+    left = word_tokenizer(padding_side="left")
+    edited = pl.edit(model, [pl.scale("h.0", 1.0)])  # changes nothing
+    kw = {"max_new_tokens": 3, "tokenizer": left, "pad_token_id": 0}
+    assert torch.equal(
+        pl.generate(edited, PROMPTS, **kw).output, pl.generate(model, PROMPTS, **kw).output
+    )
+
+
+def test_mean_ablation_of_a_value_without_positions_ignores_the_mask() -> None:
+    class Pooled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.pool = nn.Embedding(20, 6), nn.Identity()
+
+        def forward(self, input_ids, attention_mask):  # type: ignore[no-untyped-def]
+            return self.pool(self.emb(input_ids).sum(1))  # [batch, features]
+
+    ids = torch.randint(1, 20, (3, 6), generator=torch.Generator().manual_seed(0))
+    masks = [
+        torch.ones(3, 6, dtype=torch.long),
+        torch.tensor([[1] * 6, [1] * 6, [1, 1, 0, 0, 0, 0]]),
+    ]
+    for mask in masks:
+        rec = pl.run(
+            Pooled(),
+            {"input_ids": ids, "attention_mask": mask},
+            [pl.ablate("pool", "mean"), pl.save("pool:input")],
+        )
+        assert torch.allclose(rec.output[0], rec["pool:input"].mean(0), atol=1e-6)
+
+
+def test_beams_and_batch_select_the_rows_of_each_prompts_beams() -> None:
+    model = tiny_gpt2(n_layer=2)
+    left = word_tokenizer(padding_side="left")
+    prompts = ["the small green tree sat far away", "a dog ran"]  # the second is padded
+    kw = {"tokenizer": left, "max_new_tokens": 1, "num_beams": 2, "pad_token_id": 0}
+    rec = pl.generate(model, prompts, [pl.save("h.0", pl.at(0), step=0, batch=[0, 1])], **kw)
+    assert rec["h.0"].shape[0] == 2  # the first prompt's two beams: no padding
+    with pytest.raises(pl.PurelensError, match="is padding"):
+        pl.generate(model, prompts, [pl.save("h.0", pl.at(0), step=0, batch=[2, 3])], **kw)
+
+
+def test_at_with_positions_on_padding_is_an_error() -> None:
+    model = tiny_gpt2(n_layer=2)
+    right = word_tokenizer(padding_side="right")
+    width = pl.tokenize(right, PROMPTS)["input_ids"].shape[1]
+    last = torch.full((len(PROMPTS),), width - 1)
+    with pytest.raises(pl.PurelensError, match="is padding in this batch"):
+        pl.run(model, PROMPTS, [pl.save("h.0", pl.at(last))], tokenizer=right)

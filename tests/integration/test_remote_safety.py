@@ -127,6 +127,17 @@ def test_dict_inputs_take_the_same_allow_list_as_keyword_arguments(url: str, loc
     assert answer.status_code == 400 and "'params'" in answer.json()["error"], answer.text
 
 
+def test_a_deadline_during_validation_is_a_deadline(local: Any) -> None:
+    # It was wrapped as "could not run the model on fake tensors" (422).
+    _, tokenizer = local
+    ids = pl.tokenize(tokenizer, PROMPTS)["input_ids"]
+    ivs = [pl.patch("h.0", ops.value * 1.0) for _ in range(2000)]
+    body = encode_request(Request("run", ids, ivs, validate=True))
+    with serving(create_app(tokens=TOKENS, limits=Limits(seconds=0.2))) as url:
+        answer = post(url, body, timeout=60)
+    assert answer.status_code == 408 and answer.json()["limit"] == "seconds", answer.text[:300]
+
+
 REACHED: list[int] = []
 
 

@@ -183,3 +183,14 @@ def test_root_input_edits_and_run_interventions_compose_in_order(
     assert torch.allclose(pl.run(edited, x, [pl.scale(":input", 2.0)]).output, mlp(2 * (x + 1)))
     assert torch.allclose(twice(x), mlp(3 * (x + 1)))
     assert torch.allclose(pl.run(twice, x, [pl.add(":input", 1.0)]).output, mlp(3 * (x + 1) + 1))
+
+
+def test_a_runs_skip_of_an_edited_module_keeps_its_edits(x: torch.Tensor) -> None:
+    seq = nn.Sequential(nn.Linear(4, 4), nn.Identity())
+    edited = pl.edit(seq, [pl.scale(":input", 2.0)])
+    assert torch.allclose(pl.run(edited, x, [pl.skip("")]).output, 2 * x)
+    rec = pl.run(edited, x, [pl.save(":input"), pl.skip(""), pl.save("")])
+    assert torch.allclose(rec[":input"], 2 * x) and torch.allclose(rec[""], 2 * x)
+    twice = pl.edit(seq, [pl.skip("1", lambda v: v * 0)])
+    with pytest.raises(pl.PurelensError, match="skipped twice"):
+        pl.run(twice, x, [pl.skip("1")])

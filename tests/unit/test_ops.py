@@ -167,3 +167,13 @@ def test_expressions_are_not_iterable(expr: ops.Expr) -> None:
     assert isinstance(info.value, TypeError)
     with pytest.raises(pl.PurelensError, match="not iterable"):
         list(expr)
+
+
+def test_the_element_limit_counts_every_result_of_one_expression() -> None:
+    # Each result was checked alone, so nested ones (all alive at once) had no bound.
+    big = ops.value[:, None] * torch.ones(1, 100)  # 1,000 elements from 10
+    nested = big + (big + (big + big))
+    with ops.limit_elements(2_500):
+        assert big(torch.ones(10)).shape == (10, 100)
+        with pytest.raises(ops.ElementLimitError, match="results of one expression"):
+            nested(torch.ones(10))

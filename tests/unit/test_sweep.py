@@ -240,3 +240,23 @@ def test_an_output_reduced_over_the_batch_is_never_split_wrongly(gpt2: nn.Module
     for k, cell in enumerate(steer):
         alone = pl.run(gpt2, {"input_ids": x, "labels": x}, [cell]).output.loss
         assert torch.allclose(rec.output[k], alone, atol=1e-5)
+
+
+def test_a_model_mixing_its_rows_cannot_be_folded_silently() -> None:
+    # Folding repeats the inputs along dim 0; a sequence-first GRU takes that for time.
+    class SequenceFirst(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp, self.rnn, self.out = nn.Linear(4, 4), nn.GRU(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(self.rnn(self.inp(x))[0])
+
+    torch.manual_seed(0)
+    model, x = SequenceFirst().eval(), torch.randn(5, 2, 4)
+    cells = [pl.scale("inp", 2.0), pl.add("out", 1.0), pl.scale("inp", 0.5)]
+    with pytest.raises(pl.PurelensError, match="mixes the rows of its batch"):
+        pl.sweep(model, x, cells, method="fold")
+    rec = pl.sweep(model, x, cells, chunk=1)
+    for k, want in enumerate(loop(model, x, cells)):
+        assert close(rec.output[k], want.output)
