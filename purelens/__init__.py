@@ -30,6 +30,7 @@ from ._errors import SiteError as SiteError
 from ._generate import generate as generate
 from ._grads import patch_grad as patch_grad
 from ._grads import save_grad as save_grad
+from ._heads import head as head
 from ._inputs import tokenize as tokenize
 from ._interventions import Intervention as Intervention
 from ._positions import at as at
@@ -62,6 +63,7 @@ __all__ = [
     "edit",
     "functions",
     "generate",
+    "head",
     "last_token",
     "loads",
     "models",

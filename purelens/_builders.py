@@ -23,9 +23,20 @@ from ._interventions import (
     Transplant,
     takes_saved,
 )
-from ._site import parse_site
+from ._site import is_wildcard, parse_site
 
-__all__ = ["ablate", "add", "patch", "replace", "save", "scale", "skip", "stop", "transplant"]
+__all__ = [
+    "ablate",
+    "add",
+    "check_name",
+    "patch",
+    "replace",
+    "save",
+    "scale",
+    "skip",
+    "stop",
+    "transplant",
+]
 
 _NOT_CALLABLE = "`{arg}` of {builder}({site!r}, ...) must be callable, got {value!r}."
 _BAD_ABLATE = "`how` of pl.ablate({site!r}) must be 'zero' or 'mean', got {how!r}."
@@ -34,6 +45,20 @@ _BAD_VALUE = (
     "  E.g. {builder}({site!r}, torch.ones(d)) or {builder}({site!r}, 2.0); a list of "
     "numbers is made a tensor."
 )
+
+
+def check_name(name: Any, site: str, builder: str) -> None:
+    """Raise for a `name` that is not a string, or given with a wildcard site."""
+    if name is None:
+        return
+    if not isinstance(name, str):
+        raise PurelensError(f"`name` of {builder}({site!r}) must be a string, got {name!r}.")
+    if name != site and is_wildcard(site):
+        raise PurelensError(
+            f"{builder}({site!r}, name={name!r}): a site with '*' saves each match under "
+            "its own name (the site with '*' filled in), so `name` cannot be given.\n"
+            "  Leave out `name`, or save each site by itself."
+        )
 
 
 def _check_callable(fn: Any, arg: str, builder: str, site: str) -> None:
@@ -66,6 +91,7 @@ def save(
     name: str | None = None,
     step: Any = None,
     batch: Any = None,
+    call: Any = None,
 ) -> Save:
     """Record the value at `site` (or `fn(value)`) under `name` in the `Record`.
 
@@ -75,6 +101,14 @@ def save(
         name: the key in the `Record`; default the site as written.
         step: generation steps to save at (default every step).
         batch: rows to keep (int, slice or list of ints; an int keeps the dim).
+        call: for a module the model calls several times in one step, which
+            calls to save (counted from 0): an int gives the tensor, a slice
+            or list a tuple in call order. Without it, a save on a module
+            that runs twice is an error.
+
+    With a ``*`` in `site` (``"h.*"``), every match is saved under the site
+    with ``*`` filled in (``rec["h.0"]``, ``rec["h.1"]``, ...); `name` cannot
+    be given then.
 
     Example:
         >>> import torch, purelens as pl
@@ -86,18 +120,20 @@ def save(
     parse_site(site)
     if fn is not None:
         _check_callable(fn, "fn", "pl.save", site)
-    if name is not None and not isinstance(name, str):
-        raise PurelensError(f"`name` of pl.save({site!r}) must be a string, got {name!r}.")
+    check_name(name, site, "pl.save")
     return Save(
         site,
         fn,
         site if name is None else name,
         _select.check_steps(step),
         _select.check_rows(batch),
+        _select.check_calls(call),
     )
 
 
-def patch(site: str, fn: Callable[..., Tensor], *, step: Any = None, batch: Any = None) -> Patch:
+def patch(
+    site: str, fn: Callable[..., Tensor], *, step: Any = None, batch: Any = None, call: Any = None
+) -> Patch:
     """Replace the value at `site` with `fn(value)` or `fn(value, saved)`.
 
     `saved` is a read-only mapping of what was saved earlier in the same pass;
@@ -113,10 +149,19 @@ def patch(site: str, fn: Callable[..., Tensor], *, step: Any = None, batch: Any 
     """
     parse_site(site)
     _check_callable(fn, "fn", "pl.patch", site)
-    return Patch(site, fn, _select.check_steps(step), _select.check_rows(batch), takes_saved(fn))
+    return Patch(
+        site,
+        fn,
+        _select.check_steps(step),
+        _select.check_rows(batch),
+        takes_saved(fn),
+        _select.check_calls(call),
+    )
 
 
-def replace(site: str, value: Tensor | float, *, step: Any = None, batch: Any = None) -> Replace:
+def replace(
+    site: str, value: Tensor | float, *, step: Any = None, batch: Any = None, call: Any = None
+) -> Replace:
     """Replace the value at `site` with `value` (broadcast to its shape).
 
     Example:
@@ -127,10 +172,18 @@ def replace(site: str, value: Tensor | float, *, step: Any = None, batch: Any = 
     """
     parse_site(site)
     checked = _check_value(value, "value", "pl.replace", site)
-    return Replace(site, checked, _select.check_steps(step), _select.check_rows(batch))  # type: ignore[arg-type]
+    return Replace(
+        site,
+        checked,  # type: ignore[arg-type]
+        _select.check_steps(step),
+        _select.check_rows(batch),
+        _select.check_calls(call),
+    )  # type: ignore[arg-type]
 
 
-def add(site: str, delta: Tensor | float, *, step: Any = None, batch: Any = None) -> Add:
+def add(
+    site: str, delta: Tensor | float, *, step: Any = None, batch: Any = None, call: Any = None
+) -> Add:
     """Add `delta` to the value at `site` (a steering vector, broadcast).
 
     Example:
@@ -141,10 +194,18 @@ def add(site: str, delta: Tensor | float, *, step: Any = None, batch: Any = None
     """
     parse_site(site)
     checked = _check_value(delta, "delta", "pl.add", site)
-    return Add(site, checked, _select.check_steps(step), _select.check_rows(batch))  # type: ignore[arg-type]
+    return Add(
+        site,
+        checked,  # type: ignore[arg-type]
+        _select.check_steps(step),
+        _select.check_rows(batch),
+        _select.check_calls(call),
+    )  # type: ignore[arg-type]
 
 
-def scale(site: str, factor: Tensor | float, *, step: Any = None, batch: Any = None) -> Scale:
+def scale(
+    site: str, factor: Tensor | float, *, step: Any = None, batch: Any = None, call: Any = None
+) -> Scale:
     """Multiply the value at `site` by `factor`.
 
     Example:
@@ -155,11 +216,22 @@ def scale(site: str, factor: Tensor | float, *, step: Any = None, batch: Any = N
     """
     parse_site(site)
     checked = _check_value(factor, "factor", "pl.scale", site)
-    return Scale(site, checked, _select.check_steps(step), _select.check_rows(batch))  # type: ignore[arg-type]
+    return Scale(
+        site,
+        checked,  # type: ignore[arg-type]
+        _select.check_steps(step),
+        _select.check_rows(batch),
+        _select.check_calls(call),
+    )  # type: ignore[arg-type]
 
 
 def ablate(
-    site: str, how: Literal["zero", "mean"] = "zero", *, step: Any = None, batch: Any = None
+    site: str,
+    how: Literal["zero", "mean"] = "zero",
+    *,
+    step: Any = None,
+    batch: Any = None,
+    call: Any = None,
 ) -> Ablate:
     """Zero the value at `site`, or replace it with its mean over batch and position.
 
@@ -176,11 +248,18 @@ def ablate(
     parse_site(site)
     if how not in ("zero", "mean"):
         raise PurelensError(_BAD_ABLATE.format(site=site, how=how))
-    return Ablate(site, how, _select.check_steps(step), _select.check_rows(batch))
+    return Ablate(
+        site, how, _select.check_steps(step), _select.check_rows(batch), _select.check_calls(call)
+    )
 
 
 def transplant(
-    site: str, *, src: int | list[int], dst: int | list[int], step: Any = None
+    site: str,
+    *,
+    src: int | list[int],
+    dst: int | list[int],
+    step: Any = None,
+    call: Any = None,
 ) -> Transplant:
     """Copy the value at `site` from batch rows `src` into rows `dst`, in one pass.
 
@@ -206,7 +285,7 @@ def transplant(
             f"pl.transplant({site!r}): {len(srcs)} `src` rows for {len(dsts)} `dst` rows; "
             "give one src row, or one per dst row."
         )
-    return Transplant(site, srcs, dsts, _select.check_steps(step))
+    return Transplant(site, srcs, dsts, _select.check_steps(step), call=_select.check_calls(call))
 
 
 def _transplant_rows(rows: Any, arg: str, site: str) -> tuple[int, ...]:
@@ -223,7 +302,7 @@ def _transplant_rows(rows: Any, arg: str, site: str) -> tuple[int, ...]:
     )
 
 
-def stop(site: str, *, step: Any = None) -> Stop:
+def stop(site: str, *, step: Any = None, call: Any = None) -> Stop:
     """End the forward pass right after `site` has run; `rec.output` is then None.
 
     Everything saved up to that point is kept; modules after the site do not run.
@@ -236,10 +315,12 @@ def stop(site: str, *, step: Any = None) -> Stop:
         (True, torch.Size([1, 2]))
     """
     parse_site(site)
-    return Stop(site, _select.check_steps(step))
+    return Stop(site, _select.check_steps(step), _select.check_calls(call))
 
 
-def skip(site: str, fn: Callable[[Tensor], Any] | None = None, *, step: Any = None) -> Skip:
+def skip(
+    site: str, fn: Callable[[Tensor], Any] | None = None, *, step: Any = None, call: Any = None
+) -> Skip:
     """Do not run the module at `site`; its output is `fn(input)` (default: the input).
 
     `input` is the module's first positional tensor argument. When the module
@@ -252,12 +333,12 @@ def skip(site: str, fn: Callable[[Tensor], Any] | None = None, *, step: Any = No
         >>> pl.run(model, -torch.ones(1, 2), [pl.skip("0"), pl.skip("1")]).output
         tensor([[-1., -1.]])
     """
-    path, port = parse_site(site)
-    if port != "output":
+    path, port, op = parse_site(site)
+    if port != "output" or op is not None:
         raise PurelensError(
             f"pl.skip({site!r}): skip replaces a whole module, so its site names a module "
             f"without a port; use pl.skip({path!r})."
         )
     if fn is not None:
         _check_callable(fn, "fn", "pl.skip", site)
-    return Skip(site, fn, _select.check_steps(step))
+    return Skip(site, fn, _select.check_steps(step), _select.check_calls(call))

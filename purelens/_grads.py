@@ -23,15 +23,17 @@ import torch.utils._pytree as torch_pytree
 from torch import Tensor
 
 from . import _select
+from ._builders import check_name
 from ._errors import PurelensError
 from ._interventions import Intervention, rewrite, takes_saved
-from ._select import Rows, Steps
+from ._select import Calls, Rows, Steps
 from ._site import parse_site
 from ._tree import pytree_node, static_field
 
 __all__ = [
     "PatchGrad",
     "SaveGrad",
+    "by_call",
     "call_loss",
     "check_loss_allowed",
     "detached",
@@ -79,6 +81,7 @@ class SaveGrad(Intervention):
     name: str = static_field(default="")
     step: Steps = static_field(default=None)
     batch: Rows = static_field(default=None)
+    call: Calls = static_field(default=None)
 
 
 @pytree_node
@@ -90,6 +93,7 @@ class PatchGrad(Intervention):
     fn: Callable[[Tensor], Tensor] = static_field(default=None)  # type: ignore[assignment]
     step: Steps = static_field(default=None)
     batch: Rows = static_field(default=None)
+    call: Calls = static_field(default=None)
 
     def patched(self, grad: Tensor) -> Tensor:
         return rewrite(self, grad, self.fn, noun="gradient")
@@ -138,7 +142,7 @@ def mark(value: Tensor, node: SaveGrad, *, own: bool = False) -> Tensor:
 
 
 def save_grad(
-    site: str, *, name: str | None = None, batch: Any = None, step: Any = None
+    site: str, *, name: str | None = None, batch: Any = None, step: Any = None, call: Any = None
 ) -> SaveGrad:
     """Record d(loss)/d(value at `site`) in ``rec.grads[name]``; needs `loss=` in `run`.
 
@@ -156,15 +160,23 @@ def save_grad(
         True
     """
     parse_site(site)
-    if name is not None and not isinstance(name, str):
-        raise PurelensError(f"`name` of pl.save_grad({site!r}) must be a string, got {name!r}.")
+    check_name(name, site, "pl.save_grad")
     return SaveGrad(
-        site, site if name is None else name, _select.check_steps(step), _select.check_rows(batch)
+        site,
+        site if name is None else name,
+        _select.check_steps(step),
+        _select.check_rows(batch),
+        _select.check_calls(call),
     )
 
 
 def patch_grad(
-    site: str, fn: Callable[[Tensor], Tensor], *, batch: Any = None, step: Any = None
+    site: str,
+    fn: Callable[[Tensor], Tensor],
+    *,
+    batch: Any = None,
+    step: Any = None,
+    call: Any = None,
 ) -> PatchGrad:
     """Replace the gradient flowing back through `site` with `fn(grad)`.
 
@@ -183,7 +195,9 @@ def patch_grad(
     parse_site(site)
     if not callable(fn):
         raise PurelensError(f"`fn` of pl.patch_grad({site!r}, ...) must be callable, got {fn!r}.")
-    return PatchGrad(site, fn, _select.check_steps(step), _select.check_rows(batch))
+    return PatchGrad(
+        site, fn, _select.check_steps(step), _select.check_rows(batch), _select.check_calls(call)
+    )
 
 
 def check_loss_allowed(loss: Any, save_grads: list[SaveGrad]) -> None:
@@ -253,6 +267,21 @@ def gradients(
     if not isinstance(loss, dict):
         return dict(zip(names, per_loss[""], strict=True))
     return {n: {key: per_loss[key][j] for key in losses} for j, n in enumerate(names)}
+
+
+def by_call(grads: dict[Any, Any]) -> dict[str, Any]:
+    """`grads` with the per-call gradients of a ``save_grad(call=slice)`` (keyed
+    ``(name, call)``) gathered into one tuple per name, in call order."""
+    out: dict[str, Any] = {}
+    calls: dict[str, list[tuple[int, Any]]] = {}
+    for key, grad in grads.items():
+        if isinstance(key, tuple):
+            calls.setdefault(key[0], []).append((key[1], grad))
+        else:
+            out[key] = grad
+    for name, found in calls.items():
+        out[name] = tuple(grad for _, grad in sorted(found, key=lambda item: item[0]))
+    return out
 
 
 def detached(tree: Any) -> Any:

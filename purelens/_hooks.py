@@ -9,7 +9,12 @@ length of its forward, with its hooks ahead of the run's: edits apply first.
 
 `pl.skip` must keep a module from running at all, which no hook can do: the
 module's ``forward`` is swapped for a dispatcher, shared by concurrent runs
-(reference-counted under a lock) and restored when the last one ends.
+(reference-counted under a lock) and restored when the last one ends. The
+same dispatcher runs the forward of a module with sites inside it (op sites,
+attention ports of a module that calls ``F.scaled_dot_product_attention``)
+under the torch function modes that reach them, for the passes that name
+them. Attention ports of HF modules go through transformers' attention
+interface instead (see `_attention`).
 
 One exception to "for one call": `check_before_every_module` puts permanent
 pre-hooks on a model that purelens itself owns (the one `purelens serve`
@@ -26,10 +31,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._attention import SdpaTaps, switched, uses_interface
 from ._errors import PurelensError
+from ._opsites import OWNER, OpTaps
 from ._pass import ACTIVE, Pass, SitePlan
 
-__all__ = ["ACTIVE", "SkipDispatch", "check_before_every_module", "installed", "skip_of"]
+__all__ = [
+    "ACTIVE",
+    "ForwardDispatch",
+    "calling",
+    "check_before_every_module",
+    "installed",
+    "skip_of",
+]
 
 _SKIPPED_TWICE = (
     "the module is skipped twice, by {sites} (an edit's pl.skip and a run's, say); a module "
@@ -64,16 +78,71 @@ def _step_hook(pass_: Pass) -> Callable[..., Any]:
     return hook
 
 
-class SkipDispatch:
-    """A module's ``forward`` while some pass may skip it: skip, or run the original."""
+class ForwardDispatch:
+    """A module's ``forward`` while some pass may skip it or act inside it.
+
+    With no active pass it is the original forward. Otherwise it skips the
+    module if a pass says so, or runs the original forward under the modes
+    that reach the sites inside it (op sites; attention ports of a module
+    outside transformers' attention interface).
+    """
 
     def __init__(self, module: nn.Module, original: Callable[..., Any]) -> None:
         self.module = module
         self.original = original
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        skipped, output = skip_of(tuple(reversed(ACTIVE.get())), self.module, args, kwargs)
-        return output if skipped else self.original(*args, **kwargs)
+        active = ACTIVE.get()
+        if not active:
+            return self.original(*args, **kwargs)
+        passes = tuple(reversed(active))
+        module = self.module
+        skipped, output = skip_of(passes, module, args, kwargs)
+        if skipped:
+            return output
+        taps = [(p, sites) for p in passes if (sites := p.plan.inside.get(id(module)))]
+        if not taps:
+            return self.original(*args, **kwargs)
+        ops = _split(taps, op=True)
+        ports = [] if uses_interface(module) else _split(taps, op=False)
+        token = OWNER.set(module)
+        try:
+            with contextlib.ExitStack() as modes:
+                if ops:
+                    modes.enter_context(OpTaps(module, ops))
+                if ports:
+                    modes.enter_context(SdpaTaps(module, ports))
+                return self.original(*args, **kwargs)
+        finally:
+            OWNER.reset(token)
+
+
+def _split(taps: list[tuple[Pass, Any]], *, op: bool) -> list[tuple[Pass, Any]]:
+    """The op sites (or the attention ports) among each pass's sites inside a module."""
+    out = []
+    for p, sites in taps:
+        mine = {key: site for key, site in sites.items() if key.startswith("#") == op}
+        if mine:
+            out.append((p, mine))
+    return out
+
+
+def _owner_hooks(module: nn.Module) -> list[Any]:
+    """Hooks that make `module` the `OWNER` while its forward runs (a child of an op site's
+    module: its operations are its own, not its parent's)."""
+    tokens: list[Any] = []
+
+    def enter(module: nn.Module, args: Any) -> None:
+        tokens.append(OWNER.set(module))
+
+    def leave(module: nn.Module, args: Any, output: Any) -> None:
+        if tokens:
+            OWNER.reset(tokens.pop())
+
+    return [
+        module.register_forward_pre_hook(enter),
+        module.register_forward_hook(leave, always_call=True),
+    ]
 
 
 def skip_of(
@@ -90,13 +159,13 @@ def skip_of(
 
 
 class _Swap:
-    """A module's ``forward`` replaced by a skip dispatcher, and how to restore it."""
+    """A module's ``forward`` replaced by a dispatcher, and how to restore it."""
 
     def __init__(self, module: nn.Module) -> None:
         self.users = 0
         self.had_own = "forward" in module.__dict__
         self.own = module.__dict__.get("forward")
-        self.forward = SkipDispatch(module, module.forward)
+        self.forward = ForwardDispatch(module, module.forward)
 
     def restore(self, module: nn.Module) -> None:
         if self.had_own:
@@ -138,12 +207,23 @@ def installed(pass_: Pass, *, edit: bool = False) -> Iterator[None]:
     handles = []
     swapped: list[nn.Module] = []
     pass_.recording = torch.is_grad_enabled()
+    interface: list[SitePlan] = []  # attention ports reached through transformers
     token = ACTIVE.set((*ACTIVE.get(), pass_) if edit else (pass_,))
     try:
         if pass_.multi_step:  # each call of the root module is one generation step
             handles.append(pass_.model.register_forward_pre_hook(_step_hook(pass_), prepend=True))
+        dispatched: dict[int, nn.Module] = {id(m): m for m in pass_.plan.skip_modules}
         for site in pass_.plan.sites:
             if _applies_own_sites(site.module):
+                continue
+            if site.inside:
+                if site.op is None and uses_interface(site.module):
+                    interface.append(site)
+                elif id(site.module) not in dispatched:
+                    dispatched[id(site.module)] = site.module
+                    if site.op is not None:
+                        for child in site.module.children():
+                            handles.extend(_owner_hooks(child))
                 continue
             if site.port == "input":
                 handle = site.module.register_forward_pre_hook(
@@ -152,18 +232,35 @@ def installed(pass_: Pass, *, edit: bool = False) -> Iterator[None]:
             else:
                 handle = site.module.register_forward_hook(_output_hook(pass_, site), prepend=edit)
             handles.append(handle)
-        for module in pass_.plan.skip_modules:
+        for module in dispatched.values():
             if _applies_own_sites(module):  # an edited module's forward skips it itself
                 continue
             _swap_in(module)
             swapped.append(module)
-        yield
+        with switched(interface) if interface else contextlib.nullcontext():
+            yield
     finally:
         for handle in handles:
             handle.remove()
         for module in swapped:
             _swap_out(module)
         ACTIVE.reset(token)
+
+
+@contextlib.contextmanager
+def calling(
+    modules: list[nn.Module], enter: Callable[[nn.Module], None], leave: Callable[[nn.Module], None]
+) -> Iterator[None]:
+    """`enter(module)` and `leave(module)` around every forward of `modules`, for one block."""
+    handles = []
+    try:
+        for module in modules:
+            handles.append(module.register_forward_pre_hook(lambda m, a: enter(m)))
+            handles.append(module.register_forward_hook(lambda m, a, o: leave(m), always_call=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _applies_own_sites(module: nn.Module) -> bool:

@@ -19,8 +19,9 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from . import _select
 from ._errors import PurelensError
+from ._layout import current as current_layout
 from ._padding import aligned
-from ._select import Rows, Steps
+from ._select import Calls, Rows, Steps
 from ._tree import hashable, pytree_node, static_field
 
 __all__ = [
@@ -94,6 +95,7 @@ class Intervention:
     __slots__ = ()
     site: str
     step: Steps
+    call: Calls
 
     def _key(self) -> tuple[Any, ...]:
         values = (getattr(self, f.name) for f in dataclasses.fields(self))  # type: ignore[arg-type]
@@ -128,6 +130,7 @@ class Save(Intervention):
     name: str = static_field(default="")
     step: Steps = static_field(default=None)
     batch: Rows = static_field(default=None)
+    call: Calls = static_field(default=None)
 
     def record(self, value: Tensor) -> Any:
         value = _select.take_rows(value, self.batch, self.site)
@@ -224,6 +227,7 @@ class Patch(Writer):
     step: Steps = static_field(default=None)
     batch: Rows = static_field(default=None)
     takes_saved: bool = static_field(default=False)
+    call: Calls = static_field(default=None)
 
     def new_value(self, rows: Tensor, saved: Mapping[str, Any]) -> Any:
         return self.fn(rows, saved) if self.takes_saved else self.fn(rows)
@@ -283,6 +287,7 @@ class Replace(Writer):
     value: Tensor = None  # type: ignore[assignment]
     step: Steps = static_field(default=None)
     batch: Rows = static_field(default=None)
+    call: Calls = static_field(default=None)
 
     def new_value(self, rows: Tensor, saved: Mapping[str, Any]) -> Tensor:
         return _broadcast(self, torch.as_tensor(self.value), rows)
@@ -297,6 +302,7 @@ class Add(Writer):
     delta: Tensor | float = 0.0
     step: Steps = static_field(default=None)
     batch: Rows = static_field(default=None)
+    call: Calls = static_field(default=None)
     fresh = True
 
     def new_value(self, rows: Tensor, saved: Mapping[str, Any]) -> Tensor:
@@ -312,6 +318,7 @@ class Scale(Writer):
     factor: Tensor | float = 1.0
     step: Steps = static_field(default=None)
     batch: Rows = static_field(default=None)
+    call: Calls = static_field(default=None)
     fresh = True
 
     def new_value(self, rows: Tensor, saved: Mapping[str, Any]) -> Tensor:
@@ -327,6 +334,7 @@ class Ablate(Writer):
     how: Literal["zero", "mean"] = static_field(default="zero")
     step: Steps = static_field(default=None)
     batch: Rows = static_field(default=None)
+    call: Calls = static_field(default=None)
 
     @property
     def fresh(self) -> bool:  # type: ignore[override]
@@ -339,21 +347,28 @@ class Ablate(Writer):
             raise PurelensError(
                 _MEAN_OF_INTEGERS.format(what=repr(self), site=self.site, got=describe(rows))
             )
-        # Every dimension but the last (features) is batch or position; in a padded
-        # batch of token rows, only real tokens count.
-        dims = tuple(range(rows.ndim - 1))
-        real = aligned(rows) if rows.ndim >= 3 else None  # (batch, positions, ..., features)
-        if real is None:
-            count = math.prod(rows.shape[:-1])
-            mean = rows.mean(dim=dims, keepdim=True)
+        layout = current_layout()
+        if layout.heads is None:
+            # Every dimension but the last (features) is batch or position.
+            values, dims = rows, tuple(range(rows.ndim - 1))
         else:
-            weight = real.reshape(*real.shape, *([1] * (rows.ndim - 2))).to(rows.dtype)
-            count = int(real.sum()) * math.prod(rows.shape[2:-1])
-            mean = (rows * weight).sum(dim=dims, keepdim=True) / max(count, 1)
+            # A per-head port: batch and position only, never across heads.
+            values, dims = rows.movedim(layout.pos, 1), (0, 1)
+        # In a padded batch of token rows, only real tokens count.
+        real = aligned(values, 1) if values.ndim >= 3 else None  # (batch, positions, ...)
+        if real is None:
+            count = math.prod(values.shape[d] for d in dims)
+            mean = values.mean(dim=dims, keepdim=True)
+        else:
+            weight = real.reshape(*real.shape, *([1] * (values.ndim - 2))).to(values.dtype)
+            count = int(real.sum()) * math.prod(values.shape[d] for d in dims[2:])
+            mean = (values * weight).sum(dim=dims, keepdim=True) / max(count, 1)
         if count < 2:
             raise PurelensError(
                 _MEAN_OF_ONE.format(what=repr(self), site=self.site, got=describe(rows))
             )
+        if layout.heads is not None:
+            return mean.expand_as(values).movedim(1, layout.pos)
         return mean.expand_as(rows)
 
 
@@ -367,6 +382,7 @@ class Transplant(Writer):
     dst: tuple[int, ...] = static_field(default=())
     step: Steps = static_field(default=None)
     batch: Rows = static_field(default=None, init=False, repr=False)
+    call: Calls = static_field(default=None)
     fresh = True
 
     def new_value(self, rows: Tensor, saved: Mapping[str, Any]) -> Tensor:
@@ -387,6 +403,7 @@ class Stop(Intervention):
 
     site: str = static_field()
     step: Steps = static_field(default=None)
+    call: Calls = static_field(default=None)
 
 
 @pytree_node
@@ -397,6 +414,7 @@ class Skip(Intervention):
     site: str = static_field()
     fn: Callable[[Tensor], Any] | None = static_field(default=None)
     step: Steps = static_field(default=None)
+    call: Calls = static_field(default=None)
 
 
 def flatten_interventions(interventions: Any) -> tuple[Intervention, ...]:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._layout import current
 from ._select import Rows, row_indices
 
 __all__ = ["aligned", "real_tokens", "reset_padding", "set_padding"]
@@ -69,9 +70,14 @@ def reset_padding(token: contextvars.Token[Tensor | None]) -> None:
     _PADDING.reset(token)
 
 
-def aligned(value: Tensor) -> Tensor | None:
-    """The current real-token mask, lined up with `value`'s first two dimensions, if it can be."""
+def aligned(value: Tensor, pos: int | None = None) -> Tensor | None:
+    """The current real-token mask, lined up with `value`'s batch (dimension 0) and positions.
+
+    Positions are dimension `pos`, by default the current site's (see `_layout`).
+    """
     real = _PADDING.get()
-    if real is None or value.ndim < 2 or value.shape[1] != real.shape[1]:
+    if pos is None:
+        pos = current().pos
+    if real is None or value.ndim <= pos or value.shape[pos] != real.shape[1]:
         return None
     return _expanded(real, value.shape[0])

@@ -31,11 +31,14 @@ from ._checkpoint import checkpointed
 from ._errors import GenerationEnded, PurelensError, SiteError
 from ._grads import PatchGrad, SaveGrad, mark, tap
 from ._interventions import Intervention, Save, Skip, Stop, Writer
+from ._layout import layout_of
+from ._layout import reset as reset_layout
+from ._layout import use as use_layout
 from ._padding import reset_padding, set_padding
 from ._params import restore, without_replacements
 from ._primary import primary_input, primary_output
-from ._select import step_selected
-from ._site import Port, resolve
+from ._select import is_int, step_selected
+from ._site import ATTENTION_PORTS, Port, expand, parse_site, resolve
 
 __all__ = ["ACTIVE", "Pass", "Plan", "SitePlan", "StopPass", "hookable"]
 
@@ -53,9 +56,14 @@ _DUPLICATE_NAME = (
 _NAMED = {Save: ("saves", "save"), SaveGrad: ("save_grads", "save_grad")}
 _TWO_SKIPS = "two pl.skip interventions on site {site!r}; a module can be skipped once."
 _RAN_TWICE = (
-    "site {site!r} ran more than once in one pass, and pl.save keeps one value "
-    "per pass.\n  The module is called more than once by the model; save a module "
-    "that runs once, or wrap the repeated call in a module of its own."
+    "site {site!r} ran more than once in one pass (the model calls the module again), "
+    "and without `call=` a save keeps one value per pass.\n"
+    "  Select calls, counted from 0 within the pass (a generation step): "
+    "call=0 for the first, call=slice(None) for a tuple of every call."
+)
+_NO_SUCH_CALL = (
+    "site {site!r} ran {count} time(s) per {unit} at most, but not at the selected "
+    "call={call!r} (calls count from 0)"
 )
 _NEVER_RAN = (
     "{what} never applied: {why}.\n"
@@ -113,6 +121,12 @@ class SitePlan:
     entries: tuple[tuple[int, Intervention], ...]  # (position in the run's list, node)
     stops: bool = False  # whether the pass ends here (a pl.stop among the entries)
     only_saves: bool = True  # whether the entries only read (then checkpointing is harmless)
+    op: str | None = None  # an op site's op ("softmax.0"), acted on inside the module's forward
+
+    @property
+    def inside(self) -> bool:
+        """Whether the value is inside the module's forward (an attention port or an op)."""
+        return self.op is not None or self.port in ATTENTION_PORTS
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -124,56 +138,70 @@ class Plan:
     skips: Mapping[int, tuple[int, Skip]]  # id(module) -> (position, skip)
     skip_modules: tuple[nn.Module, ...]
     save_grads: tuple[SaveGrad, ...]
+    # The interventions as they act: one per match of a site with '*' (by position).
+    nodes: tuple[tuple[int, Intervention], ...] = ()
+    # id(module) -> its sites inside its forward, by port ("q", ...) or op ("#softmax.0")
+    inside: Mapping[int, Mapping[str, SitePlan]] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def build(cls, model: nn.Module, interventions: tuple[Intervention, ...]) -> Plan:
-        grouped: dict[tuple[str, Port], list[tuple[int, Intervention]]] = {}
+        grouped: dict[tuple[str, Port, str | None], list[tuple[int, Intervention]]] = {}
         modules: dict[str, nn.Module] = {}
-        first_site: dict[tuple[str, Port], str] = {}
+        first_site: dict[tuple[str, Port, str | None], str] = {}
         skips: dict[int, tuple[int, Skip]] = {}
         skip_modules: list[nn.Module] = []
         taken: dict[type, dict[str, str]] = {Save: {}, SaveGrad: {}}  # name -> site
-        for i, iv in enumerate(interventions):
-            name, module, port = resolve(model, iv.site)
-            _check_hookable(iv.site, name, module)
-            if isinstance(iv, Save | SaveGrad):
-                seen = taken[type(iv)]
-                if iv.name in seen:
-                    kind, builder = _NAMED[type(iv)]
-                    raise PurelensError(
-                        _DUPLICATE_NAME.format(
-                            kind=kind,
-                            name=iv.name,
-                            first=seen[iv.name],
-                            second=iv.site,
-                            builder=builder,
+        nodes: list[tuple[int, Intervention]] = []
+        for i, given in enumerate(interventions):
+            for iv, name, module, port, op in _targets(model, given):
+                nodes.append((i, iv))
+                if isinstance(iv, Save | SaveGrad):
+                    seen = taken[type(iv)]
+                    if iv.name in seen:
+                        kind, builder = _NAMED[type(iv)]
+                        raise PurelensError(
+                            _DUPLICATE_NAME.format(
+                                kind=kind,
+                                name=iv.name,
+                                first=seen[iv.name],
+                                second=iv.site,
+                                builder=builder,
+                            )
                         )
-                    )
-                seen[iv.name] = iv.site
-            if isinstance(iv, Skip):
-                if id(module) in skips:
-                    raise PurelensError(_TWO_SKIPS.format(site=iv.site))
-                skips[id(module)] = (i, iv)
-                skip_modules.append(module)
-                continue
-            key = (name, port)
-            modules[name] = module
-            first_site.setdefault(key, iv.site)
-            grouped.setdefault(key, []).append((i, iv))
+                    seen[iv.name] = iv.site
+                if isinstance(iv, Skip):
+                    if id(module) in skips:
+                        raise PurelensError(_TWO_SKIPS.format(site=iv.site))
+                    skips[id(module)] = (i, iv)
+                    skip_modules.append(module)
+                    continue
+                key = (name, port, op)
+                modules[name] = module
+                first_site.setdefault(key, iv.site)
+                grouped.setdefault(key, []).append((i, iv))
         sites = tuple(
             SitePlan(
                 name,
                 modules[name],
                 port,
-                first_site[(name, port)],
+                first_site[(name, port, op)],
                 tuple(entries),
                 any(isinstance(iv, Stop) for _, iv in entries),
                 all(isinstance(iv, Save | Stop) for _, iv in entries),
+                op,
             )
-            for (name, port), entries in grouped.items()
+            for (name, port, op), entries in grouped.items()
         )
-        save_grads = tuple(iv for iv in interventions if isinstance(iv, SaveGrad))
-        return cls(interventions, sites, MappingProxyType(skips), tuple(skip_modules), save_grads)
+        save_grads = tuple(iv for _, iv in nodes if isinstance(iv, SaveGrad))
+        return cls(
+            interventions,
+            sites,
+            MappingProxyType(skips),
+            tuple(skip_modules),
+            save_grads,
+            tuple(nodes),
+            _inside(sites),
+        )
 
     def rebased(self, modules: Mapping[int, nn.Module]) -> Plan:
         """The same plan on another copy of the module tree (`modules`: id(old) -> new)."""
@@ -187,7 +215,40 @@ class Plan:
             MappingProxyType(skips),
             tuple(modules[id(m)] for m in self.skip_modules),
             self.save_grads,
+            self.nodes,
+            _inside(sites),
         )
+
+
+def _inside(sites: tuple[SitePlan, ...]) -> Mapping[int, Mapping[str, SitePlan]]:
+    inside: dict[int, dict[str, SitePlan]] = {}
+    for site in sites:
+        if site.inside:
+            key = site.port if site.op is None else f"#{site.op}"
+            inside.setdefault(id(site.module), {})[key] = site
+    return inside
+
+
+def _targets(
+    model: nn.Module, iv: Intervention
+) -> list[tuple[Intervention, str, nn.Module, Port, str | None]]:
+    """Where `iv` acts: its site resolved, or for a site with '*' each match (a node each)."""
+    parsed = parse_site(iv.site)
+    if "*" not in parsed.path:
+        name, module, port = resolve(model, iv.site)
+        _check_hookable(iv.site, name, module)
+        return [(iv, name, module, port, parsed.op)]
+    matches = expand(model, iv.site)
+    out: list[tuple[Intervention, str, nn.Module, Port, str | None]] = []
+    for filled, name, module, port in matches:
+        if not hookable(module):  # a container among the matches: its items may match too
+            continue
+        renamed = {"name": filled} if isinstance(iv, Save | SaveGrad) else {}
+        node = dataclasses.replace(iv, site=filled, **renamed)  # type: ignore[type-var]
+        out.append((node, name, module, port, parsed.op))
+    if not out:
+        _check_hookable(iv.site, matches[0][1], matches[0][2])
+    return out
 
 
 def hookable(module: nn.Module) -> bool:
@@ -240,6 +301,10 @@ class Pass:
         self.ran: set[int] = set()  # ids of the SitePlans whose hook fired
         self.grad_targets: dict[str, tuple[Tensor, SaveGrad]] = {}
         self._saved_versions: list[tuple[str, str, Tensor, int]] = []
+        self.calls: dict[int, int] = {}  # id(SitePlan or skipped module) -> calls this step
+        self.most_calls: dict[int, int] = {}  # the most calls of one step, so far
+        self._by_call: dict[str, dict[int, list[Any]]] = {}  # name -> step -> values by call
+        self._stop_now = False
 
     # --- called by the hooks -------------------------------------------------
 
@@ -270,14 +335,28 @@ class Pass:
         self._maybe_stop(site)
         return None if new is value else rebuild(new)
 
+    def on_port(self, site: SitePlan, value: Tensor) -> Tensor:
+        """A value inside the module's forward (an attention port, an op) with the site's
+        interventions applied, in the port's layout."""
+        token = use_layout(layout_of(site.port))
+        try:
+            new = self._acting(self._apply, site, value)
+        finally:
+            reset_layout(token)
+        self._maybe_stop(site)
+        return new
+
     def on_skip(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[bool, Any]:
         """Whether this pass skips `module` now, and the output it gets instead."""
         entry = self.plan.skips.get(id(module))
-        if entry is None or not step_selected(entry[1].step, self.step):
+        if entry is None:
             return False, None
+        call = self._count(id(module))
         position, skip = entry
+        if not step_selected(skip.step, self.step) or not step_selected(skip.call, call):
+            return False, None
         split = primary_input(args, kwargs)
         if split is None:
             raise PurelensError(_NO_TENSOR.format(site=skip.site, port="input", kind="no tensor"))
@@ -321,10 +400,13 @@ class Pass:
                 iv = next(iv for _, iv in site.entries if not isinstance(iv, Save | Stop))
                 raise PurelensError(_CHECKPOINTED.format(what=repr(iv), site=site.site))
         self.ran.add(id(site))
+        call = self._count(id(site))
         patch_grads: list[PatchGrad] = []
         save_grads: list[SaveGrad] = []
         for position, iv in site.entries:
             if iv.step is not None and not step_selected(iv.step, self.step):
+                continue
+            if iv.call is not None and not step_selected(iv.call, call):
                 continue
             check()  # a server's deadline, between interventions
             narrowed = None
@@ -334,7 +416,9 @@ class Pass:
                 if isinstance(iv, Writer):
                     value = iv.write(value, self.saved_view)
                 elif isinstance(iv, Save):
-                    self._save(iv, iv.record(value), position)
+                    self._save(iv, iv.record(value))
+                elif isinstance(iv, Stop):
+                    self._stop_now = True
             finally:
                 if narrowed is not None:
                     reset_padding(narrowed)
@@ -347,30 +431,51 @@ class Pass:
         if patch_grads:
             value = tap(value, patch_grads)
         for node in save_grads:
-            if node.name in self.grad_targets:
+            key = node.name if node.call is None or is_int(node.call) else (node.name, call)
+            if key in self.grad_targets:
                 raise PurelensError(_RAN_TWICE.format(site=node.site))
             spend(value)  # its gradient will be as large
             value = mark(value, node, own=site.port == "input")
-            self.grad_targets[node.name] = (value, node)
+            self.grad_targets[key] = (value, node)  # type: ignore[index]
         return value
+
+    def _count(self, key: int) -> int:
+        """This call's number (from 0) among the calls of a site or module in this step."""
+        call = self.calls.get(key, 0)
+        self.calls[key] = call + 1
+        if call >= self.most_calls.get(key, 0):
+            self.most_calls[key] = call + 1
+        return call
 
     def begin_step(self) -> None:
         """A call of the root module: the first is step 0, each later one the next step."""
         if self._root_calls:
             self.step += 1
+            self.calls.clear()
         self._root_calls += 1
 
     def record_saved(self) -> dict[str, Any]:
         """The saved values for the Record: per step a tuple, unless `step=` was one int."""
         if not self.multi_step:
             return dict(self.saved)
-        kinds = {iv.name: iv.step for iv in self.plan.interventions if isinstance(iv, Save)}
-        return {
-            name: values[0] if isinstance(kinds[name], int) else tuple(values)
-            for name, values in self.history.items()
-        }
+        kinds = {iv.name: iv for _, iv in self.plan.nodes if isinstance(iv, Save)}
+        out: dict[str, Any] = {}
+        for name, values in self.history.items():
+            out[name] = values[0] if isinstance(kinds[name].step, int) else tuple(values)
+        for name, steps in self._by_call.items():
+            iv = kinds[name]
+            per_step = [_calls_value(iv, values) for values in steps.values()]
+            out[name] = per_step[0] if isinstance(iv.step, int) else tuple(per_step)
+        return out
 
-    def _save(self, iv: Save, value: Any, position: int) -> None:
+    def _save(self, iv: Save, value: Any) -> None:
+        if iv.call is not None:  # one value per selected call: kept by step and call
+            spend(value)
+            value = self._kept(iv, value)
+            values = self._by_call.setdefault(iv.name, {}).setdefault(self.step, [])
+            values.append(value)
+            self.saved[iv.name] = _calls_value(iv, values)
+            return
         if self._saved_at.get(iv.name) == self.step:
             if self.lenient:  # keep the first call's value
                 return
@@ -402,7 +507,7 @@ class Pass:
         return value
 
     def _maybe_stop(self, site: SitePlan) -> None:
-        if site.stops and self.stopped_at is None:
+        if self._stop_now and self.stopped_at is None:
             self.stopped_at = site.site
             raise StopPass(self)
 
@@ -435,6 +540,10 @@ class Pass:
                 f"the pass was stopped at {self.stopped_at!r}, "
                 f"and site {iv.site!r} had not run by then"
             )
+        elif iv.call is not None and self._site_ran(i) and self._calls_missed(i, iv):
+            unit = "generation step" if self.multi_step else "pass"
+            count = self._most_calls(i)
+            why = _NO_SUCH_CALL.format(site=iv.site, count=count, unit=unit, call=iv.call)
         elif iv.step is not None and self._site_ran(i):
             ran = f"generation ran steps 0 to {self.step}" if self.multi_step else "run is step 0"
             why = f"site {iv.site!r} ran, but not at the selected step={iv.step!r} ({ran})"
@@ -462,8 +571,26 @@ class Pass:
         return any(step_selected(iv.step, s) for s in range(self.step + 1))
 
     def _site_ran(self, position: int) -> bool:
+        for module in self.plan.skip_modules:
+            if self.plan.skips[id(module)][0] == position:
+                return bool(self.most_calls.get(id(module)))
         return any(
             id(site) in self.ran
             for site in self.plan.sites
             if any(p == position for p, _ in site.entries)
         )
+
+    def _most_calls(self, position: int) -> int:
+        keys = [id(site) for site in self.plan.sites if any(p == position for p, _ in site.entries)]
+        keys += [id(m) for m in self.plan.skip_modules if self.plan.skips[id(m)][0] == position]
+        return max((self.most_calls.get(k, 0) for k in keys), default=0)
+
+    def _calls_missed(self, position: int, iv: Intervention) -> bool:
+        """Whether the site ran, but never at a call `iv` selects."""
+        most = self._most_calls(position)
+        return not any(step_selected(iv.call, c) for c in range(most))
+
+
+def _calls_value(iv: Save, values: list[Any]) -> Any:
+    """A save's values of one step: the value itself for ``call=k``, else a tuple by call."""
+    return values[0] if is_int(iv.call) else tuple(values)

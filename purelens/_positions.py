@@ -18,6 +18,10 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from ._errors import PurelensError
 from ._interventions import describe, takes_saved
+from ._layout import MODULE
+from ._layout import current as current_layout
+from ._layout import reset as reset_layout
+from ._layout import use as use_layout
 from ._padding import aligned
 
 __all__ = ["at", "last_token", "token_index"]
@@ -122,7 +126,9 @@ class at:
     ``pl.save(site, pl.at(index))`` keeps ``value[row, index[row]]`` for each
     row (shape ``(batch, ...)``); ``pl.patch(site, pl.at(index, fn))``
     replaces those entries with ``fn(entries)`` (or ``fn(entries, saved)``)
-    and leaves every other position alone.
+    and leaves every other position alone. Positions are dimension 1, but on
+    an attention's scores and pattern ``(batch, heads, q_pos, k_pos)`` the
+    query dimension 2 (entries ``(batch, heads, k_pos)``).
 
     Args:
         index: one position per row (e.g. `pl.last_token(mask)`), or an int
@@ -207,6 +213,18 @@ class at:
         return self.fn is not None and takes_saved(self.fn)
 
     def __call__(self, value: Tensor, saved: Mapping[str, Any] | None = None) -> Tensor:
+        pos = current_layout().pos
+        if pos == 1 or value.ndim <= pos:
+            return self._at(value, saved)
+        # Positions elsewhere (the query dimension of an attention pattern): move them to 1.
+        token = use_layout(MODULE)
+        try:
+            result = self._at(value.movedim(pos, 1), saved)
+        finally:
+            reset_layout(token)
+        return result if self.fn is None else result.movedim(1, pos)
+
+    def _at(self, value: Tensor, saved: Mapping[str, Any] | None) -> Tensor:
         rows, index = self._rows_and_index(value)
         entries = value[rows, index]
         if self.fn is None:

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ._eager import eager_under_compile, unwrapped
 from ._errors import PurelensError
-from ._grads import call_loss, check_loss_allowed, detached, gradients
+from ._grads import by_call, call_loss, check_loss_allowed, detached, gradients
 from ._hooks import installed
 from ._inputs import call_arguments, padding_of
 from ._interventions import describe, flatten_interventions
@@ -126,7 +126,7 @@ def run(
         output = forward_pass(model, pass_, args, kwargs, params)
         pass_.check_finished()
         loss_value = call_loss(loss, output, pass_.saved_view)
-        grads = gradients(loss_value, pass_.grad_targets)
+        grads = by_call(gradients(loss_value, pass_.grad_targets))
     # Detached, so that no autograd graph outlives the call.
     return Record(detached(pass_.saved), detached(output), grads, detached(loss_value))
 

@@ -1,6 +1,8 @@
-"""The `batch=` and `step=` selectors: check them once, apply them per call.
+"""The `batch=`, `step=` and `call=` selectors: check them once, apply them per call.
 
-`batch=` picks rows of the site's first dimension. An int keeps that
+`step=` picks generation steps and `call=` the calls of the site's module
+within one step (a module the model calls several times per pass); both
+count from 0. `batch=` picks rows of the site's first dimension. An int keeps that
 dimension (size 1), so functions see the layout the model uses. Rows are
 written back out of place, so selection composes with `vmap` and `grad`.
 """
@@ -16,8 +18,10 @@ from torch import Tensor
 from ._errors import PurelensError
 
 __all__ = [
+    "Calls",
     "Rows",
     "Steps",
+    "check_calls",
     "check_rows",
     "check_steps",
     "is_int",
@@ -29,6 +33,7 @@ __all__ = [
 
 Rows = int | slice | tuple[int, ...] | None
 Steps = int | slice | frozenset[int] | None
+Calls = Steps
 
 _BAD_ROWS = (
     "`batch` must be an int, a slice or a list of ints, got {value!r}.\n"
@@ -37,6 +42,15 @@ _BAD_ROWS = (
 _BAD_STEPS = (
     "`step` must be an int, a slice or an iterable of ints, got {value!r}.\n"
     "  Example: step=0 (the prompt pass), step=slice(3, None) or step=[1, 2]."
+)
+_BAD_CALLS = (
+    "`call` must be an int, a slice or an iterable of ints, got {value!r}.\n"
+    "  Example: call=0 (the module's first call in the step), call=slice(None) (every "
+    "call) or call=[1, 2]."
+)
+_CALLS_FROM_ZERO = (
+    "\n  Calls are the module's calls within one step, counted from 0 (negative calls are "
+    "not counted from the end); select at least one."
 )
 _NO_ROWS = (
     "`batch=[]` selects no rows, so the intervention would never act.\n"
@@ -60,7 +74,7 @@ def _slice_problem(s: slice, *, negative: bool) -> str | None:
     if s.step is not None and s.step <= 0:
         return "its step must be positive (rows and steps are selected in order)"
     if not negative and any(v is not None and v < 0 for v in (s.start, s.stop)):
-        return "steps count from 0 (the prompt pass), so its bounds cannot be negative"
+        return "steps and calls count from 0, so its bounds cannot be negative"
     return None
 
 
@@ -82,29 +96,38 @@ def check_rows(batch: Any) -> Rows:
 
 def check_steps(step: Any) -> Steps:
     """Validate a `step=` selector; an iterable becomes a frozenset."""
-    if step is None:
-        return step
-    if is_int(step):
-        if step < 0:
-            raise PurelensError(_BAD_STEPS.format(value=step) + _FROM_ZERO)
-        return step
-    if isinstance(step, slice):
-        problem = _slice_problem(step, negative=False)
+    return _check_counts(step, _BAD_STEPS, _FROM_ZERO)
+
+
+def check_calls(call: Any) -> Calls:
+    """Validate a `call=` selector; an iterable becomes a frozenset."""
+    return _check_counts(call, _BAD_CALLS, _CALLS_FROM_ZERO)
+
+
+def _check_counts(value: Any, bad: str, advice: str) -> Steps:
+    if value is None:
+        return value
+    if is_int(value):
+        if value < 0:
+            raise PurelensError(bad.format(value=value) + advice)
+        return value
+    if isinstance(value, slice):
+        problem = _slice_problem(value, negative=False)
         if problem is None:
-            return step
-        raise PurelensError(_BAD_STEPS.format(value=step) + f"\n  The slice is refused: {problem}.")
-    if isinstance(step, Iterable) and not isinstance(step, str | bytes | dict):
+            return value
+        raise PurelensError(bad.format(value=value) + f"\n  The slice is refused: {problem}.")
+    if isinstance(value, Iterable) and not isinstance(value, str | bytes | dict):
         try:
-            steps = tuple(step)
+            counts = tuple(value)
         except TypeError:  # iterable in name only (a purelens.ops expression)
-            steps = ()
-        if steps and all(is_int(s) and s >= 0 for s in steps):
-            return frozenset(steps)
-    raise PurelensError(_BAD_STEPS.format(value=step) + _FROM_ZERO)
+            counts = ()
+        if counts and all(is_int(s) and s >= 0 for s in counts):
+            return frozenset(counts)
+    raise PurelensError(bad.format(value=value) + advice)
 
 
 def step_selected(steps: Steps, step: int) -> bool:
-    """Whether generation step `step` (0 is the prompt pass) is selected."""
+    """Whether generation step `step` (0 is the prompt pass), or call `step`, is selected."""
     if steps is None:
         return True
     if isinstance(steps, int):

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from . import _builders, _grads, functions, ops
 from ._errors import PurelensError
+from ._heads import head
 from ._interventions import Intervention, flatten_interventions
 from ._positions import at
 from ._select import is_int
@@ -242,6 +243,9 @@ def _encode(value: Any, tensors: dict[str, Tensor], where: str) -> Any:
     if isinstance(value, at):
         index = _encode(value.index, tensors, where)
         return {"at": {"index": index, "fn": _encode(value.fn, tensors, where)}}
+    if isinstance(value, head):
+        heads = _encode(value.h, tensors, where)
+        return {"head": {"h": heads, "fn": _encode(value.fn, tensors, where)}}
     if callable(value):
         name = functions.name_of(value)
         if name is None:
@@ -305,6 +309,11 @@ def _decode(value: Any, tensors: dict[str, Tensor], depth: int, check: _Check) -
         fn = _decode(body["fn"], tensors, depth + 1, check)
         if (is_int(index) or isinstance(index, Tensor)) and (fn is None or callable(fn)):
             return at(index, fn)
+    if tag == "head" and isinstance(body, dict) and set(body) == {"h", "fn"}:
+        heads = _decode(body["h"], tensors, depth + 1, check)
+        fn = _decode(body["fn"], tensors, depth + 1, check)
+        if fn is None or callable(fn):
+            return head(heads, fn)  # checks `heads`
     if tag == "ellipsis" and body is None:
         return Ellipsis
     if tag == "function" and isinstance(body, str):

@@ -1,8 +1,13 @@
 """Sites: parse ``"h.5:input"`` and resolve it against a module tree.
 
-A site is ``PATH`` or ``PATH:PORT``. ``PATH`` matches a name from
-``model.named_modules()`` exactly, or else as a unique suffix on dot
-boundaries; a negative component counts from the end of its container.
+A site is ``PATH``, ``PATH:PORT`` or ``PATH#OP.N``. ``PATH`` matches a name
+from ``model.named_modules()`` exactly, or else as a unique suffix on dot
+boundaries; a negative component counts from the end of its container, and
+a ``*`` component matches any one component (`expand` lists the matches).
+``PORT`` is ``output`` (the default) or ``input``, or on an attention module
+one of the attention ports (``q``, ``k``, ``v``, ``scores``, ``pattern``,
+``z``, see `_attention`); ``#OP.N`` is the N-th call of torch operation OP
+inside one call of PATH's own forward (see `_opsites`).
 
 Resolutions are cached per model, so a run does not rescan the module tree,
 and the cache never goes stale: torch calls a global registration hook
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import threading
 import weakref
 from typing import Any, Literal, NamedTuple
@@ -26,15 +32,27 @@ from torch.nn.modules.module import register_module_module_registration_hook
 
 from ._errors import SiteError
 
-__all__ = ["Site", "parse_site", "path_of", "resolve", "sites"]
+__all__ = [
+    "ATTENTION_PORTS",
+    "Site",
+    "expand",
+    "is_wildcard",
+    "parse_site",
+    "path_of",
+    "resolve",
+    "sites",
+]
 
-Port = Literal["input", "output"]
-PORTS: tuple[Port, ...] = ("output", "input")
+Port = Literal["input", "output", "q", "k", "v", "scores", "pattern", "z"]
+ATTENTION_PORTS: tuple[Port, ...] = ("q", "k", "v", "scores", "pattern", "z")
+PORTS: tuple[Port, ...] = ("output", "input", *ATTENTION_PORTS)
 _INDEXED = (nn.ModuleList, nn.Sequential)
+_OP = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\.[0-9]+")
 
 _HELP = (
-    "  Sites are dotted module paths (see purelens.sites(model)), "
-    "optionally followed by ':input' or ':output'."
+    "  Sites are dotted module paths (see purelens.sites(model)), optionally followed by "
+    "':input' or ':output', an attention port (':q', ':k', ':v', ':scores', ':pattern', "
+    "':z') or an op ('#softmax.0')."
 )
 _MALFORMED = "site {site!r} is malformed: {why}.\n" + _HELP
 _NOT_A_STRING = "a site is a string such as 'h.1' or 'h.1:input', got {what}.\n" + _HELP
@@ -48,13 +66,22 @@ _AMBIGUOUS = (
     "site {site!r} is ambiguous in {model}: it is a suffix of {matches}.\n"
     "  Write more of the path, e.g. {example!r}."
 )
+_WILD_CLASH = (
+    "site {site!r} matches {first!r} and {second!r}, which fill its '*' alike ({filled!r}), "
+    "so their values would have one name.\n  Write more of the path, e.g. {example!r}."
+)
+_NO_WILD_MATCH = (
+    "site {site!r} matches no module of {model}: '*' stands for exactly one path "
+    "component. Closest: {closest}.\n" + _HELP
+)
 
 
 class Site(NamedTuple):
-    """A parsed site: the path as written and the port."""
+    """A parsed site: the path as written, the port, and the op (``"softmax.0"``) or None."""
 
     path: str
     port: Port
+    op: str | None = None
 
 
 def parse_site(site: Any) -> Site:
@@ -81,11 +108,30 @@ _parsed: dict[str, Site] = {}
 def _parse(site: str) -> Site:
     path, sep, port = site.partition(":")
     if not sep:
-        return Site(path, "output")
-    if port not in PORTS:
+        port = "output"
+    elif port not in PORTS:
         why = f"port {port!r} is not one of {', '.join(map(repr, PORTS))}"
         raise SiteError(_MALFORMED.format(site=site, why=why))
-    return Site(path, port)  # type: ignore[arg-type]
+    path, hash_, op = path.partition("#")
+    if hash_:
+        if not _OP.fullmatch(op):
+            why = (
+                f"after '#' comes an op and its call number within the module, such as "
+                f"'softmax.0', not {op!r}"
+            )
+            raise SiteError(_MALFORMED.format(site=site, why=why))
+        if port != "output":
+            why = "an op site is the op's result: it takes no port"
+            raise SiteError(_MALFORMED.format(site=site, why=why))
+    if "*" in path and any(part != "*" and "*" in part for part in path.split(".")):
+        why = "'*' stands for one whole path component, as in 'h.*.attn'"
+        raise SiteError(_MALFORMED.format(site=site, why=why))
+    return Site(path, port, op if hash_ else None)  # type: ignore[arg-type]
+
+
+def is_wildcard(site: str) -> bool:
+    """Whether `site` has a ``*`` component (then `expand` resolves it)."""
+    return "*" in parse_site(site).path
 
 
 def _not_a_string(site: Any) -> str:
@@ -185,7 +231,7 @@ def _matches(model: nn.Module, name: str, pattern: list[str]) -> bool:
     start = len(parts) - len(pattern)
     for i, want in enumerate(pattern):
         have = parts[start + i]
-        if want == have:
+        if want == have or want == "*":
             continue
         if _negative(want) and have.isdigit():
             parent = model.get_submodule(".".join(parts[: start + i]))
@@ -247,7 +293,7 @@ def resolve(model: nn.Module, site: str) -> tuple[str, nn.Module, Port]:
     Raises:
         SiteError: if the site is malformed, unknown or ambiguous.
     """
-    path, port = parse_site(site)
+    path, port, _ = parse_site(site)
     table = _table(model)
     cached = table.resolved.get(path)
     if cached is not None:
@@ -260,6 +306,45 @@ def resolve(model: nn.Module, site: str) -> tuple[str, nn.Module, Port]:
     module = model.get_submodule(name)
     table.resolved[path] = _Resolved(name, weakref.ref(module), _lengths(model, name, path))
     return name, module, port
+
+
+def expand(model: nn.Module, site: str) -> list[tuple[str, str, nn.Module, Port]]:
+    """Every match of a site with ``*``: (the site with ``*`` filled in, name, module, port).
+
+    ``"h.*.attn:pattern"`` gives ``("h.0.attn:pattern", "transformer.h.0.attn", ...)``
+    and so on, in the model's order. Two matches that fill the site alike
+    (``"layer.*"`` in an encoder and a decoder) are an error.
+
+    Raises:
+        SiteError: if nothing matches, or two matches fill the site alike.
+    """
+    path, port, _ = parse_site(site)
+    table = _table(model)
+    pattern = path.split(".")
+    found = list(dict.fromkeys(n for n in table.names if n and _matches(model, n, pattern)))
+    whole = [n for n in found if n.count(".") + 1 == len(pattern)]
+    if whole:  # as for other sites, a whole path first ("*": the root's children)
+        found = whole
+    if not found:
+        closest = _closest(table.names, path.replace("*", "0"))
+        model_name = type(model).__name__
+        raise SiteError(_NO_WILD_MATCH.format(site=site, model=model_name, closest=closest))
+    out: list[tuple[str, str, nn.Module, Port]] = []
+    seen: dict[str, str] = {}
+    suffix = site[len(path) :]
+    for name in found:
+        parts = name.split(".")[-len(pattern) :]
+        pairs = zip(pattern, parts, strict=True)
+        filled = ".".join(have if want == "*" else want for want, have in pairs)
+        if filled in seen:
+            raise SiteError(
+                _WILD_CLASH.format(
+                    site=site, first=seen[filled], second=name, filled=filled, example=name
+                )
+            )
+        seen[filled] = name
+        out.append((filled + suffix, name, model.get_submodule(name), port))
+    return out
 
 
 def sites(model: nn.Module) -> list[str]:

@@ -46,6 +46,8 @@ DOCUMENTED = {
     "ops",
     "remote",
     "RemoteError",
+    # inside modules (issue 14)
+    "head",
 }
 
 
