@@ -33,6 +33,7 @@ from ._grads import save_grad as save_grad
 from ._heads import head as head
 from ._inputs import tokenize as tokenize
 from ._interventions import Intervention as Intervention
+from ._listing import sites as sites
 from ._positions import at as at
 from ._positions import last_token as last_token
 from ._positions import token_index as token_index
@@ -44,7 +45,6 @@ from ._serialize import dumps as dumps
 from ._serialize import loads as loads
 from ._shapes import Shapes as Shapes
 from ._shapes import shapes as shapes
-from ._site import sites as sites
 from ._sweep import sweep as sweep
 
 __version__ = "0.1.0"

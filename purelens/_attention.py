@@ -44,7 +44,7 @@ from torch.overrides import TorchFunctionMode
 from ._errors import PurelensError
 from ._pass import ACTIVE, Pass, SitePlan
 
-__all__ = ["SdpaTaps", "switched", "uses_interface"]
+__all__ = ["SdpaTaps", "has_attention", "switched", "uses_interface"]
 
 Taps = list[tuple[Pass, Mapping[str, SitePlan]]]
 
@@ -114,6 +114,14 @@ def uses_interface(module: nn.Module) -> bool:
         found = code is not None and "ALL_ATTENTION_FUNCTIONS" in code.co_names
         _interface_types[kind] = found
     return found and getattr(module, "config", None) is not None
+
+
+def has_attention(module: nn.Module) -> bool:
+    """Whether `module` has attention ports (statically: what its forward calls)."""
+    if uses_interface(module):
+        return True
+    code = getattr(inspect.unwrap(type(module).forward), "__code__", None)
+    return code is not None and "scaled_dot_product_attention" in code.co_names
 
 
 def _eager_of(module: nn.Module) -> Callable[..., Any]:

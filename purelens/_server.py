@@ -306,7 +306,7 @@ def _shapes(served: _Served, prompt: str) -> dict[str, Any]:
 
 
 def _describe(served: _Served) -> dict[str, Any]:
-    from ._site import sites
+    from ._listing import sites
 
     config = getattr(served.model, "config", None)
     return {

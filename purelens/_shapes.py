@@ -22,8 +22,8 @@ from ._interventions import Save, describe
 from ._pass import Pass, Plan, hookable
 from ._remote import check_local
 from ._run import forward_pass
+from ._site import module_names as all_sites
 from ._site import resolve
-from ._site import sites as all_sites
 from ._validate import fake_pass
 
 __all__ = ["Shapes", "shapes"]

@@ -37,10 +37,10 @@ __all__ = [
     "Site",
     "expand",
     "is_wildcard",
+    "module_names",
     "parse_site",
     "path_of",
     "resolve",
-    "sites",
 ]
 
 Port = Literal["input", "output", "q", "k", "v", "scores", "pattern", "z"]
@@ -347,23 +347,6 @@ def expand(model: nn.Module, site: str) -> list[tuple[str, str, nn.Module, Port]
     return out
 
 
-def sites(model: nn.Module) -> list[str]:
-    """Every addressable module path of `model` (local or `pl.remote`), ``""`` being the root.
-
-    Each path can be used as a site as it is, or with ``":input"`` or
-    ``":output"``; any unique dot-boundary suffix works too.
-
-    Example:
-        >>> import torch, purelens as pl
-        >>> pl.sites(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU()))
-        ['', '0', '1']
-    """
-    from ._eager import unwrapped
-    from ._remote import Remote
-
-    if isinstance(model, Remote):
-        return list(model.sites)
-    model = unwrapped(model)
-    if not isinstance(model, nn.Module):
-        raise SiteError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+def module_names(model: nn.Module) -> list[str]:
+    """Every module path of `model`, ``""`` being the root, in the model's order."""
     return list(dict.fromkeys(_table(model, fresh=True).names))

@@ -58,6 +58,10 @@ _ADVICE = {
         "An intervention or model that reads tensor values (.item(), data-dependent "
         "indexing) cannot be checked this way; run it with validate=False."
     ),
+    "pl.sites": (
+        "A model that reads tensor values cannot run on fake tensors; pl.sites(model) "
+        "without inputs lists every module instead."
+    ),
     "pl.shapes": (
         "A model that reads tensor values (.item(), data-dependent indexing, a Python branch "
         "on a tensor) cannot be surveyed without running it; use pl.run with pl.save on "

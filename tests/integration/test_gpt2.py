@@ -16,7 +16,7 @@ def primary(output: object) -> torch.Tensor:
 
 
 def test_every_save_equals_a_hand_written_hook(gpt2: nn.Module, tokens: torch.Tensor) -> None:
-    with raw_saves(gpt2, [n for n in pl.sites(gpt2) if n]) as raw:
+    with raw_saves(gpt2, [n for n in pl.sites(gpt2) if n and ":" not in n]) as raw:
         expected = gpt2(tokens).logits
     names = list(raw)  # every module that runs (a ModuleList does not)
     assert len(names) > 30
