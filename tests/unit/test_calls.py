@@ -244,3 +244,9 @@ def test_wildcard_errors() -> None:
 def test_wildcards_and_calls_serialize() -> None:
     ivs = [pl.save("h.*.attn:pattern", call=[0, 2]), pl.add("h.*", 1.0, call=slice(1, None))]
     assert pl.loads(pl.dumps(ivs)) == ivs
+
+
+def test_a_stop_acts_only_at_what_it_selects(looped: Looped) -> None:
+    # A run is step 0: a stop at step 1 never acts (it used to stop the pass anyway).
+    with pytest.raises(pl.PurelensError, match="not at the selected step=1"):
+        pl.run(looped, X, [pl.stop("embed", step=1)])
