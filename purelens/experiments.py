@@ -25,10 +25,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._attention import has_attention
 from ._builders import patch, save
 from ._errors import PurelensError
+from ._heads import head
 from ._inputs import tokenize
 from ._run import run
+from ._sweep import sweep
 
 __all__ = [
     "LensResult",
@@ -241,32 +244,60 @@ def head_patching(
     corrupt: Any,
     metric: Any,
     *,
-    site: str = "{block}.attn.c_proj:input",
+    site: str | None = None,
+    progress: bool = False,
 ) -> Tensor:
     """Recovered fraction of `metric` when one head's output is patched from clean to corrupted.
 
-    Each head's output is its slice of the input of the attention's output
-    projection (`site`, formatted with each block's path). Returns a
-    ``(layers, heads)`` tensor: ``(metric(patched) - metric(corrupt)) /
-    (metric(clean) - metric(corrupt))``, where `metric` maps a model output
-    to a scalar.
+    Each head's output is its slice of the attention's ``:z`` port (each
+    block's attention module), patched with `pl.head`; every (layer, head)
+    cell runs in one `pl.sweep`. `site` may name another site per block, a
+    format string such as ``"{block}.attn.c_proj:input"``, whose last
+    dimension holds the heads side by side. Returns a ``(layers, heads)``
+    tensor: ``(metric(patched) - metric(corrupt)) / (metric(clean) -
+    metric(corrupt))``, where `metric` maps a model output to a scalar.
     """
-    sites = [site.format(block=b) for b in blocks(model)]
+    paths = blocks(model)
+    sites = [_attention_site(model, b) if site is None else site.format(block=b) for b in paths]
     clean_rec = run(model, clean, [save(s) for s in sites])
     base = float(metric(run(model, corrupt).output))
     full = float(metric(clean_rec.output))
-    n_heads = _n_heads(model)
-    effect = torch.zeros(len(sites), n_heads)
-    for layer, name in enumerate(sites):
-        width = clean_rec[name].shape[-1] // n_heads
-        for head in range(n_heads):
-            cols = slice(head * width, (head + 1) * width)
+    cells: list[Any] = []
+    for name in sites:
+        value = clean_rec[name]
+        if name.endswith(":z"):  # (batch, pos, heads, d_head)
+            n_heads = value.shape[2]
+            cells += [patch(name, head(h, _constant(value[:, :, h]))) for h in range(n_heads)]
+            continue
+        n_heads = _n_heads(model)
+        width = value.shape[-1] // n_heads
+        for h in range(n_heads):
+            cols = slice(h * width, (h + 1) * width)
+            cells.append(patch(name, _columns(value, cols)))
+    rec = sweep(model, corrupt, cells, output=metric, progress=progress)
+    effect = (rec.output.float() - base) / (full - base)
+    return effect.reshape(len(sites), -1)
 
-            def put_back(v: Tensor, c: Tensor = clean_rec[name], cols: slice = cols) -> Tensor:
-                out = v.clone()
-                out[..., cols] = c[..., cols]
-                return out
 
-            patched = float(metric(run(model, corrupt, [patch(name, put_back)]).output))
-            effect[layer, head] = (patched - base) / (full - base)
-    return effect
+def _constant(value: Tensor) -> Any:
+    return lambda _: value
+
+
+def _columns(clean: Tensor, cols: slice) -> Any:
+    def put_back(v: Tensor) -> Tensor:
+        out = v.clone()
+        out[..., cols] = clean[..., cols]
+        return out
+
+    return put_back
+
+
+def _attention_site(model: nn.Module, block: str) -> str:
+    """The ``:z`` port of the attention module in `block`."""
+    for name, module in model.get_submodule(block).named_modules():
+        if name and has_attention(module):
+            return f"{block}.{name}:z"
+    raise PurelensError(
+        f"found no attention module in {block!r} of {type(model).__name__}; give "
+        "head_patching a site, e.g. site='{block}.attn.c_proj:input'."
+    )

@@ -79,13 +79,8 @@ def copy_batch(
     return clean, corrupt
 
 
-def zero_head(layer: int, head: int, width: int) -> pl.Intervention:
-    def fn(v: torch.Tensor) -> torch.Tensor:
-        out = v.clone()
-        out[..., head * width : (head + 1) * width] = 0
-        return out
-
-    return pl.patch(f"h.{layer}.attn.c_proj:input", fn)
+def zero_head(layer: int, head: int) -> pl.Intervention:
+    return pl.patch(f"h.{layer}.attn:z", pl.head(head, torch.zeros_like))
 
 
 def attention_after_earlier_occurrence(
@@ -99,9 +94,10 @@ def attention_after_earlier_occurrence(
     occurrence by content, not by position.
     """
     clean, _ = copy_batch(tokenizer, tasks, length=length)
-    eager = AutoModelForCausalLM.from_pretrained(DEFAULT_PATH, attn_implementation="eager").eval()
+    model, _ = pl.models.load_default()
+    site = f"h.{head[0]}.attn:pattern"
     with torch.no_grad():
-        attention = eager(clean, output_attentions=True).attentions[head[0]][:, head[1]]
+        attention = pl.run(model, clean, [pl.save(site, pl.head(head[1]))])[site]
     # Word i of the sequence is token i + 1; the repeat's words are tokens length + 1 ...
     queries = range(length + 1, 2 * length + 1)
     return torch.stack(
@@ -126,7 +122,6 @@ def test_ablating_the_induction_head_found_by_patching(
 
     effect = head_patching(model, clean, corrupt, copy_logprob)
     layer, head = divmod(int(effect.argmax()), effect.shape[1])
-    width = model.config.n_embd // model.config.n_head
     # Patching finds the head that training confined copying to: the ground truth.
     assert (layer, head) == INDUCTION_HEAD, effect
 
@@ -141,11 +136,11 @@ def test_ablating_the_induction_head_found_by_patching(
     assert all(float(a.max()) > 0.5 for a in by_length.values()), by_length
 
     base = copy_accuracy(model, tokenizer, tasks)
-    ablated = copy_accuracy(model, tokenizer, tasks, [zero_head(layer, head, width)])
+    ablated = copy_accuracy(model, tokenizer, tasks, [zero_head(layer, head)])
     heads = [(i, j) for i in range(effect.shape[0]) for j in range(effect.shape[1])]
     others = [pair for pair in heads if pair != (layer, head)]
     other = random.Random(0).choice(others)
-    other_ablated = copy_accuracy(model, tokenizer, tasks, [zero_head(*other, width)])
+    other_ablated = copy_accuracy(model, tokenizer, tasks, [zero_head(*other)])
     print(f"copy {base:.3f}; top head {(layer, head)} ablated {ablated:.3f}")
     print(f"head {other} ablated {other_ablated:.3f}")
     assert base - ablated >= 0.5
@@ -153,4 +148,4 @@ def test_ablating_the_induction_head_found_by_patching(
     # No head but the induction head is needed that much: every other ablation keeps
     # copying above half.
     for pair in others:
-        assert base - copy_accuracy(model, tokenizer, tasks, [zero_head(*pair, width)]) < 0.5, pair
+        assert base - copy_accuracy(model, tokenizer, tasks, [zero_head(*pair)]) < 0.5, pair
