@@ -388,3 +388,52 @@ def test_the_bundled_induction_head_is_found_through_its_pattern() -> None:
     best = max(share, key=share.__getitem__)
     assert best[0] == 0 and share[best] > 0.5
     assert all(share[(h, best[1])] < 0.25 for h in (1, 2, 3))
+
+
+def test_every_builder_on_ports() -> None:
+    model = tiny_gpt2(n_layer=2)
+    inputs = batch("left")
+    zero_one = pl.patch("h.0.attn:z", pl.head(1, torch.zeros_like))
+    edited = pl.edit(model, [zero_one])
+    assert torch.equal(edited(**inputs).logits, pl.run(model, inputs, [zero_one]).output.logits)
+    stopped = pl.run(model, inputs, [pl.save("h.0.attn:q"), pl.stop("h.0.attn:pattern")])
+    assert stopped.output is None and list(stopped) == ["h.0.attn:q"]
+    moved = pl.run(
+        model, inputs, [pl.transplant("h.0.attn:z", src=0, dst=1), pl.save("h.0.attn:z")]
+    )
+    assert torch.equal(moved["h.0.attn:z"][0], moved["h.0.attn:z"][1])
+    rows = pl.run(model, inputs, [pl.save("h.1.attn:pattern", batch=1)])
+    assert rows["h.1.attn:pattern"].shape == (1, 4, 7, 7)
+
+    def loss(out: Any) -> torch.Tensor:
+        return out.logits[0, -1, 3]
+
+    grads = pl.run(model, inputs, [pl.save_grad("h.1.attn:pattern")], loss=loss).grads
+    assert grads["h.1.attn:pattern"].shape == (2, 4, 7, 7)
+    assert float(grads["h.1.attn:pattern"].abs().sum()) > 0
+    cut = pl.run(
+        model,
+        inputs,
+        [pl.patch_grad("h.1.attn:z", torch.zeros_like), pl.save_grad("h.1.attn:v")],
+        loss=loss,
+    )
+    assert float(cut.grads["h.1.attn:v"].abs().sum()) == 0.0  # v reaches the loss through z only
+    with pytest.raises(pl.PurelensError, match="without a port"):
+        pl.skip("h.0.attn:z")
+
+
+def test_sweeps_over_ports() -> None:
+    model = tiny_gpt2(n_layer=2)
+    inputs = batch("left")
+    vectors = torch.randn(5, 4, 8, generator=torch.Generator().manual_seed(0))
+    rec = pl.sweep(
+        model,
+        inputs,
+        [pl.add("h.0.attn:z", v) for v in vectors],
+        output=lambda out: out.logits[:, -1],
+        progress=False,
+    )
+    looped = [
+        pl.run(model, inputs, [pl.add("h.0.attn:z", v)]).output.logits[:, -1] for v in vectors
+    ]
+    assert torch.allclose(rec.output, torch.stack(looped), atol=1e-6)

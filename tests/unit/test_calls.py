@@ -250,3 +250,24 @@ def test_a_stop_acts_only_at_what_it_selects(looped: Looped) -> None:
     # A run is step 0: a stop at step 1 never acts (it used to stop the pass anyway).
     with pytest.raises(pl.PurelensError, match="not at the selected step=1"):
         pl.run(looped, X, [pl.stop("embed", step=1)])
+
+
+class Ops(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x * 2
+        y.add_(1)
+        a, b = y.split(2, -1)
+        return a + b
+
+
+def test_op_sites_on_a_module_of_ones_own() -> None:
+    x = torch.ones(2, 4)
+    assert pl.sites(Ops(), x, ops=True) == ["", "#mul.0", "#split.0", "#add.0"]
+    rec = pl.run(Ops(), x, [pl.save("#mul.0", torch.clone), pl.patch("#add.0", torch.zeros_like)])
+    assert torch.equal(rec["#mul.0"], x * 2) and torch.equal(rec.output, torch.zeros(2, 2))
+    with pytest.raises(pl.PurelensError, match="in-place operation"):
+        pl.run(Ops(), x, [pl.save("#add_.0")])
+    with pytest.raises(pl.PurelensError, match="returns a tuple of 2"):
+        pl.run(Ops(), x, [pl.save("#split.0")])
+    with pytest.raises(pl.PurelensError, match="needs an example input"):
+        pl.sites(Ops(), ops=True)
