@@ -284,7 +284,7 @@ def switched(sites: list[SitePlan]) -> Iterator[None]:
         with _lock:
             _register()
             for site in sites:
-                config = site.module.config  # type: ignore[union-attr]
+                config: Any = site.module.config
                 entry = _switched.get(id(config))
                 if entry is None:
                     original = getattr(config, "_attn_implementation_internal", None)

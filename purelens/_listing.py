@@ -63,7 +63,8 @@ def sites(
     example = inputs is not None
     if inputs is None:
         inputs = _dummy_inputs(model)
-    ran, found = None, {}
+    ran: set[str] | None = None
+    found: dict[str, list[str]] = {}
     if inputs is not None:
         try:
             ran, found = _survey(model, names, inputs, tokenizer, ops)
