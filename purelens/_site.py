@@ -41,6 +41,7 @@ __all__ = [
     "parse_site",
     "path_of",
     "resolve",
+    "tree_version",
 ]
 
 Port = Literal["input", "output", "q", "k", "v", "scores", "pattern", "z"]
@@ -165,6 +166,11 @@ def _short(value: Any) -> str:
 
 # The tree version: bumped by torch whenever any module gains or replaces a child.
 _version = 0
+
+
+def tree_version() -> int:
+    """A number that changes whenever any module gains or replaces a child."""
+    return _version
 
 
 def _on_registration(module: nn.Module, name: str, submodule: Any) -> None:
