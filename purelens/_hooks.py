@@ -237,7 +237,10 @@ def installed(pass_: Pass, *, edit: bool = False) -> Iterator[None]:
                 continue
             _swap_in(module)
             swapped.append(module)
-        with switched(interface) if interface else contextlib.nullcontext():
+        if interface:
+            with switched(interface):
+                yield
+        else:
             yield
     finally:
         for handle in handles:

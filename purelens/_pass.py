@@ -122,11 +122,7 @@ class SitePlan:
     stops: bool = False  # whether the pass ends here (a pl.stop among the entries)
     only_saves: bool = True  # whether the entries only read (then checkpointing is harmless)
     op: str | None = None  # an op site's op ("softmax.0"), acted on inside the module's forward
-
-    @property
-    def inside(self) -> bool:
-        """Whether the value is inside the module's forward (an attention port or an op)."""
-        return self.op is not None or self.port in ATTENTION_PORTS
+    inside: bool = False  # whether the value is inside the module's forward (a port, an op)
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -189,6 +185,7 @@ class Plan:
                 any(isinstance(iv, Stop) for _, iv in entries),
                 all(isinstance(iv, Save | Stop) for _, iv in entries),
                 op,
+                op is not None or port in ATTENTION_PORTS,
             )
             for (name, port, op), entries in grouped.items()
         )
