@@ -79,17 +79,20 @@ def _sites(args: argparse.Namespace) -> None:
     from rich.table import Table
 
     from . import models
+    from ._listing import sites
     from ._shapes import shapes
 
     model, tokenizer = models.load(args.model)
     found = shapes(model, args.prompt, tokenizer=tokenizer)
+    ports = [site for site in sites(model) if ":" in site]  # attention ports
+    inside = shapes(model, args.prompt, ports, tokenizer=tokenizer) if ports else {}
     table = Table(title=f"sites of {type(model).__name__} for {args.prompt!r}")
     for column in ("site", "dtype", "shape"):
         table.add_column(column)
-    for site, shape in found.items():
-        table.add_row(
-            site or '""', str(found.dtypes[site]).removeprefix("torch."), str(list(shape))
-        )
+    for survey in (found, inside):
+        for site, shape in survey.items():
+            dtype = str(survey.dtypes[site]).removeprefix("torch.")  # type: ignore[attr-defined]
+            table.add_row(site or '""', dtype, str(list(shape)))
     _console().print(table)
 
 
