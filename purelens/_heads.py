@@ -55,12 +55,14 @@ class head:
     Example:
         >>> import torch, purelens as pl
         >>> model, tokenizer = pl.models.load_default()
-        >>> rec = pl.run(model, "a b c", [pl.save("h.1.attn:pattern", pl.head(0))],
+        >>> prompt = "the home of"  # <bos> and 3 words
+        >>> rec = pl.run(model, prompt, [pl.save("h.1.attn:pattern", pl.head(0))],
         ...              tokenizer=tokenizer)
         >>> rec["h.1.attn:pattern"].shape  # (batch, q_pos, k_pos)
-        torch.Size([1, 3, 3])
-        >>> ablated = pl.run(model, "a b c", [pl.patch("h.1.attn:z", pl.head(0, torch.zeros_like))],
-        ...                  tokenizer=tokenizer)
+        torch.Size([1, 4, 4])
+        >>> zeroed = pl.patch("h.1.attn:z", pl.head(0, torch.zeros_like))  # head (1, 0) off
+        >>> pl.run(model, prompt, [zeroed], tokenizer=tokenizer).output.logits.shape
+        torch.Size([1, 4, 344])
     """
 
     h: int | tuple[int, ...]
