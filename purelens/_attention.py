@@ -100,6 +100,18 @@ def _tapped(taps: Taps) -> set[str]:
     return {port for _, sites in taps for port in sites}
 
 
+def _inputs(
+    taps: Taps, ports: set[str], query: Tensor, key: Tensor, value: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k and v (``(batch, heads, pos, d_head)`` as attention takes them) through the taps."""
+    out = []
+    for port, tensor in (("q", query), ("k", key), ("v", value)):
+        if port in ports:  # the port's layout is (batch, pos, heads, d_head)
+            tensor = _through(taps, port, tensor.transpose(1, 2)).transpose(1, 2)
+        out.append(tensor)
+    return out[0], out[1], out[2]
+
+
 # --- HF attention modules ------------------------------------------------------------
 
 _interface_types: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDictionary()
@@ -209,12 +221,7 @@ def _attention(original: str) -> Callable[..., Any]:
         if kwargs.get("cache") is not None:
             raise PurelensError(_UNREPRODUCED.format(kind=kind, why="uses a paged cache"))
         ports = _tapped(taps)
-        if "q" in ports:
-            query = _through(taps, "q", query.transpose(1, 2)).transpose(1, 2)
-        if "k" in ports:
-            key = _through(taps, "k", key.transpose(1, 2)).transpose(1, 2)
-        if "v" in ports:
-            value = _through(taps, "v", value.transpose(1, 2)).transpose(1, 2)
+        query, key, value = _inputs(taps, ports, query, key, value)
         if "scores" in ports or "pattern" in ports:
             if original == "sdpa":
                 attention_mask = _additive(attention_mask, query, key, module, kwargs)
@@ -345,12 +352,7 @@ class SdpaTaps(TorchFunctionMode):
             raise PurelensError(_BAD_LAYOUT.format(kind=self.kind, got=got))
         taps = self.taps
         ports = _tapped(taps)
-        if "q" in ports:
-            query = _through(taps, "q", query.transpose(1, 2)).transpose(1, 2)
-        if "k" in ports:
-            key = _through(taps, "k", key.transpose(1, 2)).transpose(1, 2)
-        if "v" in ports:
-            value = _through(taps, "v", value.transpose(1, 2)).transpose(1, 2)
+        query, key, value = _inputs(taps, ports, query, key, value)
         if "scores" in ports or "pattern" in ports:
             out = self._explicit(query, key, value, attn_mask, dropout_p, is_causal, scale)
         else:

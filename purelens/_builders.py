@@ -47,6 +47,11 @@ _BAD_VALUE = (
 )
 
 
+def _selectors(step: Any, batch: Any, call: Any) -> tuple[Any, Any, Any]:
+    """`step=`, `batch=` and `call=` checked, in the order the nodes take them."""
+    return _select.check_steps(step), _select.check_rows(batch), _select.check_calls(call)
+
+
 def check_name(name: Any, site: str, builder: str) -> None:
     """Raise for a `name` that is not a string, or given with a wildcard site."""
     if name is None:
@@ -172,13 +177,7 @@ def replace(
     """
     parse_site(site)
     checked = _check_value(value, "value", "pl.replace", site)
-    return Replace(
-        site,
-        checked,  # type: ignore[arg-type]
-        _select.check_steps(step),
-        _select.check_rows(batch),
-        _select.check_calls(call),
-    )  # type: ignore[arg-type]
+    return Replace(site, checked, *_selectors(step, batch, call))  # type: ignore[arg-type]
 
 
 def add(
@@ -194,13 +193,7 @@ def add(
     """
     parse_site(site)
     checked = _check_value(delta, "delta", "pl.add", site)
-    return Add(
-        site,
-        checked,  # type: ignore[arg-type]
-        _select.check_steps(step),
-        _select.check_rows(batch),
-        _select.check_calls(call),
-    )  # type: ignore[arg-type]
+    return Add(site, checked, *_selectors(step, batch, call))  # type: ignore[arg-type]
 
 
 def scale(
@@ -216,13 +209,7 @@ def scale(
     """
     parse_site(site)
     checked = _check_value(factor, "factor", "pl.scale", site)
-    return Scale(
-        site,
-        checked,  # type: ignore[arg-type]
-        _select.check_steps(step),
-        _select.check_rows(batch),
-        _select.check_calls(call),
-    )  # type: ignore[arg-type]
+    return Scale(site, checked, *_selectors(step, batch, call))  # type: ignore[arg-type]
 
 
 def ablate(
@@ -248,9 +235,7 @@ def ablate(
     parse_site(site)
     if how not in ("zero", "mean"):
         raise PurelensError(_BAD_ABLATE.format(site=site, how=how))
-    return Ablate(
-        site, how, _select.check_steps(step), _select.check_rows(batch), _select.check_calls(call)
-    )
+    return Ablate(site, how, *_selectors(step, batch, call))
 
 
 def transplant(
