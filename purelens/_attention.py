@@ -238,7 +238,9 @@ def _attention(original: str) -> Callable[..., Any]:
             )
         if "z" in ports:
             z = _through(taps, "z", z)
-        return z, weights
+        # What the model's own implementation returns: sdpa gives no weights (with them,
+        # `output_attentions` would list the tapped layers only, as if they were the first).
+        return z, weights if original == "eager" else None
 
     return purelens_attention
 

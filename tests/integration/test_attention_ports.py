@@ -437,3 +437,11 @@ def test_sweeps_over_ports() -> None:
         pl.run(model, inputs, [pl.add("h.0.attn:z", v)]).output.logits[:, -1] for v in vectors
     ]
     assert torch.allclose(rec.output, torch.stack(looped), atol=1e-6)
+
+
+def test_output_attentions_is_what_the_model_gives_without_taps() -> None:
+    model = tiny_gpt2(n_layer=2)  # sdpa: no attention weights
+    inputs = {**batch("left"), "output_attentions": True}
+    plain = model(**inputs).attentions
+    tapped = pl.run(model, inputs, [pl.save("h.1.attn:pattern")]).output.attentions
+    assert len(tapped) == len(plain)  # not (layer 1's weights,), read as layer 0's
