@@ -42,7 +42,8 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from ._errors import PurelensError
-from ._pass import ACTIVE, Pass, SitePlan
+from ._pass import ACTIVE, Pass
+from ._plan import SitePlan
 
 __all__ = ["SdpaTaps", "has_attention", "switched", "uses_interface"]
 

@@ -33,6 +33,7 @@ __all__ = [
     "replace",
     "save",
     "scale",
+    "selectors",
     "skip",
     "stop",
     "transplant",
@@ -47,7 +48,7 @@ _BAD_VALUE = (
 )
 
 
-def _selectors(step: Any, batch: Any, call: Any) -> tuple[Any, Any, Any]:
+def selectors(step: Any, batch: Any, call: Any) -> tuple[Any, Any, Any]:
     """`step=`, `batch=` and `call=` checked, in the order the nodes take them."""
     return _select.check_steps(step), _select.check_rows(batch), _select.check_calls(call)
 
@@ -126,14 +127,7 @@ def save(
     if fn is not None:
         _check_callable(fn, "fn", "pl.save", site)
     check_name(name, site, "pl.save")
-    return Save(
-        site,
-        fn,
-        site if name is None else name,
-        _select.check_steps(step),
-        _select.check_rows(batch),
-        _select.check_calls(call),
-    )
+    return Save(site, fn, site if name is None else name, *selectors(step, batch, call))
 
 
 def patch(
@@ -177,7 +171,7 @@ def replace(
     """
     parse_site(site)
     checked = _check_value(value, "value", "pl.replace", site)
-    return Replace(site, checked, *_selectors(step, batch, call))  # type: ignore[arg-type]
+    return Replace(site, checked, *selectors(step, batch, call))  # type: ignore[arg-type]
 
 
 def add(
@@ -193,7 +187,7 @@ def add(
     """
     parse_site(site)
     checked = _check_value(delta, "delta", "pl.add", site)
-    return Add(site, checked, *_selectors(step, batch, call))  # type: ignore[arg-type]
+    return Add(site, checked, *selectors(step, batch, call))  # type: ignore[arg-type]
 
 
 def scale(
@@ -209,7 +203,7 @@ def scale(
     """
     parse_site(site)
     checked = _check_value(factor, "factor", "pl.scale", site)
-    return Scale(site, checked, *_selectors(step, batch, call))  # type: ignore[arg-type]
+    return Scale(site, checked, *selectors(step, batch, call))  # type: ignore[arg-type]
 
 
 def ablate(
@@ -235,7 +229,7 @@ def ablate(
     parse_site(site)
     if how not in ("zero", "mean"):
         raise PurelensError(_BAD_ABLATE.format(site=site, how=how))
-    return Ablate(site, how, *_selectors(step, batch, call))
+    return Ablate(site, how, *selectors(step, batch, call))
 
 
 def transplant(

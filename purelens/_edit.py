@@ -31,7 +31,8 @@ from ._grads import SaveGrad
 from ._hooks import installed, skip_of
 from ._inputs import padding_of
 from ._interventions import Intervention, Save, Stop, flatten_interventions
-from ._pass import ACTIVE, Pass, Plan, SitePlan
+from ._pass import ACTIVE, Pass
+from ._plan import Plan, SitePlan
 from ._remote import check_local
 
 __all__ = ["edit"]

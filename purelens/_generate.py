@@ -19,7 +19,8 @@ from ._grads import check_loss_allowed
 from ._hooks import installed
 from ._inputs import call_arguments, pad_id, padding_of
 from ._interventions import Stop, flatten_interventions
-from ._pass import Pass, Plan
+from ._pass import Pass
+from ._plan import Plan
 from ._primary import primary_output
 from ._record import Record
 from ._remote import Remote

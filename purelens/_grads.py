@@ -23,7 +23,7 @@ import torch.utils._pytree as torch_pytree
 from torch import Tensor
 
 from . import _select
-from ._builders import check_name
+from ._builders import check_name, selectors
 from ._errors import PurelensError
 from ._interventions import Intervention, rewrite, takes_saved
 from ._select import Calls, Rows, Steps
@@ -161,13 +161,7 @@ def save_grad(
     """
     parse_site(site)
     check_name(name, site, "pl.save_grad")
-    return SaveGrad(
-        site,
-        site if name is None else name,
-        _select.check_steps(step),
-        _select.check_rows(batch),
-        _select.check_calls(call),
-    )
+    return SaveGrad(site, site if name is None else name, *selectors(step, batch, call))
 
 
 def patch_grad(
@@ -195,9 +189,7 @@ def patch_grad(
     parse_site(site)
     if not callable(fn):
         raise PurelensError(f"`fn` of pl.patch_grad({site!r}, ...) must be callable, got {fn!r}.")
-    return PatchGrad(
-        site, fn, _select.check_steps(step), _select.check_rows(batch), _select.check_calls(call)
-    )
+    return PatchGrad(site, fn, *selectors(step, batch, call))
 
 
 def check_loss_allowed(loss: Any, save_grads: list[SaveGrad]) -> None:

@@ -34,7 +34,8 @@ from torch import nn
 from ._attention import SdpaTaps, switched, uses_interface
 from ._errors import PurelensError
 from ._opsites import OWNER, OpTaps
-from ._pass import ACTIVE, Pass, SitePlan
+from ._pass import ACTIVE, Pass
+from ._plan import SitePlan
 
 __all__ = [
     "ACTIVE",
@@ -132,16 +133,24 @@ def _owner_hooks(module: nn.Module) -> list[Any]:
     module: its operations are its own, not its parent's)."""
     tokens: list[Any] = []
 
-    def enter(module: nn.Module, args: Any) -> None:
+    def enter(module: nn.Module) -> None:
         tokens.append(OWNER.set(module))
 
-    def leave(module: nn.Module, args: Any, output: Any) -> None:
+    def leave(module: nn.Module) -> None:
         if tokens:
             OWNER.reset(tokens.pop())
 
+    return _around(module, enter, leave)
+
+
+def _around(
+    module: nn.Module, enter: Callable[[nn.Module], None], leave: Callable[[nn.Module], None]
+) -> list[Any]:
+    """Hooks calling `enter(module)` before its forward and `leave(module)` after, also when
+    the forward raises."""
     return [
-        module.register_forward_pre_hook(enter),
-        module.register_forward_hook(leave, always_call=True),
+        module.register_forward_pre_hook(lambda m, a: enter(m)),
+        module.register_forward_hook(lambda m, a, o: leave(m), always_call=True),
     ]
 
 
@@ -258,8 +267,7 @@ def calling(
     handles = []
     try:
         for module in modules:
-            handles.append(module.register_forward_pre_hook(lambda m, a: enter(m)))
-            handles.append(module.register_forward_hook(lambda m, a, o: leave(m), always_call=True))
+            handles.extend(_around(module, enter, leave))
         yield
     finally:
         for handle in handles:

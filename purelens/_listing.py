@@ -21,7 +21,8 @@ from ._hooks import calling
 from ._inputs import call_arguments
 from ._interventions import Save
 from ._opsites import OpSurvey
-from ._pass import Pass, Plan, hookable
+from ._pass import Pass
+from ._plan import Plan, hookable
 from ._remote import Remote
 from ._run import forward_pass
 from ._site import ATTENTION_PORTS, module_names, tree_version
@@ -125,7 +126,7 @@ def _survey(
             return forward_pass(*a)
 
     fake_pass(model, pass_, args, kwargs, None, forward, check=False, what="pl.sites")
-    ran = {site.name for site in plan.sites if id(site) in pass_.ran}
+    ran = {site.name for site in plan.sites if pass_.most_calls.get(id(site))}
     found: dict[str, list[str]] = {}
     for op_site in survey.found:
         found.setdefault(op_site.partition("#")[0], []).append(op_site)

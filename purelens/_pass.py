@@ -1,8 +1,8 @@
-"""One forward pass: the plan of what happens at each site, and the pass's own state.
+"""One forward pass: the state of one call, acting on the sites of its `Plan`.
 
-A `Plan` is built from the interventions of one call (sites resolved, grouped
-by module and port). A `Pass` holds what that call has saved so far. Neither
-lives on the model: hooks find the pass through the context variable
+A `Pass` holds what that call has saved so far, counts steps and calls, and
+applies the plan's interventions as hooks hand it values. Neither it nor its
+plan lives on the model: hooks find the pass through the context variable
 `ACTIVE`, which is what makes runs thread-safe and re-entrant.
 
 A pass's interventions act on its own forward call only. While one of them
@@ -17,30 +17,28 @@ in by `pl.patch`, say).
 from __future__ import annotations
 
 import contextvars
-import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from types import MappingProxyType
 from typing import Any, TypeVar
 
-import torch
 import torch.utils._pytree as torch_pytree
 from torch import Tensor, nn
 
 from ._budget import check, spend
 from ._checkpoint import checkpointed
-from ._errors import GenerationEnded, PurelensError, SiteError
+from ._errors import GenerationEnded, PurelensError
 from ._grads import PatchGrad, SaveGrad, mark, tap
-from ._interventions import Intervention, Save, Skip, Stop, Writer
+from ._interventions import Intervention, Save, Stop, Writer
 from ._layout import layout_of
 from ._layout import reset as reset_layout
 from ._layout import use as use_layout
 from ._padding import reset_padding, set_padding
 from ._params import restore, without_replacements
+from ._plan import Plan, SitePlan
 from ._primary import primary_input, primary_output
 from ._select import is_int, step_selected
-from ._site import ATTENTION_PORTS, Port, expand, parse_site, resolve
 
-__all__ = ["ACTIVE", "Pass", "Plan", "SitePlan", "StopPass", "hookable"]
+__all__ = ["ACTIVE", "Pass", "StopPass"]
 
 T = TypeVar("T")
 
@@ -49,12 +47,6 @@ ACTIVE: contextvars.ContextVar[tuple[Pass, ...]] = contextvars.ContextVar(
     "purelens_passes", default=()
 )
 
-_DUPLICATE_NAME = (
-    "two {kind} are named {name!r} ({first!r} and {second!r}).\n"
-    "  Give one a different name: pl.{builder}(site, name='...')."
-)
-_NAMED = {Save: ("saves", "save"), SaveGrad: ("save_grads", "save_grad")}
-_TWO_SKIPS = "two pl.skip interventions on site {site!r}; a module can be skipped once."
 _RAN_TWICE = (
     "site {site!r} ran more than once in one pass (the model calls the module again), "
     "and without `call=` a save keeps one value per pass.\n"
@@ -80,16 +72,6 @@ _CHANGED_IN_PLACE = (
     "saved, so the record would not hold the value at the site.\n"
     "  Save a copy instead: pl.save({site!r}, torch.clone, name={name!r})."
 )
-_CONTAINER = (
-    "site {site!r} is {name!r}, a {kind}: a container of modules that is never called "
-    "itself, so no value flows through it.\n"
-    "  Intervene on its items instead, e.g. {example!r}."
-)
-_SCRIPTED = (
-    "site {site!r} is {name!r}, a TorchScript module ({kind}), which runs no Python "
-    "hooks, so purelens cannot intervene inside it.\n"
-    "  Intervene on the eager module (before torch.jit.script), or at a site outside it."
-)
 _CHECKPOINTED = (
     "{what} at site {site!r} acts inside gradient checkpointing (torch.utils.checkpoint, "
     "e.g. after model.gradient_checkpointing_enable()) while gradients are recorded: the "
@@ -106,167 +88,6 @@ class StopPass(Exception):
     def __init__(self, owner: Pass) -> None:
         super().__init__("purelens stopped the forward pass")
         self.owner = owner
-
-
-# Not frozen: a frozen dataclass's __init__ costs a microsecond per field, and
-# plans are built on every call. Nothing assigns to a plan after `Plan.build`.
-@dataclasses.dataclass(slots=True, eq=False)
-class SitePlan:
-    """The interventions on one (module, port), in the order they were given."""
-
-    name: str
-    module: nn.Module
-    port: Port
-    site: str  # as the user first wrote it, for messages
-    entries: tuple[tuple[int, Intervention], ...]  # (position in the run's list, node)
-    stops: bool = False  # whether the pass ends here (a pl.stop among the entries)
-    only_saves: bool = True  # whether the entries only read (then checkpointing is harmless)
-    op: str | None = None  # an op site's op ("softmax.0"), acted on inside the module's forward
-    inside: bool = False  # whether the value is inside the module's forward (a port, an op)
-
-
-@dataclasses.dataclass(slots=True, eq=False)
-class Plan:
-    """Every intervention of one call, resolved against the model."""
-
-    interventions: tuple[Intervention, ...]
-    sites: tuple[SitePlan, ...]
-    skips: Mapping[int, tuple[int, Skip]]  # id(module) -> (position, skip)
-    skip_modules: tuple[nn.Module, ...]
-    save_grads: tuple[SaveGrad, ...]
-    # The interventions as they act: one per match of a site with '*' (by position).
-    nodes: tuple[tuple[int, Intervention], ...] = ()
-    # id(module) -> its sites inside its forward, by port ("q", ...) or op ("#softmax.0")
-    inside: Mapping[int, Mapping[str, SitePlan]] = dataclasses.field(default_factory=dict)
-
-    @classmethod
-    def build(cls, model: nn.Module, interventions: tuple[Intervention, ...]) -> Plan:
-        grouped: dict[tuple[str, Port, str | None], list[tuple[int, Intervention]]] = {}
-        modules: dict[str, nn.Module] = {}
-        first_site: dict[tuple[str, Port, str | None], str] = {}
-        skips: dict[int, tuple[int, Skip]] = {}
-        skip_modules: list[nn.Module] = []
-        taken: dict[type, dict[str, str]] = {Save: {}, SaveGrad: {}}  # name -> site
-        nodes: list[tuple[int, Intervention]] = []
-        for i, given in enumerate(interventions):
-            for iv, name, module, port, op in _targets(model, given):
-                nodes.append((i, iv))
-                if isinstance(iv, Save | SaveGrad):
-                    seen = taken[type(iv)]
-                    if iv.name in seen:
-                        kind, builder = _NAMED[type(iv)]
-                        raise PurelensError(
-                            _DUPLICATE_NAME.format(
-                                kind=kind,
-                                name=iv.name,
-                                first=seen[iv.name],
-                                second=iv.site,
-                                builder=builder,
-                            )
-                        )
-                    seen[iv.name] = iv.site
-                if isinstance(iv, Skip):
-                    if id(module) in skips:
-                        raise PurelensError(_TWO_SKIPS.format(site=iv.site))
-                    skips[id(module)] = (i, iv)
-                    skip_modules.append(module)
-                    continue
-                key = (name, port, op)
-                modules[name] = module
-                first_site.setdefault(key, iv.site)
-                grouped.setdefault(key, []).append((i, iv))
-        sites = tuple(
-            SitePlan(
-                name,
-                modules[name],
-                port,
-                first_site[(name, port, op)],
-                tuple(entries),
-                any(isinstance(iv, Stop) for _, iv in entries),
-                all(isinstance(iv, Save | Stop) for _, iv in entries),
-                op,
-                op is not None or port in ATTENTION_PORTS,
-            )
-            for (name, port, op), entries in grouped.items()
-        )
-        save_grads = tuple(iv for _, iv in nodes if isinstance(iv, SaveGrad))
-        return cls(
-            interventions,
-            sites,
-            MappingProxyType(skips),
-            tuple(skip_modules),
-            save_grads,
-            tuple(nodes),
-            _inside(sites),
-        )
-
-    def rebased(self, modules: Mapping[int, nn.Module]) -> Plan:
-        """The same plan on another copy of the module tree (`modules`: id(old) -> new)."""
-        sites = tuple(
-            dataclasses.replace(site, module=modules[id(site.module)]) for site in self.sites
-        )
-        skips = {id(modules[id(m)]): self.skips[id(m)] for m in self.skip_modules}
-        return Plan(
-            self.interventions,
-            sites,
-            MappingProxyType(skips),
-            tuple(modules[id(m)] for m in self.skip_modules),
-            self.save_grads,
-            self.nodes,
-            _inside(sites),
-        )
-
-
-def _inside(sites: tuple[SitePlan, ...]) -> Mapping[int, Mapping[str, SitePlan]]:
-    inside: dict[int, dict[str, SitePlan]] = {}
-    for site in sites:
-        if site.inside:
-            key = site.port if site.op is None else f"#{site.op}"
-            inside.setdefault(id(site.module), {})[key] = site
-    return inside
-
-
-def _targets(
-    model: nn.Module, iv: Intervention
-) -> list[tuple[Intervention, str, nn.Module, Port, str | None]]:
-    """Where `iv` acts: its site resolved, or for a site with '*' each match (a node each)."""
-    parsed = parse_site(iv.site)
-    if "*" not in parsed.path:
-        name, module, port = resolve(model, iv.site)
-        _check_hookable(iv.site, name, module)
-        return [(iv, name, module, port, parsed.op)]
-    matches = expand(model, iv.site)
-    out: list[tuple[Intervention, str, nn.Module, Port, str | None]] = []
-    for filled, name, module, port in matches:
-        if not hookable(module):  # a container among the matches: its items may match too
-            continue
-        renamed = {"name": filled} if isinstance(iv, Save | SaveGrad) else {}
-        node = dataclasses.replace(iv, site=filled, **renamed)  # type: ignore[type-var]
-        out.append((node, name, module, port, parsed.op))
-    if not out:
-        _check_hookable(iv.site, matches[0][1], matches[0][2])
-    return out
-
-
-def hookable(module: nn.Module) -> bool:
-    """Whether hooks can act on `module`: not TorchScript, and not a container never called."""
-    return not isinstance(module, torch.jit.ScriptModule) and not _container(module)
-
-
-def _container(module: nn.Module) -> bool:
-    return type(module).forward is nn.Module.forward and bool(module._modules)
-
-
-def _check_hookable(site: str, name: str, module: nn.Module) -> None:
-    """Raise for a module that no hook can act on: a container, or TorchScript."""
-    if isinstance(module, torch.jit.ScriptModule):
-        raise SiteError(_SCRIPTED.format(site=site, name=name, kind=type(module).__name__))
-    if _container(module):
-        kind = type(module).__name__
-        first = next(iter(module._modules))
-        raise SiteError(
-            _CONTAINER.format(site=site, name=name, kind=kind, example=f"{site}.{first}")
-        )
 
 
 class Pass:
@@ -295,11 +116,10 @@ class Pass:
         self._saved_at: dict[str, int] = {}
         self.applied: set[int] = set()
         self.stopped_at: str | None = None
-        self.ran: set[int] = set()  # ids of the SitePlans whose hook fired
         self.grad_targets: dict[str, tuple[Tensor, SaveGrad]] = {}
         self._saved_versions: list[tuple[str, str, Tensor, int]] = []
         self.calls: dict[int, int] = {}  # id(SitePlan or skipped module) -> calls this step
-        self.most_calls: dict[int, int] = {}  # the most calls of one step, so far
+        self.most_calls: dict[int, int] = {}  # the most calls of one step so far (0: never ran)
         self._by_call: dict[str, dict[int, list[Any]]] = {}  # name -> step -> values by call
         self._stop_now = False
 
@@ -396,7 +216,6 @@ class Pass:
             if where == "forward" and not site.only_saves:
                 iv = next(iv for _, iv in site.entries if not isinstance(iv, Save | Stop))
                 raise PurelensError(_CHECKPOINTED.format(what=repr(iv), site=site.site))
-        self.ran.add(id(site))
         call = self._count(id(site))
         patch_grads: list[PatchGrad] = []
         save_grads: list[SaveGrad] = []
@@ -568,18 +387,14 @@ class Pass:
         return any(step_selected(iv.step, s) for s in range(self.step + 1))
 
     def _site_ran(self, position: int) -> bool:
-        for module in self.plan.skip_modules:
-            if self.plan.skips[id(module)][0] == position:
-                return bool(self.most_calls.get(id(module)))
-        return any(
-            id(site) in self.ran
-            for site in self.plan.sites
-            if any(p == position for p, _ in site.entries)
-        )
+        return self._most_calls(position) > 0
 
     def _most_calls(self, position: int) -> int:
-        keys = [id(site) for site in self.plan.sites if any(p == position for p, _ in site.entries)]
-        keys += [id(m) for m in self.plan.skip_modules if self.plan.skips[id(m)][0] == position]
+        """The most calls in one step of the site (or skipped module) of intervention
+        `position`: 0 if it never ran."""
+        plan = self.plan
+        keys = [id(site) for site in plan.sites if any(p == position for p, _ in site.entries)]
+        keys += [id(m) for m in plan.skip_modules if plan.skips[id(m)][0] == position]
         return max((self.most_calls.get(k, 0) for k in keys), default=0)
 
     def _calls_missed(self, position: int, iv: Intervention) -> bool:

@@ -15,7 +15,8 @@ from ._hooks import installed
 from ._inputs import call_arguments, padding_of
 from ._interventions import describe, flatten_interventions
 from ._params import replaced
-from ._pass import Pass, Plan, StopPass
+from ._pass import Pass, StopPass
+from ._plan import Plan
 from ._record import Record
 from ._remote import Remote
 from ._validate import fake_pass

@@ -19,7 +19,8 @@ from ._eager import eager_under_compile, unwrapped
 from ._errors import MissingSaveError, PurelensError, SiteError
 from ._inputs import call_arguments
 from ._interventions import Save, describe
-from ._pass import Pass, Plan, hookable
+from ._pass import Pass
+from ._plan import Plan, hookable
 from ._remote import check_local
 from ._run import forward_pass
 from ._site import module_names as all_sites

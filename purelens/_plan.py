@@ -1,0 +1,200 @@
+"""The plan of one call: its interventions resolved against the model, grouped by site.
+
+A `Plan` is built from the interventions of one call: every site resolved
+(a site with ``*``, once per match), grouped by module, port and op, and
+checked (names saved twice, a module skipped twice, containers and
+TorchScript modules that no hook can act on). It holds no state of the call
+itself: that is the `Pass` (see `_pass`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from types import MappingProxyType
+
+import torch
+from torch import nn
+
+from ._errors import PurelensError, SiteError
+from ._grads import SaveGrad
+from ._interventions import Intervention, Save, Skip, Stop
+from ._site import ATTENTION_PORTS, Port, expand, parse_site, resolve
+
+__all__ = ["Plan", "SitePlan", "hookable"]
+
+_DUPLICATE_NAME = (
+    "two {kind} are named {name!r} ({first!r} and {second!r}).\n"
+    "  Give one a different name: pl.{builder}(site, name='...')."
+)
+_NAMED = {Save: ("saves", "save"), SaveGrad: ("save_grads", "save_grad")}
+_TWO_SKIPS = "two pl.skip interventions on site {site!r}; a module can be skipped once."
+_CONTAINER = (
+    "site {site!r} is {name!r}, a {kind}: a container of modules that is never called "
+    "itself, so no value flows through it.\n"
+    "  Intervene on its items instead, e.g. {example!r}."
+)
+_SCRIPTED = (
+    "site {site!r} is {name!r}, a TorchScript module ({kind}), which runs no Python "
+    "hooks, so purelens cannot intervene inside it.\n"
+    "  Intervene on the eager module (before torch.jit.script), or at a site outside it."
+)
+
+
+# Not frozen: a frozen dataclass's __init__ costs a microsecond per field, and
+# plans are built on every call. Nothing assigns to a plan after `Plan.build`.
+@dataclasses.dataclass(slots=True, eq=False)
+class SitePlan:
+    """The interventions on one (module, port), in the order they were given."""
+
+    name: str
+    module: nn.Module
+    port: Port
+    site: str  # as the user first wrote it, for messages
+    entries: tuple[tuple[int, Intervention], ...]  # (position in the run's list, node)
+    only_saves: bool = True  # whether the entries only read (then checkpointing is harmless)
+    op: str | None = None  # an op site's op ("softmax.0"), acted on inside the module's forward
+    inside: bool = False  # whether the value is inside the module's forward (a port, an op)
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class Plan:
+    """Every intervention of one call, resolved against the model."""
+
+    interventions: tuple[Intervention, ...]
+    sites: tuple[SitePlan, ...]
+    skips: Mapping[int, tuple[int, Skip]]  # id(module) -> (position, skip)
+    skip_modules: tuple[nn.Module, ...]
+    save_grads: tuple[SaveGrad, ...]
+    # The interventions as they act: one per match of a site with '*' (by position).
+    nodes: tuple[tuple[int, Intervention], ...] = ()
+    # id(module) -> its sites inside its forward, by port ("q", ...) or op ("#softmax.0")
+    inside: Mapping[int, Mapping[str, SitePlan]] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def build(cls, model: nn.Module, interventions: tuple[Intervention, ...]) -> Plan:
+        grouped: dict[tuple[str, Port, str | None], list[tuple[int, Intervention]]] = {}
+        modules: dict[str, nn.Module] = {}
+        first_site: dict[tuple[str, Port, str | None], str] = {}
+        skips: dict[int, tuple[int, Skip]] = {}
+        skip_modules: list[nn.Module] = []
+        taken: dict[type, dict[str, str]] = {Save: {}, SaveGrad: {}}  # name -> site
+        nodes: list[tuple[int, Intervention]] = []
+        for i, given in enumerate(interventions):
+            for iv, name, module, port, op in _targets(model, given):
+                nodes.append((i, iv))
+                if isinstance(iv, Save | SaveGrad):
+                    seen = taken[type(iv)]
+                    if iv.name in seen:
+                        kind, builder = _NAMED[type(iv)]
+                        raise PurelensError(
+                            _DUPLICATE_NAME.format(
+                                kind=kind,
+                                name=iv.name,
+                                first=seen[iv.name],
+                                second=iv.site,
+                                builder=builder,
+                            )
+                        )
+                    seen[iv.name] = iv.site
+                if isinstance(iv, Skip):
+                    if id(module) in skips:
+                        raise PurelensError(_TWO_SKIPS.format(site=iv.site))
+                    skips[id(module)] = (i, iv)
+                    skip_modules.append(module)
+                    continue
+                key = (name, port, op)
+                modules[name] = module
+                first_site.setdefault(key, iv.site)
+                grouped.setdefault(key, []).append((i, iv))
+        sites = tuple(
+            SitePlan(
+                name,
+                modules[name],
+                port,
+                first_site[(name, port, op)],
+                tuple(entries),
+                all(isinstance(iv, Save | Stop) for _, iv in entries),
+                op,
+                op is not None or port in ATTENTION_PORTS,
+            )
+            for (name, port, op), entries in grouped.items()
+        )
+        save_grads = tuple(iv for _, iv in nodes if isinstance(iv, SaveGrad))
+        return cls(
+            interventions,
+            sites,
+            MappingProxyType(skips),
+            tuple(skip_modules),
+            save_grads,
+            tuple(nodes),
+            _inside(sites),
+        )
+
+    def rebased(self, modules: Mapping[int, nn.Module]) -> Plan:
+        """The same plan on another copy of the module tree (`modules`: id(old) -> new)."""
+        sites = tuple(
+            dataclasses.replace(site, module=modules[id(site.module)]) for site in self.sites
+        )
+        skips = {id(modules[id(m)]): self.skips[id(m)] for m in self.skip_modules}
+        return Plan(
+            self.interventions,
+            sites,
+            MappingProxyType(skips),
+            tuple(modules[id(m)] for m in self.skip_modules),
+            self.save_grads,
+            self.nodes,
+            _inside(sites),
+        )
+
+
+def _inside(sites: tuple[SitePlan, ...]) -> Mapping[int, Mapping[str, SitePlan]]:
+    inside: dict[int, dict[str, SitePlan]] = {}
+    for site in sites:
+        if site.inside:
+            key = site.port if site.op is None else f"#{site.op}"
+            inside.setdefault(id(site.module), {})[key] = site
+    return inside
+
+
+def _targets(
+    model: nn.Module, iv: Intervention
+) -> list[tuple[Intervention, str, nn.Module, Port, str | None]]:
+    """Where `iv` acts: its site resolved, or for a site with '*' each match (a node each)."""
+    parsed = parse_site(iv.site)
+    if "*" not in parsed.path:
+        name, module, port = resolve(model, iv.site)
+        _check_hookable(iv.site, name, module)
+        return [(iv, name, module, port, parsed.op)]
+    matches = expand(model, iv.site)
+    out: list[tuple[Intervention, str, nn.Module, Port, str | None]] = []
+    for filled, name, module, port in matches:
+        if not hookable(module):  # a container among the matches: its items may match too
+            continue
+        renamed = {"name": filled} if isinstance(iv, Save | SaveGrad) else {}
+        node = dataclasses.replace(iv, site=filled, **renamed)  # type: ignore[type-var]
+        out.append((node, name, module, port, parsed.op))
+    if not out:
+        _check_hookable(iv.site, matches[0][1], matches[0][2])
+    return out
+
+
+def hookable(module: nn.Module) -> bool:
+    """Whether hooks can act on `module`: not TorchScript, and not a container never called."""
+    return not isinstance(module, torch.jit.ScriptModule) and not _container(module)
+
+
+def _container(module: nn.Module) -> bool:
+    return type(module).forward is nn.Module.forward and bool(module._modules)
+
+
+def _check_hookable(site: str, name: str, module: nn.Module) -> None:
+    """Raise for a module that no hook can act on: a container, or TorchScript."""
+    if isinstance(module, torch.jit.ScriptModule):
+        raise SiteError(_SCRIPTED.format(site=site, name=name, kind=type(module).__name__))
+    if _container(module):
+        kind = type(module).__name__
+        first = next(iter(module._modules))
+        raise SiteError(
+            _CONTAINER.format(site=site, name=name, kind=kind, example=f"{site}.{first}")
+        )
