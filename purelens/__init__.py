@@ -15,6 +15,7 @@ Example:
 from . import functions as functions
 from . import models as models
 from . import ops as ops
+from . import vllm as vllm
 from ._builders import ablate as ablate
 from ._builders import add as add
 from ._builders import patch as patch
@@ -84,4 +85,5 @@ __all__ = [
     "token_index",
     "tokenize",
     "transplant",
+    "vllm",
 ]

@@ -7,6 +7,7 @@ new token). Interventions with `step=` act at the steps it selects.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -16,7 +17,7 @@ from torch import Tensor, nn
 from ._eager import eager_under_compile, unwrapped
 from ._errors import GenerationEnded, PurelensError
 from ._grads import check_loss_allowed
-from ._hooks import installed
+from ._hooks import installed, rewriting
 from ._inputs import call_arguments, pad_id, padding_of
 from ._interventions import Stop, flatten_interventions
 from ._pass import Pass
@@ -25,6 +26,7 @@ from ._primary import primary_output
 from ._record import Record
 from ._remote import Remote
 from ._run import forward_pass
+from ._taps import GENERATION_SITES, TAPS, SampleTap, tap_logits, tapped
 from ._validate import fake_pass
 
 __all__ = ["generate"]
@@ -105,6 +107,18 @@ def generate(
             validate=validate,
             **generate_kwargs,
         )
+    if _is_vllm(model):
+        from .vllm._engine import generate_on
+
+        return generate_on(  # type: ignore[return-value]
+            model,
+            inputs,
+            interventions,
+            max_new_tokens=max_new_tokens,
+            tokenizer=tokenizer,
+            validate=validate,
+            **generate_kwargs,
+        )
     model = unwrapped(model)
     if not isinstance(model, nn.Module):
         raise PurelensError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
@@ -119,7 +133,7 @@ def generate(
     hf_generate = getattr(model, "generate", None)
     if max_new_tokens is None and not callable(hf_generate):
         raise PurelensError(_NO_LENGTH)
-    plan = Plan.build(model, flatten_interventions(interventions))
+    plan = Plan.build(model, flatten_interventions(interventions), extra=TAPS)
     check_loss_allowed(None, list(plan.save_grads))
     for iv in plan.interventions:
         if isinstance(iv, Stop):
@@ -136,14 +150,23 @@ def generate(
     if validate:
         every_step = Plan.build(
             model,
-            tuple(dataclasses.replace(iv, step=None) for iv in plan.interventions),  # type: ignore[type-var]
+            tuple(
+                dataclasses.replace(iv, step=None)  # type: ignore[type-var]
+                for iv in plan.interventions
+                if iv.site.partition(":")[0] not in GENERATION_SITES  # no model pass has them
+            ),
         )
         fake_pass(model, Pass(every_step, model), args, kwargs, None, forward_pass)
     pass_ = Pass(plan, model, steps=True)
     pass_.padding = padding_of(args, kwargs)
+    taps = tapped(plan)
     # Generation records no gradients (HF's `generate` runs under no_grad too).
-    with torch.no_grad(), installed(pass_):
+    with torch.no_grad(), installed(pass_), contextlib.ExitStack() as stack:
         if callable(hf_generate):
+            if "logits" in taps:
+                stack.enter_context(rewriting(model, tap_logits))
+            if "samples" in taps:
+                generate_kwargs["stopping_criteria"] = _with_samples(model, generate_kwargs)
             length = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
             output = hf_generate(*args, **length, **kwargs, **generate_kwargs)
         else:
@@ -155,6 +178,23 @@ def generate(
         ended.record = Record(pass_.record_saved(), output)
         raise
     return Record(pass_.record_saved(), output)
+
+
+def _is_vllm(model: Any) -> bool:
+    """Whether `model` is a `vllm.LLM` (checked without importing vLLM)."""
+    return type(model).__module__.startswith("vllm.") and hasattr(model, "llm_engine")
+
+
+def _with_samples(model: nn.Module, generate_kwargs: dict[str, Any]) -> Any:
+    """The stopping criteria of a call, with the ``"samples"`` tap first."""
+    from transformers import StoppingCriteriaList
+
+    config = getattr(model, "generation_config", None)
+    eos = generate_kwargs.get("eos_token_id", getattr(config, "eos_token_id", None))
+    eos_ids = None if eos is None else torch.atleast_1d(torch.as_tensor(eos))
+    num_beams = generate_kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1
+    theirs = generate_kwargs.get("stopping_criteria") or []
+    return StoppingCriteriaList([SampleTap(eos_ids, num_beams), *theirs])
 
 
 @torch.no_grad()
@@ -183,11 +223,12 @@ def _loop(
         split = primary_output(model(ids))
         if split is None:
             raise PurelensError("the model returned no tensor of logits to decode from.")
-        logits = split[0][:, -1].float()
+        logits = TAPS["logits"](split[0][:, -1]).float()
         if do_sample:
             token = torch.multinomial(torch.softmax(logits / temperature, -1), 1)[:, 0]
         else:
             token = logits.argmax(-1)
+        token = TAPS["samples"](token)
         if eos_token_id is not None:
             token = token.masked_fill(done, eos_token_id)
             done = done | (token == eos_token_id)

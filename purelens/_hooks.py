@@ -40,9 +40,11 @@ from ._plan import SitePlan
 __all__ = [
     "ACTIVE",
     "ForwardDispatch",
+    "around_forwards",
     "calling",
     "check_before_every_module",
     "installed",
+    "rewriting",
     "skip_of",
 ]
 
@@ -268,6 +270,37 @@ def calling(
     try:
         for module in modules:
             handles.extend(_around(module, enter, leave))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def rewriting(module: nn.Module, hook: Callable[[nn.Module, Any, Any], Any]) -> Iterator[None]:
+    """`hook(module, args, output)` after every forward of `module` for one block; what it
+    returns (unless None) becomes the output."""
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def around_forwards(
+    pre: dict[nn.Module, Callable[..., Any]], post: dict[nn.Module, Callable[..., Any]]
+) -> Iterator[None]:
+    """For one block, ``pre[m](m, args, kwargs)`` before each forward of `m` (it may
+    return new ``(args, kwargs)``) and ``post[m](m, args, kwargs, output)`` after it
+    (it may return a new output): the hooks of a backend that lays out several
+    passes in one batch (vLLM)."""
+    handles = []
+    try:
+        for module, fn in pre.items():
+            handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
+        for module, fn in post.items():
+            handles.append(module.register_forward_hook(fn, with_kwargs=True))
         yield
     finally:
         for handle in handles:

@@ -27,6 +27,10 @@ _DUPLICATE_NAME = (
     "two {kind} are named {name!r} ({first!r} and {second!r}).\n"
     "  Give one a different name: pl.{builder}(site, name='...')."
 )
+_EXTRA_PORT = (
+    "site {site!r}: {path!r} is a value of generation, not a module, so it has no ports.\n"
+    "  Write {path!r}."
+)
 _NAMED = {Save: ("saves", "save"), SaveGrad: ("save_grads", "save_grad")}
 _TWO_SKIPS = "two pl.skip interventions on site {site!r}; a module can be skipped once."
 _CONTAINER = (
@@ -72,7 +76,18 @@ class Plan:
     inside: Mapping[int, Mapping[str, SitePlan]] = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def build(cls, model: nn.Module, interventions: tuple[Intervention, ...]) -> Plan:
+    def build(
+        cls,
+        model: nn.Module,
+        interventions: tuple[Intervention, ...],
+        *,
+        extra: Mapping[str, nn.Module] | None = None,
+    ) -> Plan:
+        """The plan of `interventions` on `model`.
+
+        `extra` names sites that are not module paths of `model` (a backend's
+        ``"logits"`` and ``"samples"``) and the modules that stand for them.
+        """
         grouped: dict[tuple[str, Port, str | None], list[tuple[int, Intervention]]] = {}
         modules: dict[str, nn.Module] = {}
         first_site: dict[tuple[str, Port, str | None], str] = {}
@@ -81,7 +96,7 @@ class Plan:
         taken: dict[type, dict[str, str]] = {Save: {}, SaveGrad: {}}  # name -> site
         nodes: list[tuple[int, Intervention]] = []
         for i, given in enumerate(interventions):
-            for iv, name, module, port, op in _targets(model, given):
+            for iv, name, module, port, op in _targets(model, given, extra):
                 nodes.append((i, iv))
                 if isinstance(iv, Save | SaveGrad):
                     seen = taken[type(iv)]
@@ -158,10 +173,14 @@ def _inside(sites: tuple[SitePlan, ...]) -> Mapping[int, Mapping[str, SitePlan]]
 
 
 def _targets(
-    model: nn.Module, iv: Intervention
+    model: nn.Module, iv: Intervention, extra: Mapping[str, nn.Module] | None = None
 ) -> list[tuple[Intervention, str, nn.Module, Port, str | None]]:
     """Where `iv` acts: its site resolved, or for a site with '*' each match (a node each)."""
     parsed = parse_site(iv.site)
+    if extra and parsed.path in extra:
+        if parsed.port != "output" or parsed.op is not None:
+            raise SiteError(_EXTRA_PORT.format(site=iv.site, path=parsed.path))
+        return [(iv, parsed.path, extra[parsed.path], parsed.port, None)]
     if "*" not in parsed.path:
         name, module, port = resolve(model, iv.site)
         _check_hookable(iv.site, name, module)

@@ -108,6 +108,13 @@ def run(
             validate=validate,
             **model_kwargs,
         )
+    if type(model).__module__.startswith("vllm.") and hasattr(model, "llm_engine"):
+        from .vllm._engine import run_on
+
+        _local_only(params=params, loss=loss)
+        return run_on(  # type: ignore[return-value]
+            model, inputs, interventions, tokenizer=tokenizer, validate=validate, **model_kwargs
+        )
     model = unwrapped(model)
     if not isinstance(model, nn.Module):
         raise PurelensError(_NOT_A_MODULE.format(kind=type(model).__name__))
@@ -130,6 +137,16 @@ def run(
         grads = by_call(gradients(loss_value, pass_.grad_targets))
     # Detached, so that no autograd graph outlives the call.
     return Record(detached(pass_.saved), detached(output), grads, detached(loss_value))
+
+
+def _local_only(**given: Any) -> None:
+    """Refuse `params=` and `loss=` on a vLLM engine (no autograd, its own weights)."""
+    for name, value in given.items():
+        if value is not None:
+            raise PurelensError(
+                f"`{name}=` is not supported on vLLM: its engine runs without autograd, "
+                "on weights of its own.\n  Use the HF model for gradients and params=."
+            )
 
 
 def _pass(plan: Plan, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Pass:

@@ -48,6 +48,8 @@ DOCUMENTED = {
     "RemoteError",
     # inside modules (issue 14)
     "head",
+    # vLLM (issue 15): pl.vllm.load
+    "vllm",
 }
 
 

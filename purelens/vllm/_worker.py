@@ -1,0 +1,548 @@
+"""The worker side: a purelens `Pass` per request, on vLLM's flat batch.
+
+vLLM's engine runs one forward pass per engine step over every scheduled
+token of every running request, laid out flat (``[tokens, ...]``; see
+`_values`). Each request that purelens sent carries a key in its sampling
+parameters' ``extra_args``; the worker finds its interventions by that key
+(in the process that sent them, or as `pl.dumps` data across processes) and
+gives the request a `Pass` of its own over the vLLM model's plan, with its
+own step counter: step 0 is its prompt pass, step k its k-th decode step,
+whatever engine step vLLM schedules them at. At a site, each request's
+tokens are cut out as ``[1, tokens, ...]`` (the layout of
+``pl.generate(hf_model, [prompt])``), handed to its pass, and written back.
+
+The hooks are on the model only during engine steps that have purelens
+requests (`Driver.execute_model`); `Extension` is mixed into vLLM's worker
+class by ``worker_extension_cls`` and installs the `Driver` on the worker's
+model runner, which `pl.vllm.load` owns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor, nn
+
+from .._errors import PurelensError
+from .._hooks import around_forwards
+from .._interventions import Intervention, flatten_interventions
+from .._pass import Pass, StopPass
+from .._plan import Plan, SitePlan
+from .._record import Record
+from .._serialize import loads
+from .._wire import encode_record
+from ._group import ARRIVALS, check_order, for_prompt
+from ._values import input_value, output_value
+
+__all__ = ["PENDING", "Extension", "Outcome", "Spec"]
+
+# In-process engines: what a driver in this process registered, by request key.
+PENDING: dict[str, Spec] = {}
+_pending_lock = threading.Lock()
+
+_INSIDE = (
+    "site {site!r}: attention ports and op sites are not supported on vLLM yet (its "
+    "attention runs in fused kernels over a paged cache).\n"
+    "  Use them with pl.run or pl.generate on the HF model; on vLLM, intervene on "
+    "module outputs and inputs."
+)
+_GRADS = (
+    "{what}: vLLM runs without autograd (torch.inference_mode), so there is no gradient "
+    "to save or patch.\n  Use pl.run(hf_model, ..., loss=...) for gradients."
+)
+_CHUNKED = (
+    "request {index} (prompt {index} of the call): vLLM scheduled {got} of its {want} "
+    "prompt tokens in one step ({why}), so its prompt pass is not one step.\n"
+    "  Load the engine with max_num_batched_tokens of at least max_model_len "
+    "(pl.vllm.load sets it so unless you give another)."
+)
+_PREEMPTED = (
+    "request {index} (prompt {index} of the call) was preempted by vLLM and its tokens "
+    "recomputed (or its prefix taken from the cache), so its steps would run twice.\n"
+    "  Give the engine more KV-cache memory (gpu_memory_utilization, kv_cache_memory_bytes) "
+    "or fewer requests at a time (max_num_seqs)."
+)
+_NOT_TOKENS = (
+    "site {site!r}: its value has {got} rows, fewer than the {want} tokens of this step, "
+    "so it is not laid out one row per token and cannot be cut per request."
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """What purelens asks of one request: its call's interventions, and which prompt it is."""
+
+    interventions: tuple[Intervention, ...]
+    index: int  # the prompt's place in its call (`batch=` counts these)
+    count: int  # how many prompts the call has
+    group: str  # the call
+    run: bool  # pl.run: one pass, whose logits are the output
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What one request left: its saved values (a Record without output) or an error."""
+
+    record: Record | bytes | None
+    error: str | None = None
+    ended: bool = False  # the error is GenerationEnded
+    logits: Tensor | None = None  # pl.run: the prompt pass's next-token logits
+    stopped: bool = False  # pl.run: a pl.stop ended its pass
+
+
+class _Live:
+    """One request while it runs: its pass, and where its tokens are in this step."""
+
+    def __init__(self, key: str, spec: Spec, root: nn.Module, extra: Mapping[str, nn.Module]):
+        self.key = key
+        self.spec = spec
+        self.error: str | None = None
+        self.ended = False
+        self.stopped = False
+        self.steps = 0  # steps run so far
+        self.tokens = 0  # tokens computed so far
+        self.prompt = 0
+        self.start = self.end = self.row = 0
+        self.logits: Tensor | None = None
+        try:
+            plan = Plan.build(root, for_prompt(spec), extra=extra)
+            _check_supported(plan)
+            check_order(plan)
+            self.pass_: Pass | None = Pass(plan, root, steps=not spec.run)
+        except PurelensError as error:
+            self.pass_ = None
+            self.error = str(error)
+
+    @property
+    def acting(self) -> bool:
+        return self.pass_ is not None and self.error is None and not self.stopped
+
+    def fail(self, error: BaseException) -> None:
+        if self.error is None:
+            self.error = str(error) or type(error).__name__
+            self.ended = type(error).__name__ == "GenerationEnded"
+
+    def outcome(self, encoded: bool) -> Outcome:
+        if self.error is None and self.pass_ is not None:
+            try:
+                self.pass_.check_finished()
+            except PurelensError as error:
+                self.fail(error)
+        saved = self.pass_.record_saved() if self.pass_ is not None else {}
+        record = Record(saved, None)
+        kept: Record | bytes = encode_record(record) if encoded else record
+        return Outcome(kept, self.error, self.ended, self.logits, self.stopped)
+
+
+def _check_supported(plan: Plan) -> None:
+    from .._grads import PatchGrad, SaveGrad
+
+    for site in plan.sites:
+        if site.inside:
+            raise PurelensError(_INSIDE.format(site=site.site))
+    for iv in plan.interventions:
+        if isinstance(iv, SaveGrad | PatchGrad):
+            raise PurelensError(_GRADS.format(what=repr(iv)))
+
+
+class _Step:
+    """One engine step with purelens requests: who is where in the flat batch."""
+
+    def __init__(self, driver: Driver, live: list[_Live]) -> None:
+        self.driver = driver
+        self.live = live
+        self.laid_out = False
+        self.total = 0
+
+    def lay_out(self) -> None:
+        """Find each request's tokens (called once the runner has prepared the batch)."""
+        if self.laid_out:
+            return
+        self.laid_out = True
+        runner = self.driver.runner
+        batch = runner.input_batch
+        n = batch.num_reqs
+        order = {rid: i for i, rid in enumerate(batch.req_ids[:n])}
+        starts = runner.query_start_loc.np[: n + 1]
+        self.total = int(starts[n])
+        for live in self.live:
+            rid = self.driver.request_of[live.key]
+            i = order[rid]
+            live.row, live.start, live.end = i, int(starts[i]), int(starts[i + 1])
+            computed = int(batch.num_computed_tokens_cpu[i])
+            state = runner.requests[rid]
+            try:
+                self._check_tokens(live, computed, live.end - live.start, state)
+            except PurelensError as error:
+                live.fail(error)
+                continue
+            if live.pass_ is not None:
+                live.pass_.begin_step()
+
+    @staticmethod
+    def _check_tokens(live: _Live, computed: int, scheduled: int, state: Any) -> None:
+        index = live.spec.index
+        if live.steps == 0:
+            live.prompt = state.num_prompt_tokens
+            if computed != 0:
+                raise PurelensError(_PREEMPTED.format(index=index))
+            if scheduled != live.prompt:
+                why = "chunked prefill"
+                raise PurelensError(
+                    _CHUNKED.format(index=index, got=scheduled, want=live.prompt, why=why)
+                )
+        elif computed != live.tokens or scheduled != 1:
+            raise PurelensError(_PREEMPTED.format(index=index))
+        live.steps += 1
+        live.tokens = computed + scheduled
+
+    # --- the hooks ------------------------------------------------------------
+
+    def hooks(self) -> tuple[dict[nn.Module, Any], dict[nn.Module, Any]]:
+        """The pre- and post-forward hooks of this step's sites, by module."""
+        outputs: dict[int, list[tuple[_Live, SitePlan]]] = {}
+        inputs: dict[int, list[tuple[_Live, SitePlan]]] = {}
+        skips: dict[int, list[_Live]] = {}
+        modules: dict[int, nn.Module] = {}
+        for live in self.live:
+            if not live.acting:
+                continue
+            assert live.pass_ is not None
+            plan = live.pass_.plan
+            for site in plan.sites:
+                modules[id(site.module)] = site.module
+                table = inputs if site.port == "input" else outputs
+                table.setdefault(id(site.module), []).append((live, site))
+            for module in plan.skip_modules:
+                modules[id(module)] = module
+                skips.setdefault(id(module), []).append(live)
+        pre: dict[nn.Module, Any] = {}
+        post: dict[nn.Module, Any] = {}
+        root = self.driver.model
+        pre[root] = self._guarded(self._root_hook)
+        for key, module in modules.items():
+            if key in inputs or key in skips:
+                previous = pre.get(module)
+                hook = self._pre_hook(inputs.get(key, []), skips.get(key, []), previous)
+                pre[module] = self._guarded(hook)
+            if key in outputs or key in skips:
+                hook = self._post_hook(outputs.get(key, []), skips.get(key, []))
+                post[module] = self._guarded(hook)
+        return pre, post
+
+    def _guarded(self, hook: Any) -> Any:
+        """`hook`, failing this step's requests instead of raising into vLLM's engine (whose
+        other requests must go on); the value is then left as the model computed it."""
+
+        def guarded(*args: Any) -> Any:
+            try:
+                return hook(*args)
+            except Exception as error:  # any failure belongs to the step's requests
+                for live in self.live:
+                    live.fail(error)
+                return None
+
+        return guarded
+
+    def _root_hook(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        self.lay_out()
+
+    def _pre_hook(
+        self, entries: list[tuple[_Live, SitePlan]], skipping: list[_Live], previous: Any
+    ) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            if previous is not None:
+                previous(module, args, kwargs)
+            self.lay_out()
+            if skipping:  # what the skipped requests' rows get instead of the output
+                value = self._value(input_value(module, args, kwargs, "skip"), "skip")
+                self.driver.skip_inputs[id(module)] = value[0]
+            if not entries:
+                return None
+            found = input_value(module, args, kwargs, entries[0][1].site)
+            new = self._apply(entries, found, tokens=True)
+            return None if new is None else new
+
+        return hook
+
+    def _post_hook(self, entries: list[tuple[_Live, SitePlan]], skipping: list[_Live]) -> Any:
+        driver = self.driver
+        rows = entries and entries[0][1].module is driver.extra.get("logits")
+
+        def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
+            self.lay_out()
+            found = output_value(module, output, entries[0][1].site if entries else "skip")
+            if skipping:
+                found = self._skipped(module, skipping, found)
+            if not entries:
+                return None if found is None else found[1](found[0])
+            new = self._apply(entries, found, tokens=not rows)
+            if new is None and skipping:
+                return found[1](found[0]) if found is not None else None
+            return new
+
+        return hook
+
+    def _value(self, found: Any, site: str) -> tuple[Tensor, Any]:
+        if found is None:
+            raise PurelensError(f"site {site!r}: the module's value holds no tensor.")
+        value = found[0]
+        if value.ndim == 0 or value.shape[0] < self.total:
+            raise PurelensError(_NOT_TOKENS.format(site=site, got=value.shape[0], want=self.total))
+        return found
+
+    def _skipped(self, module: nn.Module, skipping: list[_Live], found: Any) -> Any:
+        """The output with the skipping requests' rows replaced by what their skips give."""
+        value, rebuild = self._value(found, "skip")
+        inputs = self.driver.skip_inputs.pop(id(module))
+        new = value.clone()
+        for live in skipping:
+            if not live.acting:
+                continue
+            assert live.pass_ is not None
+            piece = inputs[live.start : live.end].unsqueeze(0)
+            try:
+                skipped, out = live.pass_.on_skip(module, (piece,), {})
+                if skipped:
+                    if not isinstance(out, Tensor) or out.shape[2:] != value.shape[1:]:
+                        raise PurelensError(
+                            f"the skip of {module.__class__.__name__} gave {out!r}, not a tensor "
+                            f"of the module's output shape [1, tokens, {list(value.shape[1:])}]."
+                        )
+                    new[live.start : live.end] = out[0]
+            except PurelensError as error:
+                live.fail(error)
+        return new, rebuild
+
+    def _apply(self, entries: list[tuple[_Live, SitePlan]], found: Any, *, tokens: bool) -> Any:
+        """Hand each request its piece of the value; the new value (rebuilt), or None."""
+        site_name = entries[0][1].site
+        if tokens:
+            value, rebuild = self._value(found, site_name)
+        else:
+            if found is None:
+                raise PurelensError(f"site {site_name!r}: the module's value holds no tensor.")
+            value, rebuild = found
+        pieces = {id(live): self._piece(live, value, tokens) for live, _ in entries if live.acting}
+        arrivals: dict[str, dict[int, tuple[int, Tensor]]] = {}
+        for live, _ in entries:
+            if id(live) in pieces and live.pass_ is not None:
+                group = arrivals.setdefault(live.spec.group, {})
+                group[live.spec.index] = (live.pass_.step, pieces[id(live)])
+        new: Tensor | None = None
+        for live, site in entries:
+            piece = pieces.get(id(live))
+            if piece is None or not live.acting:
+                continue
+            assert live.pass_ is not None
+            token = ARRIVALS.set(
+                (live.spec.index, live.pass_.step, arrivals.get(live.spec.group, {}))
+            )
+            try:
+                out = live.pass_.on_output(site, piece)
+            except StopPass:
+                live.stopped = True
+                continue
+            except PurelensError as error:
+                live.fail(error)
+                continue
+            finally:
+                ARRIVALS.reset(token)
+            if out is None:
+                continue
+            if new is None:
+                new = value.clone()
+            self._put(live, new, out, tokens)
+        return None if new is None else rebuild(new)
+
+    @staticmethod
+    def _piece(live: _Live, value: Tensor, tokens: bool) -> Tensor:
+        """A request's part of a value, as a copy: vLLM reuses its buffers (the input ids,
+        fused kernels' outputs) in place at the next step, which must not reach a record."""
+        if tokens:
+            return value[live.start : live.end].unsqueeze(0).clone()
+        return value[live.row : live.row + 1].clone()
+
+    @staticmethod
+    def _put(live: _Live, new: Tensor, out: Tensor, tokens: bool) -> None:
+        if tokens:
+            new[live.start : live.end] = out[0]
+        else:
+            new[live.row : live.row + 1] = out
+
+    # --- samples ---------------------------------------------------------------
+
+    def on_samples(self, output: Any) -> Any:
+        """The sampler's output with each request's ``"samples"`` interventions applied."""
+        sampler = self.driver.runner.sampler
+        entries = [
+            (live, site)
+            for live in self.live
+            if live.acting and live.pass_ is not None
+            for site in live.pass_.plan.sites
+            if site.module is sampler
+        ]
+        ids = output.sampled_token_ids
+        if not entries:
+            return output
+        found = (ids[:, 0].long(), lambda v: v)
+        new = self._apply(entries, found, tokens=False)
+        if new is None:
+            return output
+        return dataclasses.replace(output, sampled_token_ids=new[:, None].to(ids.dtype))
+
+    def keep_logits(self, logits: Tensor) -> None:
+        """pl.run's output: each such request's next-token logits of its prompt pass."""
+        for live in self.live:
+            if live.spec.run and live.steps == 1 and live.logits is None:
+                live.logits = logits[live.row : live.row + 1].clone()
+
+
+class Driver:
+    """purelens on one vLLM model runner: requests admitted by key, hooks per engine step."""
+
+    def __init__(self, runner: Any) -> None:
+        self.runner = runner
+        self.model: nn.Module = runner.get_model() if hasattr(runner, "get_model") else runner.model
+        self.extra: dict[str, nn.Module] = {"samples": runner.sampler}
+        logits = getattr(self.model, "logits_processor", None)
+        if isinstance(logits, nn.Module):
+            self.extra["logits"] = logits
+        self.live: dict[str, _Live] = {}  # vLLM request id -> its pass
+        self.request_of: dict[str, str] = {}  # key -> vLLM request id
+        self.by_key: dict[str, _Live] = {}
+        self.skip_inputs: dict[int, Tensor] = {}
+        self.step: _Step | None = None
+        self.lock = threading.Lock()
+        self._execute = runner.execute_model
+        self._sample = runner.sample_tokens
+        runner.execute_model = self.execute_model
+        runner.sample_tokens = self.sample_tokens
+
+    def admit(self, rid: str, params: Any) -> None:
+        extra = getattr(params, "extra_args", None) or {}
+        key = extra.get("purelens")
+        if not isinstance(key, str):
+            return
+        if key in self.by_key:  # the same request scheduled anew: vLLM preempted it
+            self.by_key[key].fail(
+                PurelensError(_PREEMPTED.format(index=self.by_key[key].spec.index))
+            )
+            self.live[rid] = self.by_key[key]
+            self.request_of[key] = rid
+            return
+        spec = _spec(key, extra)
+        live = _Live(key, spec, self.model, self.extra)
+        with self.lock:
+            self.live[rid] = live
+            self.by_key[key] = live
+            self.request_of[key] = rid
+
+    def execute_model(self, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+        for new in scheduler_output.scheduled_new_reqs:
+            self.admit(new.req_id, new.sampling_params)
+        for rid in scheduler_output.finished_req_ids:
+            self.live.pop(rid, None)
+        present = [
+            self.live[rid] for rid in scheduler_output.num_scheduled_tokens if rid in self.live
+        ]
+        self.step = None
+        if not any(live.acting for live in present):
+            return self._execute(scheduler_output, *args, **kwargs)
+        step = self.step = _Step(self, present)
+        pre, post = step.hooks()
+        logits = self.extra.get("logits")
+        if logits is not None and any(live.spec.run for live in present):
+            previous = post.get(logits)
+            post[logits] = _keeping_logits(step, previous)
+        with around_forwards(pre, post):
+            return self._execute(scheduler_output, *args, **kwargs)
+
+    def sample_tokens(self, *args: Any, **kwargs: Any) -> Any:
+        step = self.step
+        sampler = self.runner.sampler
+        if step is None or not any(
+            site.module is sampler
+            for live in step.live
+            if live.pass_ is not None
+            for site in live.pass_.plan.sites
+        ):
+            return self._sample(*args, **kwargs)
+        hook = step._guarded(lambda m, a, k, out: step.on_samples(out))
+        with around_forwards({}, {sampler: hook}):
+            return self._sample(*args, **kwargs)
+
+    def collect(self, keys: list[str], encoded: bool) -> list[Outcome | None]:
+        out: list[Outcome | None] = []
+        with self.lock:
+            for key in keys:
+                live = self.by_key.pop(key, None)
+                rid = self.request_of.pop(key, None)
+                if rid is not None:
+                    self.live.pop(rid, None)
+                out.append(None if live is None else live.outcome(encoded))
+        return out
+
+
+def _keeping_logits(step: _Step, previous: Any) -> Any:
+    def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
+        new = previous(module, args, kwargs, output) if previous is not None else None
+        step.keep_logits(output if new is None else new)
+        return new
+
+    return hook
+
+
+def _decoded(data: Any) -> tuple[Intervention, ...]:
+    return flatten_interventions(loads(bytes(data)))
+
+
+def _spec(key: str, extra: Mapping[str, Any]) -> Spec:
+    with _pending_lock:
+        spec = PENDING.pop(key, None)
+    if spec is not None:
+        return spec
+    call = extra.get("purelens_call")
+    if not isinstance(call, Mapping):
+        return Spec((), 0, 1, key, False)  # the sender is gone: a request of no one's
+    return Spec(
+        _decoded(call["data"]),
+        int(call["index"]),
+        int(call["count"]),
+        str(call["group"]),
+        bool(call["run"]),
+    )
+
+
+class Extension:
+    """Mixed into vLLM's worker (``worker_extension_cls``): purelens's calls on the worker."""
+
+    def purelens_install(self) -> bool:
+        runner = self.model_runner  # type: ignore[attr-defined]
+        if getattr(runner, "purelens_driver", None) is None:
+            runner.purelens_driver = Driver(runner)
+        return True
+
+    def purelens_check(self, payload: Any, count: int, run: bool) -> tuple[str, str] | None:
+        """The first error in the plans of a call's prompts, as (kind, message), or None."""
+        driver = self.model_runner.purelens_driver  # type: ignore[attr-defined]
+        try:
+            ivs = payload if isinstance(payload, tuple) else _decoded(payload)
+            for index in range(count):
+                spec = Spec(ivs, index, count, "check", run)
+                plan = Plan.build(driver.model, for_prompt(spec), extra=driver.extra)
+                _check_supported(plan)
+                check_order(plan)
+        except PurelensError as error:
+            return type(error).__name__, str(error)
+        return None
+
+    def purelens_collect(self, keys: list[str], encoded: bool = True) -> list[Any]:
+        return self.model_runner.purelens_driver.collect(keys, encoded)  # type: ignore[attr-defined]
+
+    def purelens_sites(self) -> list[str]:
+        model = self.model_runner.purelens_driver.model  # type: ignore[attr-defined]
+        return [name for name, _ in model.named_modules()]
