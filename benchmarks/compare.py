@@ -448,10 +448,24 @@ def generation(s: Setup, new: int) -> Task:
 
         def tl_generate() -> tuple[Tensor, list[Tensor]]:
             saved: list[Tensor] = []
-            hook = [(f"blocks.{mid}.hook_resid_post", lambda act, hook: saved.append(act))]
+
+            # TransformerLens 4.3 with transformers 5.2x never fills the bridge's KV cache
+            # (GPT2Block passes `cache=`, the bridge reads `past_key_values`/`layer_past`), so
+            # its cached decode steps attend to the new token alone (values off by ~0.05).
+            # Run it uncached, keeping each step's new positions: the whole sequence is
+            # recomputed every step, which is what a TransformerLens user gets right today.
+            def keep(act: Tensor, hook: Any) -> None:
+                saved.append(act if not saved else act[:, -1:])
+
+            hook = [(f"blocks.{mid}.hook_resid_post", keep)]
             with br.hooks(fwd_hooks=hook):
                 ids = br.generate(
-                    x, max_new_tokens=new, do_sample=False, stop_at_eos=False, verbose=False
+                    x,
+                    max_new_tokens=new,
+                    do_sample=False,
+                    stop_at_eos=False,
+                    verbose=False,
+                    use_past_kv_cache=False,
                 )
             return ids, saved
 

@@ -212,14 +212,16 @@ def _call(
     return records[0] if single else records
 
 
-def _record(index: int, output: Any, outcome: Outcome | None, run: bool) -> Record:
+def _record(index: int, output: Any, outcome: Outcome | dict[str, Any] | None, run: bool) -> Record:
     if outcome is None:
         raise PurelensError(f"prompt {index}: vLLM ran its request without purelens's hooks.")
+    if isinstance(outcome, dict):  # from another process
+        outcome = Outcome(**outcome)
     saved = outcome.record
     record = decode_record(saved) if isinstance(saved, bytes) else saved
     assert isinstance(record, Record)
     if run:
-        result: Any = None if outcome.stopped else outcome.logits
+        result: Any = None if outcome.stopped else record.output
     else:
         ids = list(output.prompt_token_ids) + list(output.outputs[0].token_ids)
         result = torch.tensor([ids], dtype=torch.long)

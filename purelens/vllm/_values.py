@@ -10,6 +10,11 @@ another. Two kinds of module need more than `_primary`'s first tensor:
   when it is called with a residual) is the residual stream
   ``hidden + residual``, as in HF. A new value goes back as
   ``(value, zeros)``, which the next fused add turns into the value exactly.
+- **Fused norms.** A norm called as ``norm(x, residual)`` adds the two and
+  returns ``(normed, sum)``; its ``:input`` is the sum (HF's norm input). A
+  new input goes in as ``(value, zeros)``, and the sum it passes on stays
+  the old one: in HF, a norm's input feeds the norm only, not the residual
+  branch beside it (`keeps_residual`).
 - **Positions first.** A module whose first argument is ``positions`` takes
   the hidden states second: its ``:input`` is the hidden states, never the
   position ids.
@@ -27,7 +32,7 @@ from torch import Tensor, nn
 from .._errors import PurelensError
 from .._primary import primary_input, primary_output
 
-__all__ = ["input_value", "output_value"]
+__all__ = ["input_value", "keeps_residual", "output_value", "with_residual"]
 
 Rebuild = Callable[[Tensor], Any]
 
@@ -43,13 +48,22 @@ _signatures: dict[type, tuple[str, ...]] = {}
 
 
 def _parameters(cls: type) -> tuple[str, ...]:
-    """The names of the parameters of `cls.forward`, without ``self`` (cached per class)."""
+    """The names of the parameters of `cls`'s forward, without ``self`` (cached per class).
+
+    vLLM's custom ops (RMSNorm, ...) take ``forward(*args, **kwargs)`` and dispatch to
+    a ``forward_native`` with the real parameters.
+    """
     names = _signatures.get(cls)
     if names is None:
-        try:
-            names = tuple(inspect.signature(cls.forward).parameters)[1:]  # type: ignore[attr-defined]
-        except (TypeError, ValueError):
-            names = ()
+        names = ()
+        for method in ("forward", "forward_native"):
+            try:
+                params = list(inspect.signature(getattr(cls, method)).parameters.values())[1:]
+            except (AttributeError, TypeError, ValueError):
+                continue
+            if not any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+                names = tuple(p.name for p in params)
+                break
         _signatures[cls] = names
     return names
 
@@ -61,6 +75,23 @@ def _is_norm(module: nn.Module) -> bool:
 def _fused(module: nn.Module) -> bool:
     """Whether `module` returns ``(hidden, residual)`` whose sum is its real output."""
     return "residual" in _parameters(type(module)) and not _is_norm(module)
+
+
+def keeps_residual(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether `module` is a norm called with a residual (see the module docstring)."""
+    if not _is_norm(module):
+        return False
+    names = _parameters(type(module))
+    bound = dict(zip(names, args, strict=False))
+    bound.update(kwargs)
+    return isinstance(bound.get("residual"), Tensor)
+
+
+def with_residual(output: Any, residual: Tensor) -> Any:
+    """A fused norm's output ``(normed, sum)`` with the sum it passes on replaced."""
+    if isinstance(output, tuple) and len(output) == 2:
+        return output[0], residual
+    return output
 
 
 def output_value(module: nn.Module, output: Any, site: str) -> tuple[Tensor, Rebuild] | None:

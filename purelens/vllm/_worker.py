@@ -35,7 +35,7 @@ from .._record import Record
 from .._serialize import loads
 from .._wire import encode_record
 from ._group import ARRIVALS, check_order, for_prompt
-from ._values import input_value, output_value
+from ._values import input_value, keeps_residual, output_value, with_residual
 
 __all__ = ["PENDING", "Extension", "Outcome", "Spec"]
 
@@ -84,12 +84,16 @@ class Spec:
 
 @dataclasses.dataclass
 class Outcome:
-    """What one request left: its saved values (a Record without output) or an error."""
+    """What one request left: its saved values, or an error.
 
-    record: Record | bytes | None
+    ``record`` is a `Record` whose output is pl.run's next-token logits (None
+    for pl.generate), or its bytes (`_wire.encode_record`) across processes,
+    where an `Outcome` travels as a dict of plain values.
+    """
+
+    record: Record | bytes
     error: str | None = None
     ended: bool = False  # the error is GenerationEnded
-    logits: Tensor | None = None  # pl.run: the prompt pass's next-token logits
     stopped: bool = False  # pl.run: a pl.stop ended its pass
 
 
@@ -132,9 +136,9 @@ class _Live:
             except PurelensError as error:
                 self.fail(error)
         saved = self.pass_.record_saved() if self.pass_ is not None else {}
-        record = Record(saved, None)
+        record = Record(saved, self.logits)
         kept: Record | bytes = encode_record(record) if encoded else record
-        return Outcome(kept, self.error, self.ended, self.logits, self.stopped)
+        return Outcome(kept, self.error, self.ended, self.stopped)
 
 
 def _check_supported(plan: Plan) -> None:
@@ -228,7 +232,7 @@ class _Step:
                 previous = pre.get(module)
                 hook = self._pre_hook(inputs.get(key, []), skips.get(key, []), previous)
                 pre[module] = self._guarded(hook)
-            if key in outputs or key in skips:
+            if key in outputs or key in skips or key in inputs:  # inputs: a norm's sum
                 hook = self._post_hook(outputs.get(key, []), skips.get(key, []))
                 post[module] = self._guarded(hook)
         return pre, post
@@ -264,25 +268,32 @@ class _Step:
                 return None
             found = input_value(module, args, kwargs, entries[0][1].site)
             new = self._apply(entries, found, tokens=True)
-            return None if new is None else new
+            if new is not None and keeps_residual(module, args, kwargs):
+                self.driver.residuals[id(module)] = found[0]  # the sum it must pass on
+            return new
 
         return hook
 
     def _post_hook(self, entries: list[tuple[_Live, SitePlan]], skipping: list[_Live]) -> Any:
         driver = self.driver
-        rows = entries and entries[0][1].module is driver.extra.get("logits")
+        rows = bool(entries) and entries[0][1].module is driver.extra.get("logits")
 
         def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
             self.lay_out()
+            residual = driver.residuals.pop(id(module), None)
+            if residual is not None:
+                output = with_residual(output, residual)
+            if not entries and not skipping:
+                return None if residual is None else output
             found = output_value(module, output, entries[0][1].site if entries else "skip")
             if skipping:
                 found = self._skipped(module, skipping, found)
-            if not entries:
-                return None if found is None else found[1](found[0])
-            new = self._apply(entries, found, tokens=not rows)
-            if new is None and skipping:
-                return found[1](found[0]) if found is not None else None
-            return new
+            new = self._apply(entries, found, tokens=not rows) if entries else None
+            if new is not None:
+                return new
+            if skipping:
+                return found[1](found[0])
+            return None if residual is None else output
 
         return hook
 
@@ -415,6 +426,7 @@ class Driver:
         self.request_of: dict[str, str] = {}  # key -> vLLM request id
         self.by_key: dict[str, _Live] = {}
         self.skip_inputs: dict[int, Tensor] = {}
+        self.residuals: dict[int, Tensor] = {}  # id(norm) -> the sum it must pass on
         self.step: _Step | None = None
         self.lock = threading.Lock()
         self._execute = runner.execute_model
@@ -475,15 +487,20 @@ class Driver:
         with around_forwards({}, {sampler: hook}):
             return self._sample(*args, **kwargs)
 
-    def collect(self, keys: list[str], encoded: bool) -> list[Outcome | None]:
-        out: list[Outcome | None] = []
+    def collect(self, keys: list[str], encoded: bool) -> list[Any]:
+        """The outcomes of `keys` (forgotten here): `Outcome`s, or dicts when `encoded`."""
+        out: list[Any] = []
         with self.lock:
             for key in keys:
                 live = self.by_key.pop(key, None)
                 rid = self.request_of.pop(key, None)
                 if rid is not None:
                     self.live.pop(rid, None)
-                out.append(None if live is None else live.outcome(encoded))
+                if live is None:
+                    out.append(None)
+                    continue
+                outcome = live.outcome(encoded)
+                out.append(dataclasses.asdict(outcome) if encoded else outcome)
         return out
 
 

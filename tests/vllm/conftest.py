@@ -20,13 +20,17 @@ import purelens as pl
 pytest.importorskip("vllm", reason="the vLLM tests need vLLM (see the README's vLLM section)")
 
 DEFAULT = Path(pl.__file__).parent / "models" / "default"
-# Small engines: this machine's vLLM CPU worker sees ~9 GiB on its NUMA node.
-ENGINE = {"dtype": "float32", "max_model_len": 64, "gpu_memory_utilization": 0.15}
+# Small engines, with a KV cache of a given size (vLLM's CPU worker would otherwise size it
+# from the memory its NUMA node has free, which a second engine in one process misreads).
+ENGINE = {"dtype": "float32", "max_model_len": 64, "kv_cache_memory_bytes": 64 << 20}
 
 
 def _engine(path: Path, multiprocess: bool = False, **extra: Any) -> Any:
+    import vllm.envs
+
     previous = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if multiprocess else "0"
+    vllm.envs.disable_envs_cache()  # vLLM caches its variables once an engine is up
     try:
         return pl.vllm.load(path, **{**ENGINE, **extra})
     finally:

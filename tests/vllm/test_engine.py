@@ -1,0 +1,146 @@
+"""vLLM's traps, none silent: fused residuals, the prefix cache, vLLM's own module tree,
+what the backend cannot do, and the multiprocess engine."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+import purelens as pl
+from purelens import ops
+from tests.vllm.test_generate import ATOL, PROMPTS, alone, assert_same
+
+LLAMA_PROMPTS = ["the home of leibrund is", "leibrund lives in"]
+
+
+def test_llama_layer_output_is_the_residual_stream(llama_llm: Any, llama: Any) -> None:
+    ivs = [
+        pl.save("layers.0"),
+        pl.save("layers.1:input", name="resid_pre1"),
+        pl.save("layers.1.post_attention_layernorm:input", name="resid_mid1"),
+        pl.save("layers.1.post_attention_layernorm", name="normed"),
+        pl.save("norm"),
+        pl.save("logits"),
+    ]
+    recs = pl.generate(llama_llm, LLAMA_PROMPTS, ivs, max_new_tokens=3)
+    for prompt, rec in zip(LLAMA_PROMPTS, recs, strict=True):
+        assert_same(rec, alone(llama, prompt, ivs, 3))
+
+
+def test_llama_patches_reach_the_next_layer_as_in_hf(llama_llm: Any, llama: Any) -> None:
+    torch.manual_seed(1)
+    ivs = [
+        pl.add("layers.0", torch.randn(128)),
+        pl.patch("layers.1:input", lambda v: v * 0.5, step=1),
+        pl.scale("layers.1.post_attention_layernorm:input", 2.0, step=0),
+        pl.skip("layers.1.mlp", step=2),
+        pl.save("layers.1"),
+        pl.save("norm"),
+    ]
+    recs = pl.generate(llama_llm, LLAMA_PROMPTS, ivs, max_new_tokens=3)
+    for prompt, rec in zip(LLAMA_PROMPTS, recs, strict=True):
+        assert_same(rec, alone(llama, prompt, ivs, 3))
+
+
+def test_positions_are_never_an_input(llama_llm: Any, llama: Any) -> None:
+    # LlamaAttention.forward(positions, hidden_states): its ':input' is the hidden states.
+    rec = pl.run(llama_llm, LLAMA_PROMPTS[0], [pl.save("layers.0.self_attn:input")])
+    model, tokenizer = llama
+    want = pl.run(model, LLAMA_PROMPTS[0], [pl.save("layers.0.self_attn:input")], tokenizer=tokenizer)
+    assert rec["layers.0.self_attn:input"].is_floating_point()
+    torch.testing.assert_close(
+        rec["layers.0.self_attn:input"], want["layers.0.self_attn:input"].detach(), atol=ATOL, rtol=0
+    )
+
+
+def test_the_prefix_cache_never_crosses_interventions(llm: Any, hf: Any) -> None:
+    prompt = PROMPTS[0]
+    bare = pl.generate(llm, prompt, [pl.save("h.1")], max_new_tokens=2)
+    steer = torch.full((128,), 3.0)
+    steered = pl.generate(llm, prompt, [pl.add("h.0", steer), pl.save("h.1")], max_new_tokens=2)
+    assert_same(steered, alone(hf, prompt, [pl.add("h.0", steer), pl.save("h.1")], 2))
+    again = pl.generate(llm, prompt, [pl.save("h.1")], max_new_tokens=2)
+    assert_same(again, bare)
+    # a plain vLLM request after them sees none of it either
+    import vllm
+
+    plain = llm.generate([prompt], vllm.SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)
+    assert list(plain[0].outputs[0].token_ids) == bare.output[0, -2:].tolist()
+
+
+def test_unknown_sites_name_vllms_modules(llama_llm: Any) -> None:
+    with pytest.raises(pl.SiteError, match="qkv_proj"):
+        pl.generate(llama_llm, LLAMA_PROMPTS, [pl.save("layers.0.self_attn.q_proj")])
+
+
+def test_what_vllm_cannot_do_is_an_error(llm: Any) -> None:
+    cases = [
+        (lambda: pl.generate(llm, PROMPTS, [pl.save("h.0.attn:pattern")]), "attention ports"),
+        (lambda: pl.generate(llm, PROMPTS, [pl.save_grad("h.0")]), "without autograd"),
+        (lambda: pl.generate(llm, PROMPTS, [pl.stop("h.0")]), "pl.run for a single pass"),
+        (lambda: pl.run(llm, PROMPTS, [pl.save("h.0")], loss=lambda o: o.sum()), "loss="),
+        (lambda: pl.generate(llm, PROMPTS, [pl.save("h.0")], validate=True), "validate=True"),
+        (lambda: pl.generate(llm, PROMPTS, [pl.save("h.0")], num_beams=2), "num_beams"),
+        (lambda: pl.generate(llm, PROMPTS, [pl.save("h.0")], max_new_tokens=[1, 2]), "one per prompt"),
+        (lambda: pl.generate(llm, [], [pl.save("h.0")]), "`inputs`"),
+        (lambda: pl.generate(llm, PROMPTS, [pl.transplant("h.0", src=0, dst=7)]), "outside"),
+        (lambda: pl.generate(llm, PROMPTS, [pl.save("logits:input")]), "no ports"),
+    ]
+    for call, message in cases:
+        with pytest.raises(pl.PurelensError, match=message):
+            call()
+    # the engine goes on serving after each
+    assert pl.generate(llm, PROMPTS[0], [pl.save("h.0")], max_new_tokens=1)["h.0"][0].ndim == 3
+
+
+def test_a_failing_intervention_fails_its_prompt_only_and_the_engine_goes_on(llm: Any) -> None:
+    def bad(v: torch.Tensor) -> torch.Tensor:
+        return v[:, :1]  # the wrong shape
+
+    with pytest.raises(pl.PurelensError, match="prompt 1: .*returned"):
+        pl.generate(llm, PROMPTS, [pl.patch("h.0", bad, batch=1)], max_new_tokens=2)
+    rec = pl.generate(llm, PROMPTS[1], [pl.save("h.0")], max_new_tokens=2)
+    assert len(rec["h.0"]) == 2
+
+
+def test_an_engine_not_loaded_by_purelens_is_refused(llm: Any) -> None:
+    import vllm
+
+    fake = object.__new__(vllm.LLM)
+    fake.llm_engine = llm.llm_engine
+    with pytest.raises(pl.PurelensError, match="pl.vllm.load"):
+        pl.generate(fake, PROMPTS, [pl.save("h.0")])
+
+
+def test_load_refuses_what_would_skip_hooks() -> None:
+    from tests.vllm.conftest import DEFAULT
+
+    for kwargs in ({"enforce_eager": False}, {"compilation_config": 3}, {"worker_extension_cls": "x.Y"}):
+        with pytest.raises(pl.PurelensError, match="pl.vllm.load"):
+            pl.vllm.load(DEFAULT, **kwargs)
+
+
+def test_multiprocess_engine_equals_in_process(mp_llm: Any, llm: Any) -> None:
+    steer = torch.randn(128)
+    ivs = [
+        pl.add("h.0", steer),
+        pl.patch("h.1.mlp", ops.value * 0.5),
+        pl.ablate("h.1.attn", "mean", step=0),
+        pl.save("h.1"),
+        pl.save("logits"),
+    ]
+    got = pl.generate(mp_llm, PROMPTS, ivs, max_new_tokens=3)
+    want = pl.generate(llm, PROMPTS, ivs, max_new_tokens=3)
+    for a, b in zip(got, want, strict=True):
+        assert_same(a, b)
+    run = pl.run(mp_llm, PROMPTS[0], [pl.save("h.0")])
+    torch.testing.assert_close(run.output, pl.run(llm, PROMPTS[0], []).output)
+
+
+def test_multiprocess_engine_needs_interventions_as_data(mp_llm: Any) -> None:
+    with pytest.raises(pl.PurelensError, match="register"):
+        pl.generate(mp_llm, PROMPTS, [pl.patch("h.0", lambda v: v)], max_new_tokens=1)
+    with pytest.raises(pl.SiteError, match="h.9"):
+        pl.generate(mp_llm, PROMPTS, [pl.save("h.9")], max_new_tokens=1)
