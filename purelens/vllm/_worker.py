@@ -268,7 +268,7 @@ class _Step:
                 return None
             found = input_value(module, args, kwargs, entries[0][1].site)
             new = self._apply(entries, found, tokens=True)
-            if new is not None and keeps_residual(module, args, kwargs):
+            if new is not None and found is not None and keeps_residual(module, args, kwargs):
                 self.driver.residuals[id(module)] = found[0]  # the sum it must pass on
             return new
 
@@ -291,7 +291,7 @@ class _Step:
             new = self._apply(entries, found, tokens=not rows) if entries else None
             if new is not None:
                 return new
-            if skipping:
+            if skipping and found is not None:
                 return found[1](found[0])
             return None if residual is None else output
 

@@ -46,13 +46,12 @@ def test_llama_patches_reach_the_next_layer_as_in_hf(llama_llm: Any, llama: Any)
 
 def test_positions_are_never_an_input(llama_llm: Any, llama: Any) -> None:
     # LlamaAttention.forward(positions, hidden_states): its ':input' is the hidden states.
-    rec = pl.run(llama_llm, LLAMA_PROMPTS[0], [pl.save("layers.0.self_attn:input")])
+    site = "layers.0.self_attn:input"
+    rec = pl.run(llama_llm, LLAMA_PROMPTS[0], [pl.save(site)])
     model, tokenizer = llama
-    want = pl.run(model, LLAMA_PROMPTS[0], [pl.save("layers.0.self_attn:input")], tokenizer=tokenizer)
-    assert rec["layers.0.self_attn:input"].is_floating_point()
-    torch.testing.assert_close(
-        rec["layers.0.self_attn:input"], want["layers.0.self_attn:input"].detach(), atol=ATOL, rtol=0
-    )
+    want = pl.run(model, LLAMA_PROMPTS[0], [pl.save(site)], tokenizer=tokenizer)
+    assert rec[site].is_floating_point()
+    torch.testing.assert_close(rec[site], want[site].detach(), atol=ATOL, rtol=0)
 
 
 def test_the_prefix_cache_never_crosses_interventions(llm: Any, hf: Any) -> None:
@@ -83,7 +82,7 @@ def test_what_vllm_cannot_do_is_an_error(llm: Any) -> None:
         (lambda: pl.run(llm, PROMPTS, [pl.save("h.0")], loss=lambda o: o.sum()), "loss="),
         (lambda: pl.generate(llm, PROMPTS, [pl.save("h.0")], validate=True), "validate=True"),
         (lambda: pl.generate(llm, PROMPTS, [pl.save("h.0")], num_beams=2), "num_beams"),
-        (lambda: pl.generate(llm, PROMPTS, [pl.save("h.0")], max_new_tokens=[1, 2]), "one per prompt"),
+        (lambda: pl.generate(llm, PROMPTS, [], max_new_tokens=[1, 2]), "one per prompt"),
         (lambda: pl.generate(llm, [], [pl.save("h.0")]), "`inputs`"),
         (lambda: pl.generate(llm, PROMPTS, [pl.transplant("h.0", src=0, dst=7)]), "outside"),
         (lambda: pl.generate(llm, PROMPTS, [pl.save("logits:input")]), "no ports"),
@@ -99,7 +98,7 @@ def test_a_failing_intervention_fails_its_prompt_only_and_the_engine_goes_on(llm
     def bad(v: torch.Tensor) -> torch.Tensor:
         return v[:, :1]  # the wrong shape
 
-    with pytest.raises(pl.PurelensError, match="prompt 1: .*returned"):
+    with pytest.raises(pl.PurelensError, match=r"prompt 1: .*returned"):
         pl.generate(llm, PROMPTS, [pl.patch("h.0", bad, batch=1)], max_new_tokens=2)
     rec = pl.generate(llm, PROMPTS[1], [pl.save("h.0")], max_new_tokens=2)
     assert len(rec["h.0"]) == 2
@@ -110,15 +109,20 @@ def test_an_engine_not_loaded_by_purelens_is_refused(llm: Any) -> None:
 
     fake = object.__new__(vllm.LLM)
     fake.llm_engine = llm.llm_engine
-    with pytest.raises(pl.PurelensError, match="pl.vllm.load"):
+    with pytest.raises(pl.PurelensError, match=r"pl\.vllm\.load"):
         pl.generate(fake, PROMPTS, [pl.save("h.0")])
 
 
 def test_load_refuses_what_would_skip_hooks() -> None:
     from tests.vllm.conftest import DEFAULT
 
-    for kwargs in ({"enforce_eager": False}, {"compilation_config": 3}, {"worker_extension_cls": "x.Y"}):
-        with pytest.raises(pl.PurelensError, match="pl.vllm.load"):
+    refused: list[dict[str, Any]] = [
+        {"enforce_eager": False},
+        {"compilation_config": 3},
+        {"worker_extension_cls": "x.Y"},
+    ]
+    for kwargs in refused:
+        with pytest.raises(pl.PurelensError, match=r"pl\.vllm\.load"):
             pl.vllm.load(DEFAULT, **kwargs)
 
 
@@ -142,5 +146,5 @@ def test_multiprocess_engine_equals_in_process(mp_llm: Any, llm: Any) -> None:
 def test_multiprocess_engine_needs_interventions_as_data(mp_llm: Any) -> None:
     with pytest.raises(pl.PurelensError, match="register"):
         pl.generate(mp_llm, PROMPTS, [pl.patch("h.0", lambda v: v)], max_new_tokens=1)
-    with pytest.raises(pl.SiteError, match="h.9"):
+    with pytest.raises(pl.SiteError, match=r"h\.9"):
         pl.generate(mp_llm, PROMPTS, [pl.save("h.9")], max_new_tokens=1)

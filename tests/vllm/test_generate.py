@@ -196,7 +196,8 @@ def test_run_is_one_pass_and_returns_next_token_logits(llm: Any, hf: Any) -> Non
     for prompt, rec in zip(PROMPTS, recs, strict=True):
         want = pl.run(model, prompt, ivs[:2], tokenizer=tokenizer)
         assert rec.output.shape == (1, 344)
-        torch.testing.assert_close(rec.output, want.output.logits[:, -1].detach(), atol=ATOL, rtol=0)
+        next_token = want.output.logits[:, -1].detach()
+        torch.testing.assert_close(rec.output, next_token, atol=ATOL, rtol=0)
         torch.testing.assert_close(rec["h.1"], want["h.1"].detach(), atol=ATOL, rtol=0)
         assert int(rec["samples"]) == int(rec.output.argmax())
 
