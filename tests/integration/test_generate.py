@@ -239,3 +239,82 @@ def test_generate_refuses_params(model: nn.Module, prompt: torch.Tensor) -> None
     zeros = {"transformer.wte.weight": torch.zeros_like(model.transformer.wte.weight)}
     with pytest.raises(pl.PurelensError, match="takes no `params=`"):
         pl.generate(model, prompt, max_new_tokens=2, params=zeros)
+
+
+# --- the sites of generation itself: "logits" and "samples" ---------------------
+
+
+def test_logits_are_the_raw_next_token_logits_of_every_step(
+    model: nn.Module, prompt: torch.Tensor
+) -> None:
+    out = model.generate(
+        prompt, max_new_tokens=4, do_sample=False, pad_token_id=0, temperature=None,
+        repetition_penalty=3.0, output_logits=True, return_dict_in_generate=True,
+    )  # fmt: skip
+    rec = pl.generate(
+        model, prompt, [pl.save("logits"), pl.save("samples")],
+        max_new_tokens=4, do_sample=False, pad_token_id=0, repetition_penalty=3.0,
+    )  # fmt: skip
+    assert torch.equal(rec.output, out.sequences)
+    assert len(rec["logits"]) == 4 and rec["logits"][0].shape == (2, model.config.vocab_size)
+    for mine, raw in zip(rec["logits"], out.logits, strict=True):  # before the penalty
+        torch.testing.assert_close(mine.float(), raw, rtol=0, atol=0)
+    samples = torch.stack(rec["samples"], 1)
+    assert torch.equal(samples, out.sequences[:, prompt.shape[1] :])
+
+
+def test_patching_logits_changes_what_is_sampled(model: nn.Module, prompt: torch.Tensor) -> None:
+    boost = torch.zeros(model.config.vocab_size)
+    boost[42] = 1e4
+    rec = pl.generate(
+        model, prompt, [pl.add("logits", boost, step=1)], max_new_tokens=3, pad_token_id=0
+    )
+    n = prompt.shape[1]
+    assert (rec.output[:, n + 1] == 42).all()
+    plain = pl.generate(model, prompt, max_new_tokens=3, pad_token_id=0).output
+    assert torch.equal(rec.output[:, : n + 1], plain[:, : n + 1])
+
+
+def test_patching_samples_appends_the_patched_token_and_feeds_it_back(
+    model: nn.Module, prompt: torch.Tensor
+) -> None:
+    rec = pl.generate(
+        model, prompt,
+        [pl.patch("samples", lambda t: torch.full_like(t, 9), step=0), pl.save("samples")],
+        max_new_tokens=3, pad_token_id=0,
+    )  # fmt: skip
+    n = prompt.shape[1]
+    assert (rec.output[:, n] == 9).all() and (rec["samples"][0] == 9).all()
+    forced = torch.cat([prompt, torch.full((2, 1), 9)], 1)
+    rest = model.generate(forced, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert torch.equal(rec.output, rest)
+
+
+def test_samples_patches_that_cannot_hold_are_errors(model: nn.Module, prompt: torch.Tensor) -> None:
+    eos = int(
+        pl.generate(model, prompt[:1], max_new_tokens=1, pad_token_id=0).output[0, -1]
+    )  # the first token it picks, made the end-of-sequence token
+    with pytest.raises(pl.PurelensError, match="already ended that row"):
+        pl.generate(
+            model, prompt[:1], [pl.patch("samples", lambda t: t + 1)],
+            max_new_tokens=2, pad_token_id=0, eos_token_id=eos,
+        )  # fmt: skip
+    with pytest.raises(pl.PurelensError, match="beam search"):
+        pl.generate(
+            model, prompt, [pl.patch("samples", lambda t: t)], max_new_tokens=2,
+            pad_token_id=0, num_beams=2,
+        )  # fmt: skip
+    with pytest.raises(pl.SiteError, match="no ports"):
+        pl.generate(model, prompt, [pl.save("logits:input")], max_new_tokens=1, pad_token_id=0)
+    assert hooks_on(model) == 0
+
+
+def test_the_plain_loop_has_logits_and_samples_too() -> None:
+    model = LoopLM()
+    ids = torch.tensor([[1, 2, 3]])
+    rec = pl.generate(
+        model, ids, [pl.save("logits"), pl.patch("samples", lambda t: t * 0 + 4, step=1)],
+        max_new_tokens=3, validate=True,
+    )  # fmt: skip
+    assert rec.output[0, 4] == 4
+    assert torch.equal(rec["logits"][0], model(ids)[:, -1])
