@@ -290,7 +290,9 @@ def test_patching_samples_appends_the_patched_token_and_feeds_it_back(
     assert torch.equal(rec.output, rest)
 
 
-def test_samples_patches_that_cannot_hold_are_errors(model: nn.Module, prompt: torch.Tensor) -> None:
+def test_samples_patches_that_cannot_hold_are_errors(
+    model: nn.Module, prompt: torch.Tensor
+) -> None:
     eos = int(
         pl.generate(model, prompt[:1], max_new_tokens=1, pad_token_id=0).output[0, -1]
     )  # the first token it picks, made the end-of-sequence token
