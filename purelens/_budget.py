@@ -20,7 +20,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from ._errors import PurelensError
 
-__all__ = ["SavedBytesError", "bounded", "check", "spend", "stopped"]
+__all__ = ["SavedBytesError", "bounded", "check", "left", "spend", "stopped"]
 
 _CHECK: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar(
     "purelens_check", default=None
@@ -36,16 +36,30 @@ class SavedBytesError(PurelensError):
 
 @contextlib.contextmanager
 def bounded(
-    check: Callable[[], None] | None = None, saved_bytes: int | None = None
+    check: Callable[[], None] | None = None, saved_bytes: int | list[int] | None = None
 ) -> Iterator[None]:
-    """Within this context, call `check` between steps of work and keep saves to `saved_bytes`."""
+    """Within this context, call `check` between steps of work and keep saves to `saved_bytes`.
+
+    `saved_bytes` may also be a budget kept across contexts, ``[left, total]``
+    (one request's over the steps of a vLLM engine), spent in place.
+    """
     checking = _CHECK.set(check)
-    left = _LEFT.set(None if saved_bytes is None else [saved_bytes, saved_bytes])
+    if isinstance(saved_bytes, list):
+        budget: list[int] | None = saved_bytes
+    else:
+        budget = None if saved_bytes is None else [saved_bytes, saved_bytes]
+    left = _LEFT.set(budget)
     try:
         yield
     finally:
         _LEFT.reset(left)
         _CHECK.reset(checking)
+
+
+def left() -> int | None:
+    """The bytes the context's budget has left for saves, or None when it has none."""
+    budget = _LEFT.get()
+    return None if budget is None else budget[0]
 
 
 def check() -> None:

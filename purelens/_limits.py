@@ -35,6 +35,7 @@ __all__ = [
     "count_tokens",
     "deadline",
     "over",
+    "time_left",
 ]
 
 # Keyword arguments a remote run may pass to the model's forward: data only. Not
@@ -207,6 +208,12 @@ class Timeout(Exception):
 
     Not a PurelensError, so that no handler of those takes it for the request's fault.
     """
+
+
+def time_left() -> float | None:
+    """The seconds this thread's request has left (`deadline`), or None without one."""
+    deadline = getattr(_clock, "deadline", None)
+    return None if deadline is None else deadline - time.monotonic()
 
 
 def check_deadline() -> None:

@@ -19,11 +19,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._budget import SavedBytesError, left
 from .._errors import GenerationEnded, PurelensError, SiteError
 from .._interventions import Intervention, Stop, flatten_interventions
+from .._limits import Timeout, time_left
 from .._record import Record
 from .._serialize import dumps
 from .._wire import decode_record
+from ._loop import LoopTimeout, loop_of
 from ._worker import PENDING, Outcome, Spec, _pending_lock
 
 __all__ = ["generate_on", "load", "run_on"]
@@ -48,8 +51,26 @@ _OWN_EXTENSION = (
 )
 _UNKNOWN_KWARGS = (
     "{names}: not options of pl.generate on vLLM, which takes `max_new_tokens` (an int, "
-    "or a list with one per prompt) and `sampling_params` (a vllm.SamplingParams, or a "
-    "list with one per prompt)."
+    "or a list with one per prompt), `sampling_params` (a vllm.SamplingParams, or a "
+    "list with one per prompt), or HF's generation options do_sample, temperature, top_k, "
+    "top_p, repetition_penalty, min_new_tokens, seed and eos_token_id."
+)
+# HF generation options pl.generate on vLLM turns into sampling parameters (`_from_hf`);
+# pad_token_id and use_cache mean nothing there and are accepted for code moved from HF.
+HF_OPTIONS = frozenset(
+    {
+        "do_sample",
+        "temperature",
+        "top_k",
+        "top_p",
+        "repetition_penalty",
+        "min_new_tokens",
+        "seed",
+        "eos_token_id",
+        "num_beams",
+        "pad_token_id",
+        "use_cache",
+    }
 )
 _NO_STOP = (
     "{what} has no meaning in pl.generate: it ends one forward pass, and generation is "
@@ -123,16 +144,24 @@ def generate_on(
     sampling_params: Any = None,
     tokenizer: Any = None,
     validate: bool = False,
-    **unknown: Any,
+    **options: Any,
 ) -> Record | list[Record]:
-    """`pl.generate` on a vLLM engine (see `pl.generate` and the README)."""
+    """`pl.generate` on a vLLM engine (see `pl.generate` and the README).
+
+    HF's generation options (`HF_OPTIONS`: ``do_sample``, ``temperature``,
+    ``top_k``, ...) are made vLLM sampling parameters, so that a call moves
+    between backends; or give ``sampling_params`` yourself.
+    """
+    unknown = [name for name in options if name not in HF_OPTIONS]
     if unknown:
         raise PurelensError(_UNKNOWN_KWARGS.format(names=", ".join(map(repr, unknown))))
     ivs = flatten_interventions(interventions)
     for iv in ivs:
         if isinstance(iv, Stop):
             raise PurelensError(_NO_STOP.format(what=repr(iv)))
-    return _call(llm, inputs, ivs, max_new_tokens, sampling_params, tokenizer, validate, run=False)
+    return _call(
+        llm, inputs, ivs, max_new_tokens, sampling_params, tokenizer, validate, options, run=False
+    )
 
 
 def run_on(
@@ -154,7 +183,7 @@ def run_on(
             "`sampling_params` (for the 'samples' site)."
         )
     ivs = flatten_interventions(interventions)
-    return _call(llm, inputs, ivs, 1, sampling_params, tokenizer, validate, run=True)
+    return _call(llm, inputs, ivs, 1, sampling_params, tokenizer, validate, {}, run=True)
 
 
 def _call(
@@ -165,6 +194,7 @@ def _call(
     sampling_params: Any,
     tokenizer: Any,
     validate: bool,
+    hf_options: dict[str, Any],
     *,
     run: bool,
 ) -> Record | list[Record]:
@@ -174,20 +204,24 @@ def _call(
         raise PurelensError(_NO_VALIDATE)
     prompts, single = _prompts(inputs, tokenizer)
     count = len(prompts)
-    params = _sampling(sampling_params, max_new_tokens, count)
+    params = _sampling(sampling_params, max_new_tokens, count, hf_options)
     group = uuid.uuid4().hex
     keys = [f"purelens-{group}-{i}" for i in range(count)]
     in_process = _in_process(llm)
     data = None if in_process else dumps(list(ivs))
     payload = ivs if data is None else data
-    _raise(llm.collective_rpc("purelens_check", args=(payload, count, run))[0])
+    loop = loop_of(llm)
+    _raise(loop.rpc("purelens_check", (payload, count, run))[0])
+    # A server's limits (purelens serve): the time the call has left, the bytes it may save.
+    seconds, budget = time_left(), left()
+    share = None if budget is None else budget // count
     requests = []
     for i, (prompt, sp, key) in enumerate(zip(prompts, params, keys, strict=True)):
         extra = dict(sp.extra_args or {})
         extra["purelens"] = key
         if data is None:
             with _pending_lock:
-                PENDING[key] = Spec(ivs, i, count, group, run)
+                PENDING[key] = Spec(ivs, i, count, group, run, seconds, share)
         else:
             extra["purelens_call"] = {
                 "data": data,
@@ -195,15 +229,19 @@ def _call(
                 "count": count,
                 "group": group,
                 "run": run,
+                "seconds": seconds,
+                "saved_bytes": share,
             }
         sp.extra_args = extra
         request = dict(prompt)
         request["cache_salt"] = key  # no prefix cache shared with any other request
         requests.append(request)
     try:
-        outputs = llm.generate(requests, params, use_tqdm=False)
+        outputs = loop.generate(requests, params, keys, seconds)
+    except LoopTimeout:
+        raise Timeout from None
     finally:
-        outcomes = llm.collective_rpc("purelens_collect", args=(keys, data is not None))[0]
+        outcomes = loop.rpc("purelens_collect", (keys, data is not None))[0]
         with _pending_lock:
             for key in keys:
                 PENDING.pop(key, None)
@@ -228,11 +266,15 @@ def _record(index: int, output: Any, outcome: Outcome | dict[str, Any] | None, r
     record = Record(dict(record), result)
     if outcome.error is not None:
         message = f"prompt {index}: {outcome.error}"
-        if outcome.ended:
+        if outcome.kind == "Timeout":
+            raise Timeout
+        if outcome.kind == "SavedBytesError":
+            raise SavedBytesError(message)
+        if outcome.kind == "GenerationEnded":
             ended = GenerationEnded(message)
             ended.record = record
             raise ended
-        raise PurelensError(message)
+        raise (SiteError if outcome.kind == "SiteError" else PurelensError)(message)
     return record
 
 
@@ -281,13 +323,51 @@ def _prompts(inputs: Any, tokenizer: Any) -> tuple[list[dict[str, Any]], bool]:
     return prompts, single
 
 
-def _sampling(sampling_params: Any, max_new_tokens: Any, count: int) -> list[Any]:
-    """One `SamplingParams` per prompt (copies: the caller's are never changed); greedy
-    when none are given."""
+def _from_hf(options: dict[str, Any]) -> Any:
+    """vLLM sampling parameters for HF generation options (greedy unless ``do_sample``)."""
     import vllm
 
+    if options.get("num_beams", 1) not in (1, None):
+        raise PurelensError(
+            "num_beams: beam search is not one of vLLM's sampling parameters; purelens runs "
+            "greedy or sampled decoding on vLLM."
+        )
+    sample = bool(options.get("do_sample", False))
+    kwargs: dict[str, Any] = {
+        "temperature": float(options.get("temperature") or 1.0) if sample else 0.0
+    }
+    if sample and options.get("top_k") is not None:
+        kwargs["top_k"] = int(options["top_k"]) or -1  # HF's 0 is vLLM's -1: no cut
+    if sample and options.get("top_p") is not None:
+        kwargs["top_p"] = float(options["top_p"])
+    if options.get("repetition_penalty") is not None:
+        kwargs["repetition_penalty"] = float(options["repetition_penalty"])
+    if options.get("min_new_tokens") is not None:
+        kwargs["min_tokens"] = int(options["min_new_tokens"])
+    if options.get("seed") is not None:
+        kwargs["seed"] = int(options["seed"])
+    eos = options.get("eos_token_id")
+    if eos is not None:
+        kwargs["stop_token_ids"] = [eos] if isinstance(eos, int) else list(eos)
+    try:
+        return vllm.SamplingParams(**kwargs)
+    except Exception as error:  # vLLM's own checks of the values
+        raise PurelensError(f"generation options {options!r}: {error}") from None
+
+
+def _sampling(
+    sampling_params: Any, max_new_tokens: Any, count: int, options: dict[str, Any]
+) -> list[Any]:
+    """One `SamplingParams` per prompt (copies: the caller's are never changed); from HF's
+    generation options (greedy by default) when none are given."""
+    import vllm
+
+    if options and sampling_params is not None:
+        raise PurelensError(
+            f"give `sampling_params` or HF's generation options ({', '.join(options)}), not both."
+        )
     if sampling_params is None:
-        given = [vllm.SamplingParams(temperature=0.0)] * count
+        given = [_from_hf(options)] * count
     elif isinstance(sampling_params, list | tuple):
         if len(sampling_params) != count:
             raise PurelensError(

@@ -57,6 +57,13 @@ _AFTER_WRITER = (
     "prompts as they arrive at the site, so it must come before the other writers on "
     "site {site!r} ({writer!r} comes first).\n  Put it first among that site's writers."
 )
+_APART = (
+    "{what}: vLLM scheduled the prompt passes of the call's prompts {missing} in other "
+    "engine steps, so the mean would be over a part of the call.\n"
+    "  On vLLM's multiprocess engine, requests that reach it while it runs a step wait for "
+    "the next one; mean-ablate on the in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0), "
+    "or compute a mean first and use pl.replace."
+)
 _MEAN_OF_INTEGERS = (
     "{what} at site {site!r}: the value there is {got}, and the mean of integers (token ids) "
     "is not one of them.\n  Mean-ablate where the values are floating-point."
@@ -135,6 +142,10 @@ class GroupMean(Writer):
                 _MEAN_OF_INTEGERS.format(what=self.origin, site=self.site, got=describe(rows))
             )
         _, step, arrived = ARRIVALS.get()
+        if step == 0 and any(arrived.get(i, (-1,))[0] != 0 for i in self.members):
+            # Prompts that start apart would each average over a different set.
+            missing = [i for i in self.members if arrived.get(i, (-1,))[0] != 0]
+            raise PurelensError(_APART.format(what=self.origin, missing=missing))
         values = [
             v.reshape(-1, v.shape[-1])
             for i, (s, v) in sorted(arrived.items())

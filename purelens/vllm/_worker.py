@@ -19,16 +19,20 @@ model runner, which `pl.vllm.load` owns.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from torch import Tensor, nn
 
+from .._budget import bounded
 from .._errors import PurelensError
 from .._hooks import around_forwards
 from .._interventions import Intervention, flatten_interventions
+from .._limits import Timeout
 from .._pass import Pass, StopPass
 from .._plan import Plan, SitePlan
 from .._record import Record
@@ -80,6 +84,8 @@ class Spec:
     count: int  # how many prompts the call has
     group: str  # the call
     run: bool  # pl.run: one pass, whose logits are the output
+    seconds: float | None = None  # a server's limits: the time the call had left when sent,
+    saved_bytes: int | None = None  # and the bytes this request may save
 
 
 @dataclasses.dataclass
@@ -93,7 +99,7 @@ class Outcome:
 
     record: Record | bytes
     error: str | None = None
-    ended: bool = False  # the error is GenerationEnded
+    kind: str | None = None  # the error's: "GenerationEnded", "SavedBytesError", "Timeout", ...
     stopped: bool = False  # pl.run: a pl.stop ended its pass
 
 
@@ -104,7 +110,9 @@ class _Live:
         self.key = key
         self.spec = spec
         self.error: str | None = None
-        self.ended = False
+        self.kind: str | None = None
+        self.deadline = None if spec.seconds is None else time.monotonic() + spec.seconds
+        self.budget = None if spec.saved_bytes is None else [spec.saved_bytes, spec.saved_bytes]
         self.stopped = False
         self.steps = 0  # steps run so far
         self.tokens = 0  # tokens computed so far
@@ -126,8 +134,22 @@ class _Live:
 
     def fail(self, error: BaseException) -> None:
         if self.error is None:
-            self.error = str(error) or type(error).__name__
-            self.ended = type(error).__name__ == "GenerationEnded"
+            self.kind = type(error).__name__
+            self.error = str(error) or self.kind
+
+    def check(self) -> None:
+        """Raise `Timeout` once a server's deadline for this request has passed."""
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise Timeout
+
+    @contextlib.contextmanager
+    def bounded(self) -> Iterator[None]:
+        """This request's limits (a server's), while its interventions run."""
+        if self.deadline is None and self.budget is None:
+            yield
+            return
+        with bounded(self.check, self.budget):
+            yield
 
     def outcome(self, encoded: bool) -> Outcome:
         if self.error is None and self.pass_ is not None:
@@ -138,7 +160,7 @@ class _Live:
         saved = self.pass_.record_saved() if self.pass_ is not None else {}
         record = Record(saved, self.logits)
         kept: Record | bytes = encode_record(record) if encoded else record
-        return Outcome(kept, self.error, self.ended, self.stopped)
+        return Outcome(kept, self.error, self.kind, self.stopped)
 
 
 def _check_supported(plan: Plan) -> None:
@@ -316,7 +338,8 @@ class _Step:
             assert live.pass_ is not None
             piece = inputs[live.start : live.end].unsqueeze(0)
             try:
-                skipped, out = live.pass_.on_skip(module, (piece,), {})
+                with live.bounded():
+                    skipped, out = live.pass_.on_skip(module, (piece,), {})
                 if skipped:
                     if not isinstance(out, Tensor) or out.shape[2:] != value.shape[1:]:
                         raise PurelensError(
@@ -324,7 +347,7 @@ class _Step:
                             f"of the module's output shape [1, tokens, {list(value.shape[1:])}]."
                         )
                     new[live.start : live.end] = out[0]
-            except PurelensError as error:
+            except (PurelensError, Timeout) as error:
                 live.fail(error)
         return new, rebuild
 
@@ -353,11 +376,12 @@ class _Step:
                 (live.spec.index, live.pass_.step, arrivals.get(live.spec.group, {}))
             )
             try:
-                out = live.pass_.on_output(site, piece)
+                with live.bounded():
+                    out = live.pass_.on_output(site, piece)
             except StopPass:
                 live.stopped = True
                 continue
-            except PurelensError as error:
+            except (PurelensError, Timeout) as error:
                 live.fail(error)
                 continue
             finally:
@@ -525,12 +549,15 @@ def _spec(key: str, extra: Mapping[str, Any]) -> Spec:
     call = extra.get("purelens_call")
     if not isinstance(call, Mapping):
         return Spec((), 0, 1, key, False)  # the sender is gone: a request of no one's
+    seconds, saved_bytes = call.get("seconds"), call.get("saved_bytes")
     return Spec(
         _decoded(call["data"]),
         int(call["index"]),
         int(call["count"]),
         str(call["group"]),
         bool(call["run"]),
+        None if seconds is None else float(seconds),
+        None if saved_bytes is None else int(saved_bytes),
     )
 
 

@@ -131,7 +131,7 @@ def test_multiprocess_engine_equals_in_process(mp_llm: Any, llm: Any) -> None:
     ivs = [
         pl.add("h.0", steer),
         pl.patch("h.1.mlp", ops.value * 0.5),
-        pl.ablate("h.1.attn", "mean", step=0),
+        pl.ablate("h.1.attn", step=1),
         pl.save("h.1"),
         pl.save("logits"),
     ]
@@ -148,3 +148,17 @@ def test_multiprocess_engine_needs_interventions_as_data(mp_llm: Any) -> None:
         pl.generate(mp_llm, PROMPTS, [pl.patch("h.0", lambda v: v)], max_new_tokens=1)
     with pytest.raises(pl.SiteError, match=r"h\.9"):
         pl.generate(mp_llm, PROMPTS, [pl.save("h.9")], max_new_tokens=1)
+
+
+def test_multiprocess_mean_ablation_is_right_or_refused(mp_llm: Any, llm: Any) -> None:
+    # The multiprocess engine may start a call's prompts in different steps (requests that
+    # arrive during a step wait for the next): a mean over part of the call is refused.
+    ivs = [pl.ablate("h.1.attn", "mean", step=0), pl.save("h.1")]
+    want = pl.generate(llm, PROMPTS, ivs, max_new_tokens=2)
+    try:
+        got = pl.generate(mp_llm, PROMPTS, ivs, max_new_tokens=2)
+    except pl.PurelensError as error:
+        assert "other engine steps" in str(error)
+        return
+    for a, b in zip(got, want, strict=True):
+        assert_same(a, b)

@@ -1,0 +1,175 @@
+"""One thread steps a vLLM engine, so that every purelens call joins one continuous batch.
+
+`vllm.LLM.generate` runs the engine until its own requests are done and is
+not made for several callers at once. purelens instead gives each engine
+that `pl.vllm.load` made one thread (`Loop`) that adds requests, steps the
+engine while any are unfinished, hands each call its outputs when its last
+request finishes, and runs the calls to the worker (`collective_rpc`)
+between steps. `pl.generate` and `pl.run` on the engine, from any thread
+(a server's request handlers), submit to it and wait: concurrent calls are
+batched together by vLLM, each request with its own interventions.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import weakref
+from typing import Any
+
+from .._errors import PurelensError
+
+__all__ = ["loop_of"]
+
+_ENGINE_FAILED = (
+    "the vLLM engine failed while it ran this call's requests ({error}).\n"
+    "  Requests running beside them failed too; load the engine again if it keeps failing."
+)
+
+_loops: weakref.WeakKeyDictionary[Any, Loop] = weakref.WeakKeyDictionary()
+_loops_lock = threading.Lock()
+
+
+class LoopTimeout(Exception):
+    """A call's requests did not finish within the seconds it had (they were aborted)."""
+
+
+class _Call:
+    def __init__(self, count: int) -> None:
+        self.outputs: list[Any] = [None] * count
+        self.left = count
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+
+
+class Loop:
+    """The thread that owns one engine's steps (see the module docstring)."""
+
+    def __init__(self, llm: Any) -> None:
+        self._llm = weakref.ref(llm)
+        self._commands: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._waiting: dict[str, tuple[_Call, int]] = {}  # key -> (call, index)
+        self._internal: dict[str, str] = {}  # vLLM's request id -> key
+        self._thread = threading.Thread(target=self._run, name="purelens-vllm", daemon=True)
+        self._thread.start()
+
+    # --- called from any thread --------------------------------------------------
+
+    def generate(
+        self, requests: list[Any], params: list[Any], keys: list[str], seconds: float | None
+    ) -> list[Any]:
+        """The outputs of `requests`, in order, once all have finished."""
+        call = _Call(len(requests))
+        self._commands.put(("add", (call, requests, params, keys)))
+        if not call.done.wait(timeout=seconds):
+            self._commands.put(("abort", keys))
+            raise LoopTimeout
+        if call.error is not None:
+            raise PurelensError(_ENGINE_FAILED.format(error=call.error)) from call.error
+        return call.outputs
+
+    def rpc(self, method: str, args: tuple[Any, ...]) -> Any:
+        """``collective_rpc(method, args)``, run between two engine steps."""
+        result: list[Any] = []
+        failed: list[BaseException] = []
+        done = threading.Event()
+        self._commands.put(("rpc", (method, args, result, failed, done)))
+        done.wait()
+        if failed:
+            raise failed[0]
+        return result[0]
+
+    # --- the loop -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            llm = self._llm()
+            if llm is None:
+                return
+            try:  # block for work only while no request is running
+                if self._waiting:
+                    command = self._commands.get_nowait()
+                else:
+                    command = self._commands.get(timeout=1.0)
+            except queue.Empty:
+                command = None
+            while command is not None:
+                self._do(llm, *command)
+                try:
+                    command = self._commands.get_nowait()
+                except queue.Empty:
+                    command = None
+            if self._waiting:
+                self._step(llm)
+            del llm
+
+    def _do(self, llm: Any, kind: str, payload: Any) -> None:
+        engine = llm.llm_engine
+        if kind == "add":
+            call, requests, params, keys = payload
+            for index, (request, sp, key) in enumerate(zip(requests, params, keys, strict=True)):
+                try:
+                    rid = engine.add_request(key, request, sp)
+                except Exception as error:  # a prompt the engine refuses (too long, ...)
+                    call.error = error
+                    engine.abort_request(list(_ids_of(self._waiting, call)), internal=False)
+                    self._drop(call)
+                    call.done.set()
+                    return
+                # Outputs name the request by the id given, or by the one vLLM made of it.
+                self._waiting[key] = (call, index)
+                self._internal[rid] = key
+        elif kind == "abort":
+            keys = [key for key in payload if key in self._waiting]
+            if keys:
+                engine.abort_request(keys, internal=False)
+            for key in keys:
+                self._waiting.pop(key, None)
+            for rid in [rid for rid, key in self._internal.items() if key in payload]:
+                del self._internal[rid]
+        elif kind == "rpc":
+            method, args, result, failed, done = payload
+            try:
+                result.append(llm.collective_rpc(method, args=args))
+            except Exception as error:
+                failed.append(error)
+            done.set()
+
+    def _step(self, llm: Any) -> None:
+        try:
+            outputs = llm.llm_engine.step()
+        except Exception as error:  # the engine broke: every waiting call learns of it
+            for call, _ in list(self._waiting.values()):
+                call.error = error
+                call.done.set()
+            self._waiting.clear()
+            return
+        for output in outputs:
+            if not output.finished:
+                continue
+            key = self._internal.pop(output.request_id, output.request_id)
+            entry = self._waiting.pop(key, None)
+            if entry is None:
+                continue
+            call, index = entry
+            call.outputs[index] = output
+            call.left -= 1
+            if call.left == 0:
+                call.done.set()
+
+    def _drop(self, call: _Call) -> None:
+        for rid in list(_ids_of(self._waiting, call)):
+            del self._waiting[rid]
+
+
+def _ids_of(waiting: dict[str, tuple[_Call, int]], call: _Call) -> list[str]:
+    return [rid for rid, (c, _) in waiting.items() if c is call]
+
+
+def loop_of(llm: Any) -> Loop:
+    """The engine's loop, started on first use."""
+    with _loops_lock:
+        loop = _loops.get(llm)
+        if loop is None:
+            loop = _loops[llm] = Loop(llm)
+        return loop
