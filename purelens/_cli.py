@@ -128,7 +128,22 @@ def _serve(args: argparse.Namespace) -> None:
         concurrency=args.concurrency,
         ray=args.ray,
         replicas=args.replicas,
+        engine=args.engine,
+        engine_args=dict(_engine_arg(a) for a in args.engine_args),
     )
+
+
+def _engine_arg(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` from --engine-arg; the value as JSON when it reads as JSON."""
+    import json
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"--engine-arg takes KEY=VALUE (e.g. dtype=float32), got {text!r}")
+    try:
+        return key.replace("-", "_"), json.loads(value)
+    except ValueError:
+        return key.replace("-", "_"), value
 
 
 def _quiet_transformers() -> None:
@@ -188,7 +203,26 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--replicas", type=int, default=2, help="Ray Serve replicas")
     serve.add_argument(
-        "--concurrency", type=int, default=1, help="requests running the model at once, per process"
+        "--engine",
+        choices=("hf", "vllm"),
+        default="hf",
+        help="run requests on a transformers model, or batch them on a vLLM engine "
+        '(pip install "purelens[vllm]"; see the README)',
+    )
+    serve.add_argument(
+        "--engine-arg",
+        dest="engine_args",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a vLLM engine argument, e.g. dtype=float32 or max_model_len=64; repeatable",
+    )
+    serve.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="requests running the model at once, per process (default: 1; 64 on vLLM, "
+        "which batches them)",
     )
     serve.add_argument(
         "--import",

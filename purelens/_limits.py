@@ -137,9 +137,10 @@ def check_tokens(tokens: int, limits: Limits) -> None:
         raise LimitError("input_tokens", over("input_tokens", tokens, limits) + " (token ids)")
 
 
-def check_kwargs(kind: str, kwargs: dict[str, Any]) -> None:
-    """Raise a `BadRequest` naming any keyword argument of a `kind` call not allow-listed."""
-    allowed = RUN_KWARGS if kind == "run" else GENERATE_KWARGS
+def check_kwargs(kind: str, kwargs: dict[str, Any], also: frozenset[str] = frozenset()) -> None:
+    """Raise a `BadRequest` naming any keyword argument of a `kind` call not allow-listed
+    (or among `also`, what the served engine takes besides)."""
+    allowed = (RUN_KWARGS if kind == "run" else GENERATE_KWARGS) | also
     unknown = sorted(set(kwargs) - allowed)
     if unknown:
         names = ", ".join(repr(n) for n in unknown)

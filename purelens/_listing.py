@@ -58,6 +58,10 @@ def sites(
     """
     if isinstance(model, Remote):
         return list(model.sites)
+    if type(model).__module__.startswith("vllm.") and hasattr(model, "llm_engine"):
+        from .vllm._engine import sites_of
+
+        return sites_of(model)
     model = unwrapped(model)
     if not isinstance(model, nn.Module):
         raise PurelensError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")

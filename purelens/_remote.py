@@ -130,7 +130,8 @@ class Remote:
         body = _wire.encode_request(request)  # lambdas fail here, before sending
         response = self._send("POST", f"/v1/models/{self.name}/{request.call}", content=body)
         try:
-            return _wire.decode_record(response.content)
+            # A vLLM engine answers a call with several prompts with a record per prompt.
+            return _wire.decode_result(response.content)  # type: ignore[return-value]
         except Exception as e:  # whatever a broken server sent, say so, not a raw error
             raise self._unreadable(response, e) from None
 

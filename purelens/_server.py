@@ -11,7 +11,10 @@ with a 4xx that names the limit; any bad request gets a 4xx and the server
 goes on serving.
 
 The app is FastAPI; `serve` runs it in one process with uvicorn, or on Ray
-Serve with replicas (``--ray``, `purelens._ray`).
+Serve with replicas (``--ray``, `purelens._ray`). With ``--engine vllm`` the
+model is a vLLM engine (`pl.vllm.load`): the same API, wire format, tokens,
+limits and errors, and concurrent requests are batched together by vLLM,
+each with its own interventions (`purelens.vllm`).
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import Request  # at module level: FastAPI reads the annotations by name
-from torch import nn
 
 from . import _wire, ops
 from ._budget import SavedBytesError, bounded
@@ -57,11 +59,12 @@ _DEFAULT_LIMITS = Limits()
 @dataclasses.dataclass(frozen=True)
 class _Served:
     name: str
-    model: nn.Module
+    model: Any  # an nn.Module, or a vllm.LLM
     tokenizer: Any
     limits: Limits
     tokens: tuple[bytes, ...]
     gate: threading.Semaphore
+    engine: str = "hf"
 
 
 def read_tokens(tokens_file: str | Path | None = None) -> list[str]:
@@ -90,7 +93,9 @@ def create_app(
     tokens: Collection[str],
     name: str | None = None,
     limits: Limits = _DEFAULT_LIMITS,
-    concurrency: int = 1,
+    concurrency: int | None = None,
+    engine: str = "hf",
+    engine_args: dict[str, Any] | None = None,
 ) -> Any:
     """The FastAPI app serving the model at `path` (the bundled one by default).
 
@@ -100,27 +105,28 @@ def create_app(
         name: the model's name in URLs; ``"default"`` for the bundled model,
             else the folder's name.
         limits: what one request may ask.
-        concurrency: how many requests run the model at once (the rest wait).
+        concurrency: how many requests run the model at once (the rest wait);
+            1 for an HF model, 64 for a vLLM engine (which batches them).
+        engine: ``"hf"`` (transformers, one request at a time per slot) or
+            ``"vllm"`` (a vLLM engine batching every running request).
+        engine_args: vLLM's engine arguments (``engine="vllm"`` only).
 
     Raises:
-        PurelensError: no tokens, or no model at `path`.
+        PurelensError: no tokens, no model at `path`, or an unknown engine.
     """
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse, StreamingResponse
 
-    from . import models
-
     require_tokens(tokens)
-    model, tokenizer = models.load(path)
-    # The model is the server's own (just loaded): its deadline checks change no user's model.
-    check_before_every_module(model, check_deadline)
+    model, tokenizer = _load(path, engine, engine_args)
     served = _Served(
         name=name or (Path(path).name if path is not None else "default"),
         model=model,
         tokenizer=tokenizer,
         limits=limits,
         tokens=tuple(t.encode() for t in tokens),
-        gate=threading.Semaphore(concurrency),
+        gate=threading.Semaphore(concurrency or (64 if engine == "vllm" else 1)),
+        engine=engine,
     )
     app = FastAPI(title="purelens", version="1")
 
@@ -210,6 +216,28 @@ def create_app(
     return app
 
 
+def _load(path: str | Path | None, engine: str, engine_args: dict[str, Any] | None) -> Any:
+    """The served model and its tokenizer: an HF model, or a vLLM engine."""
+    from . import models
+
+    if engine == "hf":
+        if engine_args:
+            raise PurelensError("engine arguments (--engine-arg) are for --engine vllm only.")
+        model, tokenizer = models.load(path)
+        # The model is the server's own (just loaded): its deadline checks change no user's.
+        check_before_every_module(model, check_deadline)
+        return model, tokenizer
+    if engine != "vllm":
+        raise PurelensError(f"`engine` must be 'hf' or 'vllm', got {engine!r}.")
+    from . import vllm
+
+    where = Path(path) if path is not None else models.DEFAULT_PATH
+    if not (where / "config.json").is_file():
+        models.load(path)  # raises the loader's error: no model there
+    llm = vllm.load(where, **(engine_args or {}))
+    return llm, llm.get_tokenizer()
+
+
 class _Failed(PurelensError):
     """The request was read, and the run failed because of what it asked (422)."""
 
@@ -223,10 +251,11 @@ def _execute(served: _Served, kind: str, body: bytes) -> bytes:
     with served.gate, deadline(limits, left, kind), ops.limit_elements(limits.elements):
         with bounded(check_deadline, limits.saved_bytes):
             record = _call(served, kind, request, kwargs, new_tokens)
-    size = _wire.saved_bytes(record)
+    records = record if isinstance(record, list) else [record]  # vLLM: a record per prompt
+    size = sum(_wire.saved_bytes(r) for r in records)
     if size > limits.saved_bytes:
         raise LimitError("saved_bytes", over("saved_bytes", size, limits))
-    return _wire.encode_record(record)
+    return _wire.encode_records(record) if isinstance(record, list) else _wire.encode_record(record)
 
 
 def _read(served: _Served, kind: str, body: bytes) -> tuple[_wire.Request, dict[str, Any], Any]:
@@ -239,7 +268,8 @@ def _read(served: _Served, kind: str, body: bytes) -> tuple[_wire.Request, dict[
         raise BadRequest(f"a {request.call!r} request was sent to the {kind!r} endpoint")
     kwargs = dict(request.kwargs)
     new_tokens = kwargs.pop("max_new_tokens", None) if kind == "generate" else None
-    check_kwargs(kind, kwargs)
+    # A vLLM engine samples each request with its own seed, which HF's generate cannot.
+    check_kwargs(kind, kwargs, frozenset({"seed"}) if served.engine == "vllm" else frozenset())
     if isinstance(request.inputs, dict):  # keyword arguments of the model call too
         check_kwargs("run", request.inputs)
     try:
@@ -298,6 +328,11 @@ def _call(
 def _shapes(served: _Served, prompt: str) -> dict[str, Any]:
     from ._shapes import shapes
 
+    if served.engine == "vllm":
+        raise PurelensError(
+            "shapes are computed on fake tensors of an HF model, which a vLLM engine has not; "
+            "save the sites you need with a run instead."
+        )
     found = shapes(served.model, prompt, tokenizer=served.tokenizer)
     return {
         site: {"shape": list(shape), "dtype": str(found.dtypes[site]).removeprefix("torch.")}
@@ -308,6 +343,10 @@ def _shapes(served: _Served, prompt: str) -> dict[str, Any]:
 def _describe(served: _Served) -> dict[str, Any]:
     from ._listing import sites
 
+    if served.engine == "vllm":
+        from .vllm._engine import describe
+
+        return {"name": served.name, **describe(served.model)}
     config = getattr(served.model, "config", None)
     return {
         "name": served.name,
@@ -334,20 +373,34 @@ def serve(
     port: int = 8000,
     tokens: Collection[str],
     limits: Limits = _DEFAULT_LIMITS,
-    concurrency: int = 1,
+    concurrency: int | None = None,
     ray: bool = False,
     replicas: int = 2,
+    engine: str = "hf",
+    engine_args: dict[str, Any] | None = None,
 ) -> None:
     """Serve until interrupted: uvicorn in this process, or Ray Serve with `replicas`."""
     if ray:
+        if engine != "hf":
+            raise PurelensError(
+                "--ray serves HF models; a vLLM engine batches requests itself (and runs "
+                "tensor-parallel over GPUs): use --engine vllm without --ray."
+            )
         from ._ray import serve_ray
 
         serve_ray(path, host=host, port=port, tokens=tokens, limits=limits, replicas=replicas)
         return
     import uvicorn
 
-    app = create_app(path, tokens=tokens, limits=limits, concurrency=concurrency)
-    announce(path, host, port, "one process")
+    app = create_app(
+        path,
+        tokens=tokens,
+        limits=limits,
+        concurrency=concurrency,
+        engine=engine,
+        engine_args=engine_args,
+    )
+    announce(path, host, port, "one process" if engine == "hf" else "a vLLM engine")
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 

@@ -27,7 +27,9 @@ __all__ = [
     "Request",
     "decode_record",
     "decode_request",
+    "decode_result",
     "encode_record",
+    "encode_records",
     "encode_request",
     "saved_bytes",
 ]
@@ -113,13 +115,23 @@ def decode_request(data: bytes, check: Callable[[], None] | None = None) -> Requ
 def encode_record(record: Record) -> bytes:
     """A record as bytes: saved values, output, gradients and loss."""
     tensors: dict[str, Tensor] = {}
-    body = {
+    return _serialize.pack("record", _record_body(record, tensors), tensors)
+
+
+def encode_records(records: list[Record]) -> bytes:
+    """Several records as bytes (a vLLM engine's call: one record per prompt)."""
+    tensors: dict[str, Tensor] = {}
+    body = {"records": [_record_body(record, tensors) for record in records]}
+    return _serialize.pack("records", body, tensors)
+
+
+def _record_body(record: Record, tensors: dict[str, Tensor]) -> dict[str, Any]:
+    return {
         "saved": _encode_value(dict(record), tensors, "saved values"),
         "output": _encode_value(record.output, tensors, "the output"),
         "grads": _encode_value(dict(record.grads), tensors, "gradients"),
         "loss": _encode_value(record.loss, tensors, "the loss"),
     }
-    return _serialize.pack("record", body, tensors)
 
 
 def decode_record(data: bytes) -> Record:
@@ -129,6 +141,24 @@ def decode_record(data: bytes) -> Record:
         PurelensError: anything that is not a well-formed record.
     """
     header, tensors = _serialize.unpack(data, "record")
+    return _record_of(header, tensors)
+
+
+def decode_result(data: bytes) -> Record | list[Record]:
+    """What a server answered: one `Record`, or a list of them (`encode_records`)."""
+    if bytes(data[: len(_RECORDS)]) != _RECORDS:
+        return decode_record(data)
+    header, tensors = _serialize.unpack(data, "records")
+    bodies = header.get("records")
+    if not isinstance(bodies, list) or not all(isinstance(b, dict) for b in bodies):
+        raise PurelensError("cannot load records: `records` must be a list of records.")
+    return [_record_of(body, tensors) for body in bodies]
+
+
+_RECORDS = b"purelens records\n"
+
+
+def _record_of(header: dict[str, Any], tensors: dict[str, Tensor]) -> Record:
     parts = {
         key: _decode_value(header.get(key), tensors, 0, True, _unchecked)
         for key in ("saved", "output", "grads", "loss")

@@ -86,6 +86,11 @@ _MAX_ELEMENTS: contextvars.ContextVar[int | None] = contextvars.ContextVar(
 )
 
 
+def _element_limit() -> int | None:
+    """The context's limit on the elements of one expression's results (`limit_elements`)."""
+    return _MAX_ELEMENTS.get()
+
+
 @contextlib.contextmanager
 def limit_elements(n: int) -> Iterator[None]:
     """Refuse, before computing it, any result that takes one expression over `n` elements.

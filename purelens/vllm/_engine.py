@@ -12,6 +12,7 @@ through ``collective_rpc`` (as bytes across processes).
 
 from __future__ import annotations
 
+import os
 import uuid
 import weakref
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import ops
 from .._budget import SavedBytesError, left
 from .._errors import GenerationEnded, PurelensError, SiteError
 from .._interventions import Intervention, Stop, flatten_interventions
@@ -91,7 +93,8 @@ _SEVERAL_SAMPLES = (
     "request.\n  Repeat the prompt n times instead."
 )
 
-_loaded: weakref.WeakSet[Any] = weakref.WeakSet()
+# The engines pl.vllm.load made, and whether all their workers run in this process.
+_loaded: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 
 
 def load(path: Any, **engine_args: Any) -> Any:
@@ -130,8 +133,9 @@ def load(path: Any, **engine_args: Any) -> Any:
     llm = vllm.LLM(
         model=str(path), worker_extension_cls="purelens.vllm._worker.Extension", **engine_args
     )
-    llm.collective_rpc("purelens_install")
-    _loaded.add(llm)
+    workers = llm.collective_rpc("purelens_install")
+    # Interventions reach workers in this process as objects (lambdas too), others as data.
+    _loaded[llm] = all(pid == os.getpid() for pid in workers)
     return llm
 
 
@@ -207,13 +211,13 @@ def _call(
     params = _sampling(sampling_params, max_new_tokens, count, hf_options)
     group = uuid.uuid4().hex
     keys = [f"purelens-{group}-{i}" for i in range(count)]
-    in_process = _in_process(llm)
+    in_process = _loaded[llm]
     data = None if in_process else dumps(list(ivs))
     payload = ivs if data is None else data
     loop = loop_of(llm)
     _raise(loop.rpc("purelens_check", (payload, count, run))[0])
     # A server's limits (purelens serve): the time the call has left, the bytes it may save.
-    seconds, budget = time_left(), left()
+    seconds, budget, elements = time_left(), left(), ops._element_limit()
     share = None if budget is None else budget // count
     requests = []
     for i, (prompt, sp, key) in enumerate(zip(prompts, params, keys, strict=True)):
@@ -221,7 +225,7 @@ def _call(
         extra["purelens"] = key
         if data is None:
             with _pending_lock:
-                PENDING[key] = Spec(ivs, i, count, group, run, seconds, share)
+                PENDING[key] = Spec(ivs, i, count, group, run, seconds, share, elements)
         else:
             extra["purelens_call"] = {
                 "data": data,
@@ -231,6 +235,7 @@ def _call(
                 "run": run,
                 "seconds": seconds,
                 "saved_bytes": share,
+                "elements": elements,
             }
         sp.extra_args = extra
         request = dict(prompt)
@@ -248,6 +253,20 @@ def _call(
     pairs = enumerate(zip(outputs, outcomes, strict=True))
     records = [_record(i, out, outcome, run) for i, (out, outcome) in pairs]
     return records[0] if single else records
+
+
+def describe(llm: Any) -> dict[str, Any]:
+    """The engine's model, as `purelens serve` describes a model: class, size and sites."""
+    if llm not in _loaded:
+        raise PurelensError(_NOT_LOADED)
+    info: dict[str, Any] = loop_of(llm).rpc("purelens_describe", ())[0]
+    info["engine"] = "vllm"
+    return info
+
+
+def sites_of(llm: Any) -> list[str]:
+    """`pl.sites` of a vLLM engine: its model's module paths, and 'logits' and 'samples'."""
+    return list(describe(llm)["sites"])
 
 
 def _record(index: int, output: Any, outcome: Outcome | dict[str, Any] | None, run: bool) -> Record:
@@ -270,6 +289,8 @@ def _record(index: int, output: Any, outcome: Outcome | dict[str, Any] | None, r
             raise Timeout
         if outcome.kind == "SavedBytesError":
             raise SavedBytesError(message)
+        if outcome.kind == "ElementLimitError":
+            raise ops.ElementLimitError(message)
         if outcome.kind == "GenerationEnded":
             ended = GenerationEnded(message)
             ended.record = record
@@ -284,10 +305,6 @@ def _raise(problem: tuple[str, str] | None) -> None:
         return
     kind, message = problem
     raise (SiteError if kind == "SiteError" else PurelensError)(message)
-
-
-def _in_process(llm: Any) -> bool:
-    return type(llm.llm_engine.engine_core).__name__ == "InprocClient"
 
 
 def _prompts(inputs: Any, tokenizer: Any) -> tuple[list[dict[str, Any]], bool]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -28,6 +29,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .. import ops
 from .._budget import bounded
 from .._errors import PurelensError
 from .._hooks import around_forwards
@@ -85,7 +87,8 @@ class Spec:
     group: str  # the call
     run: bool  # pl.run: one pass, whose logits are the output
     seconds: float | None = None  # a server's limits: the time the call had left when sent,
-    saved_bytes: int | None = None  # and the bytes this request may save
+    saved_bytes: int | None = None  # and the bytes this request may save,
+    elements: int | None = None  # and the elements an ops expression may make
 
 
 @dataclasses.dataclass
@@ -145,10 +148,13 @@ class _Live:
     @contextlib.contextmanager
     def bounded(self) -> Iterator[None]:
         """This request's limits (a server's), while its interventions run."""
-        if self.deadline is None and self.budget is None:
+        if self.deadline is None and self.budget is None and self.spec.elements is None:
             yield
             return
-        with bounded(self.check, self.budget):
+        with contextlib.ExitStack() as stack:
+            if self.spec.elements is not None:
+                stack.enter_context(ops.limit_elements(self.spec.elements))
+            stack.enter_context(bounded(self.check, self.budget))
             yield
 
     def outcome(self, encoded: bool) -> Outcome:
@@ -381,7 +387,7 @@ class _Step:
             except StopPass:
                 live.stopped = True
                 continue
-            except (PurelensError, Timeout) as error:
+            except (PurelensError, Timeout, ops.ElementLimitError) as error:
                 live.fail(error)
                 continue
             finally:
@@ -549,7 +555,7 @@ def _spec(key: str, extra: Mapping[str, Any]) -> Spec:
     call = extra.get("purelens_call")
     if not isinstance(call, Mapping):
         return Spec((), 0, 1, key, False)  # the sender is gone: a request of no one's
-    seconds, saved_bytes = call.get("seconds"), call.get("saved_bytes")
+    seconds, saved_bytes, elements = (call.get(k) for k in ("seconds", "saved_bytes", "elements"))
     return Spec(
         _decoded(call["data"]),
         int(call["index"]),
@@ -558,17 +564,19 @@ def _spec(key: str, extra: Mapping[str, Any]) -> Spec:
         bool(call["run"]),
         None if seconds is None else float(seconds),
         None if saved_bytes is None else int(saved_bytes),
+        None if elements is None else int(elements),
     )
 
 
 class Extension:
     """Mixed into vLLM's worker (``worker_extension_cls``): purelens's calls on the worker."""
 
-    def purelens_install(self) -> bool:
+    def purelens_install(self) -> int:
+        """Put purelens's driver on the worker's model runner; the worker's process id."""
         runner = self.model_runner  # type: ignore[attr-defined]
         if getattr(runner, "purelens_driver", None) is None:
             runner.purelens_driver = Driver(runner)
-        return True
+        return os.getpid()
 
     def purelens_check(self, payload: Any, count: int, run: bool) -> tuple[str, str] | None:
         """The first error in the plans of a call's prompts, as (kind, message), or None."""
@@ -587,6 +595,20 @@ class Extension:
     def purelens_collect(self, keys: list[str], encoded: bool = True) -> list[Any]:
         return self.model_runner.purelens_driver.collect(keys, encoded)  # type: ignore[attr-defined]
 
-    def purelens_sites(self) -> list[str]:
-        model = self.model_runner.purelens_driver.model  # type: ignore[attr-defined]
-        return [name for name, _ in model.named_modules()]
+    def purelens_describe(self) -> dict[str, Any]:
+        """The engine's model: its class, parameter count and sites (module paths)."""
+        driver = self.model_runner.purelens_driver  # type: ignore[attr-defined]
+        model = driver.model
+        config = getattr(model, "config", None)
+        return {
+            "class": type(model).__name__,
+            "model_type": getattr(config, "model_type", None),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "sites": [name for name, m in model.named_modules() if _callable(m)]
+            + sorted(driver.extra),
+        }
+
+
+def _callable(module: nn.Module) -> bool:
+    """Whether hooks on `module` can see a value (containers are never called)."""
+    return not (type(module).forward is nn.Module.forward and bool(module._modules))
