@@ -48,6 +48,8 @@ def test_saves_and_tokens_equal_hf_prompt_by_prompt(llm: Any, hf: Any) -> None:
         pl.save("wte:input", name="ids"),
         pl.save("logits"),
         pl.save("samples"),
+        pl.save("h.*.attn"),
+        pl.save("h.0.attn.c_proj", call=0),
     ]
     recs = pl.generate(llm, PROMPTS, ivs, max_new_tokens=4)
     assert isinstance(recs, list) and len(recs) == len(PROMPTS)
