@@ -9,6 +9,8 @@ of its own). Three tables:
    `llm.generate`, `pl.generate` with no interventions, and `pl.generate`
    saving one block's output at every step; on the bundled model and on a
    GPT-2 and a Llama built from configs (random weights). Interleaved medians.
+   The bare requests get a fresh `cache_salt` each time, as purelens's do:
+   otherwise repeating the same prompts would measure vLLM's prefix cache.
 2. The same work with `pl.generate` on the HF model and on vLLM: tokens/s.
 3. `purelens serve` under load, one process with the HF model vs the vLLM
    engine: 8 clients x 50 requests, each a generation of 2 prompts x 4 tokens
@@ -37,7 +39,7 @@ from serve import free_port, percentile
 import purelens as pl
 
 DEFAULT = Path(pl.__file__).parent / "models" / "default"
-ENGINE = {"dtype": "float32", "max_model_len": 64, "kv_cache_memory_bytes": 256 << 20}
+ENGINE = {"dtype": "float32", "max_model_len": 64, "kv_cache_memory_bytes": 64 << 20}
 PROMPTS = [
     "the home of leibrund is",
     "leibrund lives in",
@@ -80,6 +82,13 @@ def small_models(folder: Path) -> dict[str, Path]:
     return paths
 
 
+def salted(prompts: list[str]) -> list[dict[str, str]]:
+    """The prompts with fresh cache salts: no prefix cache hit across repeats."""
+    import uuid
+
+    return [{"prompt": p, "cache_salt": uuid.uuid4().hex} for p in prompts]
+
+
 def block_of(path: Path) -> str:
     return "layers.1" if "llama" in path.name else "h.1"
 
@@ -97,18 +106,20 @@ def interleaved(cases: dict[str, Any], repeats: int) -> dict[str, tuple[float, f
     return {n: (statistics.median(t), max(t) - min(t)) for n, t in times.items()}
 
 
-def overhead(paths: dict[str, Path], n_prompts: int, new: int, repeats: int) -> list[str]:
+def overhead(
+    paths: dict[str, Path], engines: dict[str, Any], n_prompts: int, new: int, repeats: int
+) -> list[str]:
     import vllm
 
     rows = []
     prompts = PROMPTS[:n_prompts]
     greedy = vllm.SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True)
     for name, path in paths.items():
-        llm = pl.vllm.load(path, **ENGINE)
+        llm = engines[name]
         site = block_of(path)
         saves = [pl.save(site)]
         cases = {
-            "bare": lambda llm=llm: llm.generate(prompts, greedy, use_tqdm=False),
+            "bare": lambda llm=llm: llm.generate(salted(prompts), greedy, use_tqdm=False),
             "pl.generate, no interventions": lambda llm=llm: pl.generate(
                 llm, prompts, [], sampling_params=greedy
             ),
@@ -123,11 +134,12 @@ def overhead(paths: dict[str, Path], n_prompts: int, new: int, repeats: int) -> 
                 f"| {name} | {case} | {median * 1e3:.1f} | {spread * 1e3:.1f} | "
                 f"{median / bare:.3f} |"
             )
-        del llm
     return rows
 
 
-def hf_vs_vllm(paths: dict[str, Path], n_prompts: int, new: int, repeats: int) -> list[str]:
+def hf_vs_vllm(
+    paths: dict[str, Path], engines: dict[str, Any], n_prompts: int, new: int, repeats: int
+) -> list[str]:
     import vllm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -137,7 +149,7 @@ def hf_vs_vllm(paths: dict[str, Path], n_prompts: int, new: int, repeats: int) -
     for name, path in paths.items():
         model = AutoModelForCausalLM.from_pretrained(path).eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
-        llm = pl.vllm.load(path, **ENGINE)
+        llm = engines[name]
         site = block_of(path)
         ivs = [pl.save(site)]
 
@@ -154,7 +166,6 @@ def hf_vs_vllm(paths: dict[str, Path], n_prompts: int, new: int, repeats: int) -
         tokens = n_prompts * new
         hf, vl = got["HF"][0], got["vLLM"][0]
         rows.append(f"| {name} | {tokens / hf:.0f} | {tokens / vl:.0f} | {hf / vl:.2f} |")
-        del llm
     return rows
 
 
@@ -284,14 +295,17 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     torch.set_num_threads(2)
-    n_prompts, new, repeats = (2, 2, 2) if args.quick else (8, 16, 7)
+    n_prompts, new, repeats = (2, 2, 2) if args.quick else (8, 16, 21)
     clients, requests = (2, 2) if args.quick else (args.clients, args.requests)
     with tempfile.TemporaryDirectory() as folder:
         paths = small_models(Path(folder))
         if args.quick:
             paths = {k: v for k, v in paths.items() if v == DEFAULT}
-        first = overhead(paths, n_prompts, new, repeats)
-        second = hf_vs_vllm(paths, n_prompts, new, repeats)
+        # Engines stay up to the end: an in-process vLLM engine that is garbage-collected
+        # tears down vLLM's process-wide parallel state, under the next one.
+        engines = {name: pl.vllm.load(path, **ENGINE) for name, path in paths.items()}
+        first = overhead(paths, engines, n_prompts, new, repeats)
+        second = hf_vs_vllm(paths, engines, n_prompts, new, repeats)
     third = serving(clients, requests)
     text = "\n".join(
         [

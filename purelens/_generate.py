@@ -71,7 +71,10 @@ def generate(
     Args:
         model: a HF model with ``.generate``, or any module mapping token ids
             ``(batch, seq)`` to logits ``(batch, seq, vocab)`` (a small greedy
-            or sampling loop without cache is used then; see the README).
+            or sampling loop without cache is used then; see the README); or
+            a vLLM engine from `pl.vllm.load`, which returns one `Record` per
+            prompt (a list; one prompt alone gives one), each laid out as for
+            that prompt alone, and takes ``sampling_params`` too.
         inputs: token ids (tensor or lists), a dict (``input_ids``,
             ``attention_mask``), or text with `tokenizer`.
         interventions: as in `pl.run`; `step=` selects steps (0 is the

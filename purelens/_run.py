@@ -56,7 +56,9 @@ def run(
     runs are thread-safe and may nest (a `run` inside a patch function).
 
     Args:
-        model: any `torch.nn.Module`, or a model served elsewhere (`pl.remote`).
+        model: any `torch.nn.Module`, a model served elsewhere (`pl.remote`),
+            or a vLLM engine from `pl.vllm.load` (one forward pass per prompt:
+            a `Record` per prompt, whose output is its next-token logits).
         inputs: a tensor (first positional argument), a tuple (positional
             arguments), a dict (keyword arguments), or text with `tokenizer`.
         interventions: `pl.save`, `pl.patch`, ... or (nested) lists of them.

@@ -114,6 +114,14 @@ def load(path: Any, **engine_args: Any) -> Any:
 
     Raises:
         PurelensError: vLLM is not installed, or an argument would skip hooks.
+
+    Example:
+        >>> import purelens as pl
+        >>> llm = pl.vllm.load(pl.models.DEFAULT_PATH, dtype="float32",
+        ...                    max_model_len=64)  # doctest: +SKIP
+        >>> pl.generate(llm, "leibrund lives in", [pl.save("h.1")],
+        ...             max_new_tokens=2).output  # doctest: +SKIP
+        tensor([[ 2, 40, 11,  8, 30, 30]])
     """
     try:
         import vllm
@@ -340,7 +348,7 @@ def _prompts(inputs: Any, tokenizer: Any) -> tuple[list[dict[str, Any]], bool]:
     return prompts, single
 
 
-def _from_hf(options: dict[str, Any]) -> Any:
+def _from_hf(options: dict[str, Any], max_tokens: Any) -> Any:
     """vLLM sampling parameters for HF generation options (greedy unless ``do_sample``)."""
     import vllm
 
@@ -363,6 +371,8 @@ def _from_hf(options: dict[str, Any]) -> Any:
         kwargs["min_tokens"] = int(options["min_new_tokens"])
     if options.get("seed") is not None:
         kwargs["seed"] = int(options["seed"])
+    if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens > 0:
+        kwargs["max_tokens"] = max_tokens  # vLLM checks min_tokens against it
     eos = options.get("eos_token_id")
     if eos is not None:
         kwargs["stop_token_ids"] = [eos] if isinstance(eos, int) else list(eos)
@@ -383,16 +393,6 @@ def _sampling(
         raise PurelensError(
             f"give `sampling_params` or HF's generation options ({', '.join(options)}), not both."
         )
-    if sampling_params is None:
-        given = [_from_hf(options)] * count
-    elif isinstance(sampling_params, list | tuple):
-        if len(sampling_params) != count:
-            raise PurelensError(
-                _PER_PROMPT.format(arg="sampling_params", got=len(sampling_params), want=count)
-            )
-        given = list(sampling_params)
-    else:
-        given = [sampling_params] * count
     if isinstance(max_new_tokens, list | tuple):
         if len(max_new_tokens) != count:
             raise PurelensError(
@@ -401,6 +401,16 @@ def _sampling(
         lengths = list(max_new_tokens)
     else:
         lengths = [max_new_tokens] * count
+    if sampling_params is None:
+        given = [_from_hf(options, length) for length in lengths]
+    elif isinstance(sampling_params, list | tuple):
+        if len(sampling_params) != count:
+            raise PurelensError(
+                _PER_PROMPT.format(arg="sampling_params", got=len(sampling_params), want=count)
+            )
+        given = list(sampling_params)
+    else:
+        given = [sampling_params] * count
     out = []
     for sp, length in zip(given, lengths, strict=True):
         if not isinstance(sp, vllm.SamplingParams):

@@ -60,14 +60,14 @@ _GRADS = (
     "to save or patch.\n  Use pl.run(hf_model, ..., loss=...) for gradients."
 )
 _CHUNKED = (
-    "request {index} (prompt {index} of the call): vLLM scheduled {got} of its {want} "
-    "prompt tokens in one step ({why}), so its prompt pass is not one step.\n"
-    "  Load the engine with max_num_batched_tokens of at least max_model_len "
-    "(pl.vllm.load sets it so unless you give another)."
+    "vLLM scheduled {got} of the request's {want} prompt tokens in one step (chunked "
+    "prefill), so its prompt pass would be several steps.\n"
+    "  Load the engine without chunked prefill (pl.vllm.load's default: leave out "
+    "enable_chunked_prefill=True)."
 )
 _PREEMPTED = (
-    "request {index} (prompt {index} of the call) was preempted by vLLM and its tokens "
-    "recomputed (or its prefix taken from the cache), so its steps would run twice.\n"
+    "vLLM preempted the request and recomputed its tokens (or took its prefix from the "
+    "cache), so its steps would run twice.\n"
     "  Give the engine more KV-cache memory (gpu_memory_utilization, kv_cache_memory_bytes) "
     "or fewer requests at a time (max_num_seqs)."
 )
@@ -216,18 +216,14 @@ class _Step:
 
     @staticmethod
     def _check_tokens(live: _Live, computed: int, scheduled: int, state: Any) -> None:
-        index = live.spec.index
         if live.steps == 0:
             live.prompt = state.num_prompt_tokens
             if computed != 0:
-                raise PurelensError(_PREEMPTED.format(index=index))
+                raise PurelensError(_PREEMPTED)
             if scheduled != live.prompt:
-                why = "chunked prefill"
-                raise PurelensError(
-                    _CHUNKED.format(index=index, got=scheduled, want=live.prompt, why=why)
-                )
+                raise PurelensError(_CHUNKED.format(got=scheduled, want=live.prompt))
         elif computed != live.tokens or scheduled != 1:
-            raise PurelensError(_PREEMPTED.format(index=index))
+            raise PurelensError(_PREEMPTED)
         live.steps += 1
         live.tokens = computed + scheduled
 
@@ -401,11 +397,13 @@ class _Step:
 
     @staticmethod
     def _piece(live: _Live, value: Tensor, tokens: bool) -> Tensor:
-        """A request's part of a value, as a copy: vLLM reuses its buffers (the input ids,
-        fused kernels' outputs) in place at the next step, which must not reach a record."""
-        if tokens:
-            return value[live.start : live.end].unsqueeze(0).clone()
-        return value[live.row : live.row + 1].clone()
+        """A request's part of a value. vLLM reuses its buffers (the input ids) in place at
+        the next step, which must not reach a record: a piece of a tensor made outside
+        inference mode is a copy (inference tensors are copied when saved, see `Pass`)."""
+        piece = (
+            value[live.start : live.end].unsqueeze(0) if tokens else value[live.row : live.row + 1]
+        )
+        return piece if piece.is_inference() else piece.clone()
 
     @staticmethod
     def _put(live: _Live, new: Tensor, out: Tensor, tokens: bool) -> None:
@@ -470,9 +468,7 @@ class Driver:
         if not isinstance(key, str):
             return
         if key in self.by_key:  # the same request scheduled anew: vLLM preempted it
-            self.by_key[key].fail(
-                PurelensError(_PREEMPTED.format(index=self.by_key[key].spec.index))
-            )
+            self.by_key[key].fail(PurelensError(_PREEMPTED))
             self.live[rid] = self.by_key[key]
             self.request_of[key] = rid
             return

@@ -95,3 +95,20 @@ def llama_llm(llama_path: Path) -> Any:
 def mp_llm() -> Any:
     """The bundled model on vLLM's default, multiprocess engine."""
     return _engine(DEFAULT, multiprocess=True)
+
+
+@pytest.fixture(scope="session")
+def chunking_llm() -> Any:
+    """An engine that chunks prompts: 16 tokens a step."""
+    return _engine(DEFAULT, enable_chunked_prefill=True, max_num_batched_tokens=16)
+
+
+@pytest.fixture(scope="session")
+def tight_llm() -> Any:
+    """An engine with room for 4 blocks of 32 tokens in its KV cache, so that vLLM
+    preempts requests under load."""
+    return _engine(
+        DEFAULT,
+        block_size=32,  # the least vLLM's CPU attention takes
+        kv_cache_memory_bytes=4 * 32 * 2048,  # blocks x tokens x bytes a token (this model)
+    )

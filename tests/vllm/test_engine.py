@@ -162,3 +162,23 @@ def test_multiprocess_mean_ablation_is_right_or_refused(mp_llm: Any, llm: Any) -
         return
     for a, b in zip(got, want, strict=True):
         assert_same(a, b)
+
+
+def test_a_chunked_prompt_pass_is_an_error(chunking_llm: Any, hf: Any) -> None:
+    long = " ".join(["the home of leibrund is lagos ."] * 4)  # over 16 tokens
+    assert len(hf[1](long)["input_ids"]) > 16
+    with pytest.raises(pl.PurelensError, match="chunked prefill"):
+        pl.generate(chunking_llm, long, [pl.save("h.1")], max_new_tokens=2)
+    short = pl.generate(chunking_llm, PROMPTS[0], [pl.save("h.1")], max_new_tokens=2)
+    assert_same(short, alone(hf, PROMPTS[0], [pl.save("h.1")], 2))
+
+
+def test_preemption_never_saves_a_step_twice(tight_llm: Any, hf: Any) -> None:
+    # Six requests of up to 46 tokens (two blocks) each cannot all keep their KV in four
+    # blocks: vLLM preempts some and recomputes their tokens, which would repeat steps.
+    ivs = [pl.save("h.1"), pl.add("h.0", 0.1)]
+    with pytest.raises(pl.PurelensError, match="preempted"):
+        pl.generate(tight_llm, PROMPTS * 2, ivs, max_new_tokens=40, min_new_tokens=40)
+    # what fits runs right on the same engine
+    rec = pl.generate(tight_llm, PROMPTS[0], ivs, max_new_tokens=8)
+    assert_same(rec, alone(hf, PROMPTS[0], ivs, 8))
