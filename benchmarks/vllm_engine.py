@@ -25,7 +25,6 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -34,7 +33,7 @@ from typing import Any
 
 import torch
 from _common import machine
-from serve import free_port, percentile
+from serve import TOKEN, percentile, start_server
 
 import purelens as pl
 
@@ -50,7 +49,6 @@ PROMPTS = [
     "q r s q r",
     "m n o p m n o",
 ]
-TOKEN = "benchmark-token"
 
 
 def small_models(folder: Path) -> dict[str, Path]:
@@ -167,30 +165,6 @@ def hf_vs_vllm(
         hf, vl = got["HF"][0], got["vLLM"][0]
         rows.append(f"| {name} | {tokens / hf:.0f} | {tokens / vl:.0f} | {hf / vl:.2f} |")
     return rows
-
-
-def start_server(extra: list[str]) -> tuple[Any, str]:
-    import subprocess
-
-    import httpx
-
-    port = free_port()
-    env = {**os.environ, "PURELENS_TOKENS": TOKEN}
-    command = [sys.executable, "-m", "purelens", "serve", "--port", str(port), *extra]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited: {process.stderr.read().decode()[-3000:]}")  # type: ignore[union-attr]
-        try:
-            if httpx.get(f"{url}/v1/health", timeout=1).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    process.terminate()
-    raise RuntimeError("server did not start in 300 s")
 
 
 def load(url: str, clients: int, requests: int, vllm_engine: bool) -> dict[str, Any]:

@@ -348,6 +348,15 @@ def _prompts(inputs: Any, tokenizer: Any) -> tuple[list[dict[str, Any]], bool]:
     return prompts, single
 
 
+def _per_prompt(value: Any, arg: str, count: int) -> list[Any]:
+    """`value` for each of `count` prompts: a list of one per prompt, or one for all."""
+    if not isinstance(value, list | tuple):
+        return [value] * count
+    if len(value) != count:
+        raise PurelensError(_PER_PROMPT.format(arg=arg, got=len(value), want=count))
+    return list(value)
+
+
 def _from_hf(options: dict[str, Any], max_tokens: Any) -> Any:
     """vLLM sampling parameters for HF generation options (greedy unless ``do_sample``)."""
     import vllm
@@ -393,24 +402,11 @@ def _sampling(
         raise PurelensError(
             f"give `sampling_params` or HF's generation options ({', '.join(options)}), not both."
         )
-    if isinstance(max_new_tokens, list | tuple):
-        if len(max_new_tokens) != count:
-            raise PurelensError(
-                _PER_PROMPT.format(arg="max_new_tokens", got=len(max_new_tokens), want=count)
-            )
-        lengths = list(max_new_tokens)
-    else:
-        lengths = [max_new_tokens] * count
+    lengths = _per_prompt(max_new_tokens, "max_new_tokens", count)
     if sampling_params is None:
         given = [_from_hf(options, length) for length in lengths]
-    elif isinstance(sampling_params, list | tuple):
-        if len(sampling_params) != count:
-            raise PurelensError(
-                _PER_PROMPT.format(arg="sampling_params", got=len(sampling_params), want=count)
-            )
-        given = list(sampling_params)
     else:
-        given = [sampling_params] * count
+        given = _per_prompt(sampling_params, "sampling_params", count)
     out = []
     for sp, length in zip(given, lengths, strict=True):
         if not isinstance(sp, vllm.SamplingParams):

@@ -85,12 +85,11 @@ class Arrive(Intervention):
 
 
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)
-class FromPrompt(Writer):
-    """The value of prompt `src` of the call (a transplant, for its `dst` prompt)."""
+class _AcrossPrompts(Writer):
+    """A writer that reads other prompts of the call; it shows as the builder it stands for."""
 
     site: str = static_field()
-    src: int = static_field(default=0)
-    origin: str = static_field(default="")
+    origin: str = static_field(default="")  # the repr of the user's intervention
     step: Steps = static_field(default=None)
     call: Calls = static_field(default=None)
     batch: Any = static_field(default=None)
@@ -98,6 +97,13 @@ class FromPrompt(Writer):
 
     def __repr__(self) -> str:
         return self.origin
+
+
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
+class FromPrompt(_AcrossPrompts):
+    """The value of prompt `src` of the call (a transplant, for its `dst` prompt)."""
+
+    src: int = static_field(default=0)
 
     def new_value(self, rows: Tensor, saved: Mapping[str, Any]) -> Tensor:
         dst, step, arrived = ARRIVALS.get()
@@ -122,19 +128,10 @@ class FromPrompt(Writer):
 
 
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)
-class GroupMean(Writer):
+class GroupMean(_AcrossPrompts):
     """The mean over the call's prompts `members` at this step (a mean ablation)."""
 
-    site: str = static_field()
     members: tuple[int, ...] = static_field(default=())
-    origin: str = static_field(default="")
-    step: Steps = static_field(default=None)
-    call: Calls = static_field(default=None)
-    batch: Any = static_field(default=None)
-    fresh = True
-
-    def __repr__(self) -> str:
-        return self.origin
 
     def new_value(self, rows: Tensor, saved: Mapping[str, Any]) -> Tensor:
         if not (rows.is_floating_point() or rows.is_complex()):
@@ -167,7 +164,7 @@ def for_prompt(spec: Any) -> tuple[Intervention, ...]:
             pairs = [(_row(iv, s, count), _row(iv, d, count)) for s, d in given]
             mine = [s for s, d in pairs if d == index]
             for src in mine:
-                out.append(FromPrompt(iv.site, src, repr(iv), iv.step, iv.call))
+                out.append(FromPrompt(iv.site, repr(iv), iv.step, iv.call, src=src))
             if not mine and any(s == index for s, _ in pairs):
                 out.append(Arrive(iv.site, iv.step, iv.call))
             continue
@@ -178,7 +175,7 @@ def for_prompt(spec: Any) -> tuple[Intervention, ...]:
         if batch is not None:
             iv = dataclasses.replace(iv, batch=None)  # type: ignore[type-var]
         if isinstance(iv, Ablate) and iv.how == "mean":
-            out.append(GroupMean(iv.site, tuple(rows), repr(iv), iv.step, iv.call))
+            out.append(GroupMean(iv.site, repr(iv), iv.step, iv.call, members=tuple(rows)))
             continue
         out.append(iv)
     return tuple(out)
