@@ -182,3 +182,10 @@ def test_preemption_never_saves_a_step_twice(tight_llm: Any, hf: Any) -> None:
     # what fits runs right on the same engine
     rec = pl.generate(tight_llm, PROMPTS[0], ivs, max_new_tokens=8)
     assert_same(rec, alone(hf, PROMPTS[0], ivs, 8))
+
+
+def test_sites_lists_vllms_module_tree(llm: Any, llama_llm: Any) -> None:
+    sites = pl.sites(llm)
+    assert "transformer.h.0.attn.attn" in sites and {"logits", "samples"} <= set(sites)
+    assert "transformer.h" not in sites  # a container, never called
+    assert "model.layers.0.mlp.gate_up_proj" in pl.sites(llama_llm)
