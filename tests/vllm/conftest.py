@@ -112,3 +112,14 @@ def tight_llm() -> Any:
         block_size=32,  # the least vLLM's CPU attention takes
         kv_cache_memory_bytes=4 * 32 * 2048,  # blocks x tokens x bytes a token (this model)
     )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _engines_shut_down() -> Iterator[None]:
+    """Shut every engine down while pytest still has its output open (vLLM logs as it
+    stops, which at interpreter exit goes to closed streams)."""
+    yield
+    from purelens.vllm._engine import _loaded
+
+    for engine in list(_loaded):
+        engine.llm_engine.engine_core.shutdown()
