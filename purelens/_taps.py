@@ -89,7 +89,7 @@ class SampleTap:
         self.done: Tensor | None = None  # rows that had ended before this step
 
     def __call__(self, input_ids: Tensor, scores: Any, **kwargs: Any) -> Tensor:
-        last = input_ids[:, -1]
+        last = input_ids[:, -1].clone()  # a save keeps it; a patch writes into input_ids
         done = torch.zeros_like(last, dtype=torch.bool) if self.done is None else self.done
         new = TAPS["samples"](last)
         ended = self._ends(last) & ~done

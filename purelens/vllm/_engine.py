@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import uuid
 import weakref
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -90,7 +91,16 @@ _BAD_PROMPTS = (
 _PER_PROMPT = "`{arg}` has {got} entries, but there are {want} prompts: give one per prompt."
 _SEVERAL_SAMPLES = (
     "sampling_params with n={n}: purelens gives one Record per prompt and one sample per "
-    "request.\n  Repeat the prompt n times instead."
+    "request.\n  Repeat the prompt n times instead (with a seed of its own each, or none)."
+)
+_CUT = (
+    "prompt {index}: vLLM generated {got} of the {want} new tokens asked for and stopped "
+    "at the engine's max_model_len ({why}), where HF would go on or fail.\n"
+    "  Ask for fewer new tokens, or load the engine with a larger max_model_len."
+)
+_NO_MODEL = (
+    "pl.vllm.load: no model at {path!r}: expected a folder saved with save_pretrained "
+    "(config.json, weights, tokenizer)."
 )
 
 # The engines pl.vllm.load made, and whether all their workers run in this process.
@@ -127,6 +137,11 @@ def load(path: Any, **engine_args: Any) -> Any:
         import vllm
     except ImportError as error:
         raise PurelensError(_NO_VLLM) from error
+    where = Path(str(path)).expanduser()
+    if (where.is_absolute() or str(path).startswith((".", "~"))) and not (
+        where / "config.json"
+    ).is_file():
+        raise PurelensError(_NO_MODEL.format(path=str(path)))
     for arg in ("compilation_config",):
         if engine_args.get(arg) not in (None, 0):
             raise PurelensError(_COMPILED.format(arg=arg, value=engine_args[arg]))
@@ -223,9 +238,13 @@ def _call(
     data = None if in_process else dumps(list(ivs))
     payload = ivs if data is None else data
     loop = loop_of(llm)
-    _raise(loop.rpc("purelens_check", (payload, count, run))[0])
     # A server's limits (purelens serve): the time the call has left, the bytes it may save.
     seconds, budget, elements = time_left(), left(), ops._element_limit()
+    try:
+        _raise(loop.rpc("purelens_check", (payload, count, run), seconds)[0])
+    except LoopTimeout:
+        raise Timeout from None
+    seconds = time_left()
     share = None if budget is None else budget // count
     requests = []
     for i, (prompt, sp, key) in enumerate(zip(prompts, params, keys, strict=True)):
@@ -260,7 +279,19 @@ def _call(
                 PENDING.pop(key, None)
     pairs = enumerate(zip(outputs, outcomes, strict=True))
     records = [_record(i, out, outcome, run) for i, (out, outcome) in pairs]
+    if not run:
+        for i, (output, sp) in enumerate(zip(outputs, params, strict=True)):
+            _check_length(i, output, sp)
     return records[0] if single else records
+
+
+def _check_length(index: int, output: Any, params: Any) -> None:
+    """Raise if vLLM cut a generation short at max_model_len (it does so without a word)."""
+    completion = output.outputs[0]
+    got, want = len(completion.token_ids), params.max_tokens
+    if completion.finish_reason == "length" and want is not None and got < want:
+        why = f"{len(output.prompt_token_ids)} prompt tokens + {got}"
+        raise PurelensError(_CUT.format(index=index, got=got, want=want, why=why))
 
 
 def describe(llm: Any) -> dict[str, Any]:
@@ -367,6 +398,11 @@ def _from_hf(options: dict[str, Any], max_tokens: Any) -> Any:
             "greedy or sampled decoding on vLLM."
         )
     sample = bool(options.get("do_sample", False))
+    if sample and options.get("temperature") is not None and float(options["temperature"]) <= 0:
+        raise PurelensError(
+            f"do_sample=True with temperature={options['temperature']!r}: sampling needs a "
+            "positive temperature (greedy decoding is do_sample=False)."
+        )
     kwargs: dict[str, Any] = {
         "temperature": float(options.get("temperature") or 1.0) if sample else 0.0
     }
@@ -383,8 +419,9 @@ def _from_hf(options: dict[str, Any], max_tokens: Any) -> Any:
     if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens > 0:
         kwargs["max_tokens"] = max_tokens  # vLLM checks min_tokens against it
     eos = options.get("eos_token_id")
-    if eos is not None:
+    if eos is not None:  # instead of the model's, as in HF
         kwargs["stop_token_ids"] = [eos] if isinstance(eos, int) else list(eos)
+        kwargs["ignore_eos"] = True
     try:
         return vllm.SamplingParams(**kwargs)
     except Exception as error:  # vLLM's own checks of the values

@@ -36,9 +36,10 @@ __all__ = ["ARRIVALS", "Arrive", "FromPrompt", "GroupMean", "check_order", "for_
 # While a request's interventions run at a site: (its prompt index, its step, {prompt
 # index: (step, value)} for the requests of its call at that site in this engine step, as
 # they arrived).
-Arrivals = tuple[int, int, Mapping[int, tuple[int, Tensor]]]
+# The last item: the engine step at which each prompt of the call had its prompt pass.
+Arrivals = tuple[int, int, Mapping[int, tuple[int, Tensor]], Mapping[int, int]]
 ARRIVALS: contextvars.ContextVar[Arrivals] = contextvars.ContextVar(
-    "purelens_vllm_arrivals", default=(0, 0, {})
+    "purelens_vllm_arrivals", default=(0, 0, {}, {})
 )
 
 _ROW = "{what}: prompt {row} is outside the call's {count} prompts."
@@ -58,11 +59,12 @@ _AFTER_WRITER = (
     "site {site!r} ({writer!r} comes first).\n  Put it first among that site's writers."
 )
 _APART = (
-    "{what}: vLLM scheduled the prompt passes of the call's prompts {missing} in other "
-    "engine steps, so the mean would be over a part of the call.\n"
-    "  On vLLM's multiprocess engine, requests that reach it while it runs a step wait for "
-    "the next one; mean-ablate on the in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0), "
-    "or compute a mean first and use pl.replace."
+    "{what}: vLLM ran the prompt passes of the call's prompts {missing} in other engine "
+    "steps, so the mean would be over a part of the call.\n"
+    "  vLLM starts a call's prompts together when they fit its token budget "
+    "(max_num_batched_tokens, max_num_seqs) and reach it at once (the multiprocess engine "
+    "may take them over two steps): mean-ablate fewer prompts a call, or compute the mean "
+    "first and use pl.replace."
 )
 _MEAN_OF_INTEGERS = (
     "{what} at site {site!r}: the value there is {got}, and the mean of integers (token ids) "
@@ -106,7 +108,7 @@ class FromPrompt(_AcrossPrompts):
     src: int = static_field(default=0)
 
     def new_value(self, rows: Tensor, saved: Mapping[str, Any]) -> Tensor:
-        dst, step, arrived = ARRIVALS.get()
+        dst, step, arrived, _ = ARRIVALS.get()
         found = arrived.get(self.src)
         if found is None or found[0] != step:
             raise PurelensError(
@@ -138,11 +140,11 @@ class GroupMean(_AcrossPrompts):
             raise PurelensError(
                 _MEAN_OF_INTEGERS.format(what=self.origin, site=self.site, got=describe(rows))
             )
-        _, step, arrived = ARRIVALS.get()
-        if step == 0 and any(arrived.get(i, (-1,))[0] != 0 for i in self.members):
-            # Prompts that start apart would each average over a different set.
-            missing = [i for i in self.members if arrived.get(i, (-1,))[0] != 0]
-            raise PurelensError(_APART.format(what=self.origin, missing=missing))
+        me, step, arrived, starts = ARRIVALS.get()
+        # Prompts that started apart would each average over a different set, at any step.
+        apart = [i for i in self.members if starts.get(i, -1) != starts.get(me)]
+        if apart:
+            raise PurelensError(_APART.format(what=self.origin, missing=apart))
         values = [
             v.reshape(-1, v.shape[-1])
             for i, (s, v) in sorted(arrived.items())
@@ -154,19 +156,23 @@ class GroupMean(_AcrossPrompts):
         return flat.mean(0).expand_as(rows).clone()
 
 
-def for_prompt(spec: Any) -> tuple[Intervention, ...]:
-    """The interventions of prompt `spec.index` of a call of `spec.count` prompts."""
+def for_prompt(spec: Any) -> tuple[tuple[Intervention, ...], tuple[Any, ...]]:
+    """The interventions of prompt `spec.index` of a call of `spec.count` prompts, and a
+    signature equal for the prompts of the call that get the same ones."""
     index, count = spec.index, spec.count
     out: list[Intervention] = []
-    for iv in spec.interventions:
+    signature: list[Any] = []
+    for position, iv in enumerate(spec.interventions):
         if isinstance(iv, Transplant):
             given = zip(iv.src, iv.dst, strict=True)
             pairs = [(_row(iv, s, count), _row(iv, d, count)) for s, d in given]
             mine = [s for s, d in pairs if d == index]
             for src in mine:
                 out.append(FromPrompt(iv.site, repr(iv), iv.step, iv.call, src=src))
+                signature.append((position, "from", src))
             if not mine and any(s == index for s, _ in pairs):
                 out.append(Arrive(iv.site, iv.step, iv.call))
+                signature.append((position, "arrive"))
             continue
         batch = getattr(iv, "batch", None)
         rows = list(range(count)) if batch is None else row_indices(batch, count, iv.site)
@@ -176,9 +182,11 @@ def for_prompt(spec: Any) -> tuple[Intervention, ...]:
             iv = dataclasses.replace(iv, batch=None)  # type: ignore[type-var]
         if isinstance(iv, Ablate) and iv.how == "mean":
             out.append(GroupMean(iv.site, repr(iv), iv.step, iv.call, members=tuple(rows)))
+            signature.append((position, "mean", tuple(rows)))
             continue
         out.append(iv)
-    return tuple(out)
+        signature.append(position)
+    return tuple(out), tuple(signature)
 
 
 def _row(iv: Transplant, row: int, count: int) -> int:

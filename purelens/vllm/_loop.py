@@ -22,9 +22,11 @@ from .._errors import PurelensError
 __all__ = ["loop_of"]
 
 _ENGINE_FAILED = (
-    "the vLLM engine failed while it ran this call's requests ({error}).\n"
-    "  Requests running beside them failed too; load the engine again if it keeps failing."
+    "the vLLM engine failed while it ran this call's requests ({error}); they were "
+    "aborted.\n  Requests running beside them failed too; load the engine again if it "
+    "keeps failing."
 )
+_REFUSED = "vLLM refused prompt {index}: {error}"
 
 _loops: weakref.WeakKeyDictionary[Any, Loop] = weakref.WeakKeyDictionary()
 _loops_lock = threading.Lock()
@@ -39,6 +41,7 @@ class _Call:
         self.outputs: list[Any] = [None] * count
         self.left = count
         self.error: BaseException | None = None
+        self.refused: int | None = None  # the prompt vLLM would not take, if any
         self.done = threading.Event()
 
 
@@ -50,6 +53,7 @@ class Loop:
         self._commands: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._waiting: dict[str, tuple[_Call, int]] = {}  # key -> (call, index)
         self._internal: dict[str, str] = {}  # vLLM's request id -> key
+        self._rid_of: dict[str, str] = {}  # key -> vLLM's request id
         self._thread = threading.Thread(target=self._run, name="purelens-vllm", daemon=True)
         self._thread.start()
 
@@ -64,17 +68,21 @@ class Loop:
         if not call.done.wait(timeout=seconds):
             self._commands.put(("abort", keys))
             raise LoopTimeout
+        if call.refused is not None:
+            message = _REFUSED.format(index=call.refused, error=call.error)
+            raise PurelensError(message) from call.error
         if call.error is not None:
             raise PurelensError(_ENGINE_FAILED.format(error=call.error)) from call.error
         return call.outputs
 
-    def rpc(self, method: str, args: tuple[Any, ...]) -> Any:
+    def rpc(self, method: str, args: tuple[Any, ...], seconds: float | None = None) -> Any:
         """``collective_rpc(method, args)``, run between two engine steps."""
         result: list[Any] = []
         failed: list[BaseException] = []
         done = threading.Event()
         self._commands.put(("rpc", (method, args, result, failed, done)))
-        done.wait()
+        if not done.wait(timeout=seconds):
+            raise LoopTimeout
         if failed:
             raise failed[0]
         return result[0]
@@ -111,22 +119,16 @@ class Loop:
                 try:
                     rid = engine.add_request(key, request, sp)
                 except Exception as error:  # a prompt the engine refuses (too long, ...)
-                    call.error = error
-                    engine.abort_request(list(_ids_of(self._waiting, call)), internal=False)
-                    self._drop(call)
+                    call.error, call.refused = error, index
+                    self._abort(engine, _ids_of(self._waiting, call))
                     call.done.set()
                     return
                 # Outputs name the request by the id given, or by the one vLLM made of it.
                 self._waiting[key] = (call, index)
                 self._internal[rid] = key
+                self._rid_of[key] = rid
         elif kind == "abort":
-            keys = [key for key in payload if key in self._waiting]
-            if keys:
-                engine.abort_request(keys, internal=False)
-            for key in keys:
-                self._waiting.pop(key, None)
-            for rid in [rid for rid, key in self._internal.items() if key in payload]:
-                del self._internal[rid]
+            self._abort(engine, [key for key in payload if key in self._waiting])
         elif kind == "rpc":
             method, args, result, failed, done = payload
             try:
@@ -135,20 +137,40 @@ class Loop:
                 failed.append(error)
             done.set()
 
+    def _abort(self, engine: Any, keys: list[str]) -> None:
+        """Abort `keys` in vLLM (their KV blocks are freed) and forget them."""
+        if keys:
+            try:
+                engine.abort_request(keys, internal=False)
+            except Exception:  # an engine that broke: nothing of theirs runs any more
+                pass
+        for key in keys:
+            self._forget(key)
+
+    def _forget(self, key: str) -> None:
+        self._waiting.pop(key, None)
+        rid = self._rid_of.pop(key, None)
+        if rid is not None:
+            self._internal.pop(rid, None)
+
     def _step(self, llm: Any) -> None:
+        engine = llm.llm_engine
         try:
-            outputs = llm.llm_engine.step()
+            outputs = engine.step()
         except Exception as error:  # the engine broke: every waiting call learns of it
-            for call, _ in list(self._waiting.values()):
+            calls = {id(call): call for call, _ in self._waiting.values()}
+            # Aborted, so that no request left half-run keeps its KV blocks for ever.
+            self._abort(engine, list(self._waiting))
+            for call in calls.values():
                 call.error = error
                 call.done.set()
-            self._waiting.clear()
             return
         for output in outputs:
             if not output.finished:
                 continue
-            key = self._internal.pop(output.request_id, output.request_id)
-            entry = self._waiting.pop(key, None)
+            key = self._internal.get(output.request_id, output.request_id)
+            entry = self._waiting.get(key)
+            self._forget(key)
             if entry is None:
                 continue
             call, index = entry
@@ -156,10 +178,6 @@ class Loop:
             call.left -= 1
             if call.left == 0:
                 call.done.set()
-
-    def _drop(self, call: _Call) -> None:
-        for rid in list(_ids_of(self._waiting, call)):
-            del self._waiting[rid]
 
 
 def _ids_of(waiting: dict[str, tuple[_Call, int]], call: _Call) -> list[str]:

@@ -33,7 +33,7 @@ from .. import ops
 from .._budget import bounded
 from .._errors import PurelensError
 from .._hooks import around_forwards
-from .._interventions import Intervention, flatten_interventions
+from .._interventions import Intervention, describe, flatten_interventions
 from .._limits import Timeout
 from .._pass import Pass, StopPass
 from .._plan import Plan, SitePlan
@@ -70,6 +70,20 @@ _PREEMPTED = (
     "cache), so its steps would run twice.\n"
     "  Give the engine more KV-cache memory (gpu_memory_utilization, kv_cache_memory_bytes) "
     "or fewer requests at a time (max_num_seqs)."
+)
+_SKIP_RESULT = (
+    "{what} gave {got}, but the module's output there is {want}.\n"
+    "  A skip's function must give a tensor of the output's shape and dtype."
+)
+_BAD_ID = (
+    "{what}: site {site!r} holds token ids (or positions) of a table of {size}, and the new "
+    "value has {bad}, outside it; vLLM would fail on it for every request in the batch.\n"
+    "  Give ids from 0 to {last}."
+)
+_SHARED = (
+    "site {site!r} is a module that vLLM's model uses at {count} places ({paths}), so its "
+    "hooks would act at all of them.\n"
+    "  Intervene on a module of its own, e.g. the output of {parent!r}."
 )
 _NOT_TOKENS = (
     "site {site!r}: its value has {got} rows, fewer than the {want} tokens of this step, "
@@ -109,7 +123,7 @@ class Outcome:
 class _Live:
     """One request while it runs: its pass, and where its tokens are in this step."""
 
-    def __init__(self, key: str, spec: Spec, root: nn.Module, extra: Mapping[str, nn.Module]):
+    def __init__(self, key: str, spec: Spec, driver: Driver) -> None:
         self.key = key
         self.spec = spec
         self.error: str | None = None
@@ -122,14 +136,14 @@ class _Live:
         self.prompt = 0
         self.start = self.end = self.row = 0
         self.logits: Tensor | None = None
+        self.started_at: int | None = None  # the engine step of its prompt pass
         try:
-            plan = Plan.build(root, for_prompt(spec), extra=extra)
-            _check_supported(plan)
-            check_order(plan)
-            self.pass_: Pass | None = Pass(plan, root, steps=not spec.run)
+            plan = driver.plan_for(spec)
+            self.pass_: Pass | None = Pass(plan, driver.model, steps=not spec.run)
         except PurelensError as error:
             self.pass_ = None
             self.error = str(error)
+            self.kind = type(error).__name__
 
     @property
     def acting(self) -> bool:
@@ -211,6 +225,10 @@ class _Step:
             except PurelensError as error:
                 live.fail(error)
                 continue
+            if live.steps == 1:  # its prompt pass: when the call's prompts started
+                self.driver.starts.setdefault(live.spec.group, {})[live.spec.index] = (
+                    self.driver.engine_steps
+                )
             if live.pass_ is not None:
                 live.pass_.begin_step()
 
@@ -250,26 +268,27 @@ class _Step:
         pre: dict[nn.Module, Any] = {}
         post: dict[nn.Module, Any] = {}
         root = self.driver.model
-        pre[root] = self._guarded(self._root_hook)
+        pre[root] = self._guarded(self._root_hook, self.live)
         for key, module in modules.items():
-            if key in inputs or key in skips:
+            ins, outs, skipping = inputs.get(key, []), outputs.get(key, []), skips.get(key, [])
+            mine = [live for live, _ in ins + outs] + skipping
+            if ins or skipping:
                 previous = pre.get(module)
-                hook = self._pre_hook(inputs.get(key, []), skips.get(key, []), previous)
-                pre[module] = self._guarded(hook)
-            if key in outputs or key in skips or key in inputs:  # inputs: a norm's sum
-                hook = self._post_hook(outputs.get(key, []), skips.get(key, []))
-                post[module] = self._guarded(hook)
+                pre[module] = self._guarded(self._pre_hook(ins, skipping, previous), mine)
+            if outs or skipping or ins:  # inputs: a norm's sum
+                post[module] = self._guarded(self._post_hook(outs, skipping), mine)
         return pre, post
 
-    def _guarded(self, hook: Any) -> Any:
-        """`hook`, failing this step's requests instead of raising into vLLM's engine (whose
-        other requests must go on); the value is then left as the model computed it."""
+    def _guarded(self, hook: Any, lives: list[_Live]) -> Any:
+        """`hook`, failing the requests it acts for (`lives`) instead of raising into vLLM's
+        engine, whose other requests must go on; the value is then left as the model
+        computed it. (Each request's own interventions fail it alone, in `_apply`.)"""
 
         def guarded(*args: Any) -> Any:
             try:
                 return hook(*args)
-            except Exception as error:  # any failure belongs to the step's requests
-                for live in self.live:
+            except Exception as error:  # a failure of the site itself, for all who use it
+                for live in lives:
                     live.fail(error)
                 return None
 
@@ -343,13 +362,21 @@ class _Step:
                 with live.bounded():
                     skipped, out = live.pass_.on_skip(module, (piece,), {})
                 if skipped:
-                    if not isinstance(out, Tensor) or out.shape[2:] != value.shape[1:]:
+                    want = value[live.start : live.end].unsqueeze(0)
+                    if not isinstance(out, Tensor) or (out.shape, out.dtype) != (
+                        want.shape,
+                        want.dtype,
+                    ):
+                        got = describe(out) if isinstance(out, Tensor) else type(out).__name__
                         raise PurelensError(
-                            f"the skip of {module.__class__.__name__} gave {out!r}, not a tensor "
-                            f"of the module's output shape [1, tokens, {list(value.shape[1:])}]."
+                            _SKIP_RESULT.format(
+                                what=repr(live.pass_.plan.skips[id(module)][1]),
+                                got=got,
+                                want=describe(want),
+                            )
                         )
                     new[live.start : live.end] = out[0]
-            except (PurelensError, Timeout) as error:
+            except Exception as error:  # the request's own: it fails alone
                 live.fail(error)
         return new, rebuild
 
@@ -374,16 +401,24 @@ class _Step:
             if piece is None or not live.acting:
                 continue
             assert live.pass_ is not None
+            call = live.spec.group
             token = ARRIVALS.set(
-                (live.spec.index, live.pass_.step, arrivals.get(live.spec.group, {}))
+                (
+                    live.spec.index,
+                    live.pass_.step,
+                    arrivals.get(call, {}),
+                    self.driver.starts.get(call, {}),
+                )
             )
             try:
                 with live.bounded():
                     out = live.pass_.on_output(site, piece)
+                if out is not None:
+                    self.driver.check_ids(site, out)
             except StopPass:
                 live.stopped = True
                 continue
-            except (PurelensError, Timeout, ops.ElementLimitError) as error:
+            except Exception as error:  # the request's own: it fails alone
                 live.fail(error)
                 continue
             finally:
@@ -454,6 +489,11 @@ class Driver:
         self.request_of: dict[str, str] = {}  # key -> vLLM request id
         self.by_key: dict[str, _Live] = {}
         self.skip_inputs: dict[int, Tensor] = {}
+        self.plans: dict[tuple[str, Any], Plan] = {}
+        self.starts: dict[str, dict[int, int]] = {}  # call -> prompt -> its first engine step
+        self.engine_steps = 0
+        self.tables = self._id_tables()
+        self.shared = self._shared_modules()
         self.residuals: dict[int, Tensor] = {}  # id(norm) -> the sum it must pass on
         self.step: _Step | None = None
         self.lock = threading.Lock()
@@ -461,6 +501,75 @@ class Driver:
         self._sample = runner.sample_tokens
         runner.execute_model = self.execute_model
         runner.sample_tokens = self.sample_tokens
+
+    def _id_tables(self) -> dict[int, int]:
+        """id(module) -> the size of the table its integer values index: the vocabulary
+        for the model's input, the embeddings' inputs and the sampler's tokens."""
+        tables: dict[int, int] = {}
+        vocab = None
+        for module in self.model.modules():
+            weight = getattr(module, "weight", None)
+            if isinstance(module, nn.Embedding) or (
+                "embedding" in type(module).__name__.lower() and isinstance(weight, Tensor)
+            ):
+                size = int(getattr(module, "num_embeddings", None) or weight.shape[0])  # type: ignore[union-attr]
+                tables[id(module)] = size
+                vocab = vocab or size
+        config = getattr(self.model, "config", None)
+        vocab = getattr(config, "vocab_size", None) or vocab
+        if vocab:
+            tables[id(self.model)] = int(vocab)
+            tables[id(self.runner.sampler)] = int(vocab)
+        return tables
+
+    def _shared_modules(self) -> dict[int, list[str]]:
+        """id(module) -> its paths, for modules the model uses at several places."""
+        paths: dict[int, list[str]] = {}
+        for name, module in self.model.named_modules(remove_duplicate=False):
+            paths.setdefault(id(module), []).append(name)
+        return {key: names for key, names in paths.items() if len(names) > 1}
+
+    def check_ids(self, site: SitePlan, value: Tensor) -> None:
+        """Raise if a new value of integer ids indexes outside its table (see `_id_tables`)."""
+        size = self.tables.get(id(site.module))
+        if size is None or value.is_floating_point() or value.numel() == 0:
+            return
+        low, high = int(value.min()), int(value.max())
+        if low < 0 or high >= size:
+            bad = f"{low}" if low < 0 else f"{high}"
+            what = ", ".join(repr(iv) for _, iv in site.entries)
+            raise PurelensError(
+                _BAD_ID.format(what=what, site=site.site, size=size, bad=bad, last=size - 1)
+            )
+
+    def plan_for(self, spec: Spec) -> Plan:
+        """The plan of a request, shared by the requests of its call with the same list of
+        interventions (a plan holds no state; each request's `Pass` does)."""
+        nodes, signature = for_prompt(spec)
+        key = (spec.group, signature)
+        plan = self.plans.get(key)
+        if plan is None:
+            plan = Plan.build(self.model, nodes, extra=self.extra)
+            self.check_plan(plan)
+            if len(self.plans) >= 4096:  # a bound, for engines that run without end
+                self.plans.clear()
+            self.plans[key] = plan
+        return plan
+
+    def check_plan(self, plan: Plan) -> None:
+        """Raise for what vLLM's model cannot do (`_check_supported`, `check_order`) and for
+        sites on modules it uses at several places."""
+        _check_supported(plan)
+        check_order(plan)
+        for site in plan.sites:
+            paths = self.shared.get(id(site.module))
+            if paths:
+                parent = site.site.partition(":")[0].rpartition(".")[0] or "''"
+                raise PurelensError(
+                    _SHARED.format(
+                        site=site.site, count=len(paths), paths=", ".join(paths[:4]), parent=parent
+                    )
+                )
 
     def admit(self, rid: str, params: Any) -> None:
         extra = getattr(params, "extra_args", None) or {}
@@ -473,7 +582,7 @@ class Driver:
             self.request_of[key] = rid
             return
         spec = _spec(key, extra)
-        live = _Live(key, spec, self.model, self.extra)
+        live = _Live(key, spec, self)
         with self.lock:
             self.live[rid] = live
             self.by_key[key] = live
@@ -490,6 +599,7 @@ class Driver:
         self.step = None
         if not any(live.acting for live in present):
             return self._execute(scheduler_output, *args, **kwargs)
+        self.engine_steps += 1
         step = self.step = _Step(self, present)
         pre, post = step.hooks()
         logits = self.extra.get("logits")
@@ -502,20 +612,21 @@ class Driver:
     def sample_tokens(self, *args: Any, **kwargs: Any) -> Any:
         step = self.step
         sampler = self.runner.sampler
-        if step is None or not any(
-            site.module is sampler
-            for live in step.live
-            if live.pass_ is not None
-            for site in live.pass_.plan.sites
-        ):
+        sampling = [
+            live
+            for live in (step.live if step is not None else [])
+            if live.pass_ is not None and any(s.module is sampler for s in live.pass_.plan.sites)
+        ]
+        if step is None or not sampling:
             return self._sample(*args, **kwargs)
-        hook = step._guarded(lambda m, a, k, out: step.on_samples(out))
+        hook = step._guarded(lambda m, a, k, out: step.on_samples(out), sampling)
         with around_forwards({}, {sampler: hook}):
             return self._sample(*args, **kwargs)
 
     def collect(self, keys: list[str], encoded: bool) -> list[Any]:
         """The outcomes of `keys` (forgotten here): `Outcome`s, or dicts when `encoded`."""
         out: list[Any] = []
+        groups: set[str] = set()
         with self.lock:
             for key in keys:
                 live = self.by_key.pop(key, None)
@@ -527,6 +638,11 @@ class Driver:
                     continue
                 outcome = live.outcome(encoded)
                 out.append(dataclasses.asdict(outcome) if encoded else outcome)
+                groups.add(live.spec.group)
+            for group in groups - {live.spec.group for live in self.by_key.values()}:
+                self.starts.pop(group, None)  # the call is over
+                for plan_key in [k for k in self.plans if k[0] == group]:
+                    del self.plans[plan_key]
         return out
 
 
@@ -579,11 +695,12 @@ class Extension:
         driver = self.model_runner.purelens_driver  # type: ignore[attr-defined]
         try:
             ivs = payload if isinstance(payload, tuple) else _decoded(payload)
-            for index in range(count):
-                spec = Spec(ivs, index, count, "check", run)
-                plan = Plan.build(driver.model, for_prompt(spec), extra=driver.extra)
-                _check_supported(plan)
-                check_order(plan)
+            seen: set[Any] = set()
+            for index in range(count):  # one plan per different list of interventions
+                nodes, signature = for_prompt(Spec(ivs, index, count, "check", run))
+                if signature not in seen:
+                    seen.add(signature)
+                    driver.check_plan(Plan.build(driver.model, nodes, extra=driver.extra))
         except PurelensError as error:
             return type(error).__name__, str(error)
         return None

@@ -320,3 +320,15 @@ def test_the_plain_loop_has_logits_and_samples_too() -> None:
     )  # fmt: skip
     assert rec.output[0, 4] == 4
     assert torch.equal(rec["logits"][0], model(ids)[:, -1])
+
+
+def test_samples_saved_before_a_patch_keep_the_sampled_token(
+    model: nn.Module, prompt: torch.Tensor
+) -> None:
+    plain = pl.generate(model, prompt, [pl.save("samples")], max_new_tokens=2, pad_token_id=0)
+    rec = pl.generate(
+        model, prompt, [pl.save("samples"), pl.patch("samples", lambda t: t * 0 + 5, step=0)],
+        max_new_tokens=2, pad_token_id=0,
+    )  # fmt: skip
+    assert torch.equal(rec["samples"][0], plain["samples"][0])  # what was sampled
+    assert (rec.output[:, prompt.shape[1]] == 5).all()  # what was appended

@@ -123,3 +123,9 @@ def _engines_shut_down() -> Iterator[None]:
 
     for engine in list(_loaded):
         engine.llm_engine.engine_core.shutdown()
+
+
+@pytest.fixture(scope="session")
+def budget_llm() -> Any:
+    """An engine that prefills at most 64 tokens a step, so long prompts start apart."""
+    return _engine(DEFAULT, max_num_batched_tokens=64)

@@ -1,0 +1,107 @@
+"""Regressions found by review: each of these was silently wrong, leaked, or broke the
+engine for everyone before it was fixed."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+import torch
+
+import purelens as pl
+from purelens import ops
+from tests.vllm.test_generate import PROMPTS, alone, assert_same
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [pl.patch("samples", ops.value + 10**6, step=1), pl.patch("wte:input", ops.value + 10**6)],
+)
+def test_ids_outside_the_vocabulary_fail_the_request_not_the_engine(
+    llm: Any, hf: Any, bad: Any
+) -> None:
+    for _ in range(3):  # once broke the engine, or left requests holding KV blocks for ever
+        with pytest.raises(pl.PurelensError, match="outside it"):
+            pl.generate(llm, PROMPTS * 4, [bad], max_new_tokens=3)
+    rec = pl.generate(llm, PROMPTS[0], [pl.save("h.1")], max_new_tokens=3)
+    assert_same(rec, alone(hf, PROMPTS[0], [pl.save("h.1")], 3))
+
+
+def test_one_prompts_failure_is_its_own(llm: Any, hf: Any) -> None:
+    def boom(v: torch.Tensor) -> torch.Tensor:
+        raise ValueError("boom")
+
+    with pytest.raises(pl.PurelensError, match=r"^prompt 1: boom"):
+        pl.generate(llm, PROMPTS, [pl.patch("h.0", boom, batch=1)], max_new_tokens=2)
+    # a call running beside a failing one is untouched
+    results: dict[str, Any] = {}
+
+    def good() -> None:
+        results["good"] = pl.generate(llm, PROMPTS, [pl.save("h.1")], max_new_tokens=12)
+
+    def bad() -> None:
+        try:
+            pl.generate(llm, PROMPTS, [pl.patch("h.0", boom), pl.save("logits_processor:input")],
+                        max_new_tokens=12)  # fmt: skip
+        except pl.PurelensError as error:
+            results["bad"] = error
+
+    threads = [threading.Thread(target=good), threading.Thread(target=bad)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert isinstance(results["bad"], pl.PurelensError)
+    for prompt, rec in zip(PROMPTS, results["good"], strict=True):
+        assert_same(rec, alone(hf, prompt, [pl.save("h.1")], 12))
+
+
+def test_a_module_used_at_several_places_is_refused(llm: Any) -> None:
+    # vLLM's GPT-2 has one activation module for every layer's MLP.
+    with pytest.raises(pl.PurelensError, match=r"at 2 places"):
+        pl.generate(llm, PROMPTS, [pl.patch("h.0.mlp.act", torch.zeros_like)], max_new_tokens=1)
+
+
+def test_a_mean_over_prompts_started_apart_is_refused_at_every_step(budget_llm: Any) -> None:
+    long = ["the home of leibrund is lagos . " * 3 + "the home of"] * 4  # ~25 tokens each
+    with pytest.raises(pl.PurelensError, match="other engine steps"):
+        pl.generate(budget_llm, long, [pl.ablate("h.0.mlp", "mean", step=1)], max_new_tokens=3)
+
+
+def test_eos_token_id_replaces_the_models_as_in_hf(llm: Any, hf: Any) -> None:
+    force = torch.zeros(344)
+    force[3] = 1e4
+    ivs = [pl.add("logits", force, step=1), pl.save("h.1")]
+    got = pl.generate(llm, PROMPTS[0], ivs, max_new_tokens=5, eos_token_id=7)
+    want = pl.generate(hf[0], [PROMPTS[0]], ivs, max_new_tokens=5, eos_token_id=7, tokenizer=hf[1])
+    assert_same(got, want)
+
+
+def test_generation_cut_at_max_model_len_is_an_error(llm: Any) -> None:
+    with pytest.raises(pl.PurelensError, match="max_model_len"):
+        pl.generate(llm, PROMPTS[1], [pl.save("h.1")], max_new_tokens=62)
+
+
+def test_a_skip_must_give_the_outputs_shape_and_dtype(llm: Any) -> None:
+    for fn in (lambda v: v[:, :1], lambda v: v.double()):
+        with pytest.raises(pl.PurelensError, match="output there is"):
+            pl.generate(llm, PROMPTS[:2], [pl.skip("h.0", fn)], max_new_tokens=1)
+
+
+def test_unclear_inputs_get_clear_errors(llm: Any) -> None:
+    with pytest.raises(pl.PurelensError, match="positive temperature"):
+        pl.generate(llm, PROMPTS[0], [], max_new_tokens=2, do_sample=True, temperature=0.0)
+    with pytest.raises(pl.PurelensError, match="vLLM refused prompt 0"):
+        pl.generate(llm, [[1] * 100], [], max_new_tokens=1)  # over max_model_len
+    with pytest.raises(pl.PurelensError, match="no model at"):
+        pl.vllm.load("/nonexistent/model")
+
+
+def test_the_engine_loop_forgets_finished_requests(llm: Any) -> None:
+    from purelens.vllm._loop import loop_of
+
+    for _ in range(3):
+        pl.generate(llm, PROMPTS, [], max_new_tokens=2)
+    loop = loop_of(llm)
+    assert not loop._waiting and not loop._internal and not loop._rid_of
