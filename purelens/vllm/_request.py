@@ -1,0 +1,145 @@
+"""One request on the worker: what purelens asks of it, its state while it runs, what it leaves.
+
+`Spec` travels from the driver (as an object in this process, else as data in
+the request's ``extra_args``); `Live` is the request's own `Pass` and where its
+tokens are in the current engine step; `Outcome` is what `collect` hands back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from torch import Tensor
+
+from .. import ops
+from .._budget import bounded
+from .._errors import PurelensError
+from .._interventions import Intervention
+from .._limits import Timeout
+from .._pass import Pass
+from .._plan import Plan
+from .._record import Record
+from .._wire import encode_record
+
+if TYPE_CHECKING:  # the driver imports this module
+    from ._worker import Driver
+
+__all__ = ["Live", "Outcome", "Spec", "check_supported"]
+
+_INSIDE = (
+    "site {site!r}: attention ports and op sites are not supported on vLLM yet (its "
+    "attention runs in fused kernels over a paged cache).\n"
+    "  Use them with pl.run or pl.generate on the HF model; on vLLM, intervene on "
+    "module outputs and inputs."
+)
+_GRADS = (
+    "{what}: vLLM runs without autograd (torch.inference_mode), so there is no gradient "
+    "to save or patch.\n  Use pl.run(hf_model, ..., loss=...) for gradients."
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """What purelens asks of one request: its call's interventions, and which prompt it is."""
+
+    interventions: tuple[Intervention, ...]
+    index: int  # the prompt's place in its call (`batch=` counts these)
+    count: int  # how many prompts the call has
+    group: str  # the call
+    run: bool  # pl.run: one pass, whose logits are the output
+    seconds: float | None = None  # a server's limits: the time the call had left when sent,
+    saved_bytes: int | None = None  # and the bytes this request may save,
+    elements: int | None = None  # and the elements an ops expression may make
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What one request left: its saved values, or an error.
+
+    ``record`` is a `Record` whose output is pl.run's next-token logits (None
+    for pl.generate), or its bytes (`_wire.encode_record`) across processes,
+    where an `Outcome` travels as a dict of plain values.
+    """
+
+    record: Record | bytes
+    error: str | None = None
+    kind: str | None = None  # the error's: "GenerationEnded", "SavedBytesError", "Timeout", ...
+    stopped: bool = False  # pl.run: a pl.stop ended its pass
+
+
+class Live:
+    """One request while it runs: its pass, and where its tokens are in this step."""
+
+    def __init__(self, key: str, spec: Spec, driver: Driver) -> None:
+        self.key = key
+        self.spec = spec
+        self.error: str | None = None
+        self.kind: str | None = None
+        self.deadline = None if spec.seconds is None else time.monotonic() + spec.seconds
+        self.budget = None if spec.saved_bytes is None else [spec.saved_bytes, spec.saved_bytes]
+        self.stopped = False
+        self.steps = 0  # steps run so far
+        self.tokens = 0  # tokens computed so far
+        self.prompt = 0
+        self.start = self.end = self.row = 0
+        self.logits: Tensor | None = None
+        self.started_at: int | None = None  # the engine step of its prompt pass
+        try:
+            plan = driver.plan_for(spec)
+            self.pass_: Pass | None = Pass(plan, driver.model, steps=not spec.run)
+        except PurelensError as error:
+            self.pass_ = None
+            self.error = str(error)
+            self.kind = type(error).__name__
+
+    @property
+    def acting(self) -> bool:
+        return self.pass_ is not None and self.error is None and not self.stopped
+
+    def fail(self, error: BaseException) -> None:
+        if self.error is None:
+            self.kind = type(error).__name__
+            self.error = str(error) or self.kind
+
+    def check(self) -> None:
+        """Raise `Timeout` once a server's deadline for this request has passed."""
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise Timeout
+
+    @contextlib.contextmanager
+    def bounded(self) -> Iterator[None]:
+        """This request's limits (a server's), while its interventions run."""
+        if self.deadline is None and self.budget is None and self.spec.elements is None:
+            yield
+            return
+        with contextlib.ExitStack() as stack:
+            if self.spec.elements is not None:
+                stack.enter_context(ops.limit_elements(self.spec.elements))
+            stack.enter_context(bounded(self.check, self.budget))
+            yield
+
+    def outcome(self, encoded: bool) -> Outcome:
+        if self.error is None and self.pass_ is not None:
+            try:
+                self.pass_.check_finished()
+            except PurelensError as error:
+                self.fail(error)
+        saved = self.pass_.record_saved() if self.pass_ is not None else {}
+        record = Record(saved, self.logits)
+        kept: Record | bytes = encode_record(record) if encoded else record
+        return Outcome(kept, self.error, self.kind, self.stopped)
+
+
+def check_supported(plan: Plan) -> None:
+    from .._grads import PatchGrad, SaveGrad
+
+    for site in plan.sites:
+        if site.inside:
+            raise PurelensError(_INSIDE.format(site=site.site))
+    for iv in plan.interventions:
+        if isinstance(iv, SaveGrad | PatchGrad):
+            raise PurelensError(_GRADS.format(what=repr(iv)))
