@@ -24,11 +24,14 @@ from .._pass import Pass
 from .._plan import Plan
 from .._record import Record
 from .._wire import encode_record
+from ._group import Arrive, FromPrompt, GroupMean
 
 if TYPE_CHECKING:  # the driver imports this module
     from ._worker import Driver
 
 __all__ = ["Live", "Outcome", "Spec", "check_supported"]
+
+_ACROSS = (Arrive, FromPrompt, GroupMean)
 
 _INSIDE = (
     "site {site!r}: attention ports and op sites are not supported on vLLM yet (its "
@@ -88,8 +91,11 @@ class Live:
         self.start = self.end = self.row = 0
         self.logits: Tensor | None = None
         self.started_at: int | None = None  # the engine step of its prompt pass
+        self.unbounded = spec.seconds is None and spec.saved_bytes is None and spec.elements is None
+        self.across = False  # whether it reads or is read by other prompts of its call
         try:
             plan = driver.plan_for(spec)
+            self.across = any(isinstance(iv, _ACROSS) for iv in plan.interventions)
             self.pass_: Pass | None = Pass(plan, driver.model, steps=not spec.run)
         except PurelensError as error:
             self.pass_ = None

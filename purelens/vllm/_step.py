@@ -250,28 +250,34 @@ class Step:
             value, rebuild = found
         pieces = {id(live): self._piece(live, value, tokens) for live, _ in entries if live.acting}
         arrivals: dict[str, dict[int, tuple[int, Tensor]]] = {}
-        for live, _ in entries:
-            if id(live) in pieces and live.pass_ is not None:
-                group = arrivals.setdefault(live.spec.group, {})
-                group[live.spec.index] = (live.pass_.step, pieces[id(live)])
+        if any(live.across for live, _ in entries):  # values other prompts of a call read
+            for live, _ in entries:
+                if id(live) in pieces and live.pass_ is not None:
+                    group = arrivals.setdefault(live.spec.group, {})
+                    group[live.spec.index] = (live.pass_.step, pieces[id(live)])
         new: Tensor | None = None
         for live, site in entries:
             piece = pieces.get(id(live))
             if piece is None or not live.acting:
                 continue
             assert live.pass_ is not None
-            call = live.spec.group
-            token = ARRIVALS.set(
-                (
-                    live.spec.index,
-                    live.pass_.step,
-                    arrivals.get(call, {}),
-                    self.driver.starts.get(call, {}),
+            token = None
+            if live.across:
+                call = live.spec.group
+                token = ARRIVALS.set(
+                    (
+                        live.spec.index,
+                        live.pass_.step,
+                        arrivals.get(call, {}),
+                        self.driver.starts.get(call, {}),
+                    )
                 )
-            )
             try:
-                with live.bounded():
+                if live.unbounded:
                     out = live.pass_.on_output(site, piece)
+                else:
+                    with live.bounded():
+                        out = live.pass_.on_output(site, piece)
                 if out is not None:
                     self.driver.check_ids(site, out)
             except StopPass:
@@ -281,7 +287,8 @@ class Step:
                 live.fail(error)
                 continue
             finally:
-                ARRIVALS.reset(token)
+                if token is not None:
+                    ARRIVALS.reset(token)
             if out is None:
                 continue
             if new is None:
