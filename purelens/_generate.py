@@ -14,10 +14,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._backend import is_vllm
 from ._eager import eager_under_compile, unwrapped
 from ._errors import GenerationEnded, PurelensError
 from ._grads import check_loss_allowed
-from ._hooks import installed, rewriting
+from ._hooks import around_forwards, installed
 from ._inputs import call_arguments, pad_id, padding_of
 from ._interventions import Stop, flatten_interventions
 from ._pass import Pass
@@ -110,13 +111,17 @@ def generate(
             validate=validate,
             **generate_kwargs,
         )
-    if _is_vllm(model):
+    ivs = flatten_interventions(interventions)
+    for iv in ivs:
+        if isinstance(iv, Stop):
+            raise PurelensError(_NO_STOP.format(what=repr(iv)))
+    if is_vllm(model):
         from .vllm._engine import generate_on
 
         return generate_on(  # type: ignore[return-value]
             model,
             inputs,
-            interventions,
+            ivs,
             max_new_tokens=max_new_tokens,
             tokenizer=tokenizer,
             validate=validate,
@@ -136,11 +141,8 @@ def generate(
     hf_generate = getattr(model, "generate", None)
     if max_new_tokens is None and not callable(hf_generate):
         raise PurelensError(_NO_LENGTH)
-    plan = Plan.build(model, flatten_interventions(interventions), extra=TAPS)
+    plan = Plan.build(model, ivs, extra=TAPS)
     check_loss_allowed(None, list(plan.save_grads))
-    for iv in plan.interventions:
-        if isinstance(iv, Stop):
-            raise PurelensError(_NO_STOP.format(what=repr(iv)))
     encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
     args, kwargs = call_arguments(
         inputs, tokenizer, {}, padding_side="right" if encoder_decoder else "left"
@@ -167,7 +169,7 @@ def generate(
     with torch.no_grad(), installed(pass_), contextlib.ExitStack() as stack:
         if callable(hf_generate):
             if "logits" in taps:
-                stack.enter_context(rewriting(model, tap_logits))
+                stack.enter_context(around_forwards({}, {model: tap_logits}))
             if "samples" in taps:
                 generate_kwargs["stopping_criteria"] = _with_samples(model, generate_kwargs)
             length = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
@@ -181,11 +183,6 @@ def generate(
         ended.record = Record(pass_.record_saved(), output)
         raise
     return Record(pass_.record_saved(), output)
-
-
-def _is_vllm(model: Any) -> bool:
-    """Whether `model` is a `vllm.LLM` (checked without importing vLLM)."""
-    return type(model).__module__.startswith("vllm.") and hasattr(model, "llm_engine")
 
 
 def _with_samples(model: nn.Module, generate_kwargs: dict[str, Any]) -> Any:

@@ -44,7 +44,6 @@ __all__ = [
     "calling",
     "check_before_every_module",
     "installed",
-    "rewriting",
     "skip_of",
 ]
 
@@ -277,24 +276,13 @@ def calling(
 
 
 @contextlib.contextmanager
-def rewriting(module: nn.Module, hook: Callable[[nn.Module, Any, Any], Any]) -> Iterator[None]:
-    """`hook(module, args, output)` after every forward of `module` for one block; what it
-    returns (unless None) becomes the output."""
-    handle = module.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-@contextlib.contextmanager
 def around_forwards(
     pre: dict[nn.Module, Callable[..., Any]], post: dict[nn.Module, Callable[..., Any]]
 ) -> Iterator[None]:
     """For one block, ``pre[m](m, args, kwargs)`` before each forward of `m` (it may
     return new ``(args, kwargs)``) and ``post[m](m, args, kwargs, output)`` after it
     (it may return a new output): the hooks of a backend that lays out several
-    passes in one batch (vLLM)."""
+    passes in one batch (vLLM), and of the values of generation (`_taps`)."""
     handles = []
     try:
         for module, fn in pre.items():

@@ -15,6 +15,7 @@ from typing import Any
 from torch import nn
 
 from ._attention import has_attention
+from ._backend import is_vllm
 from ._eager import unwrapped
 from ._errors import PurelensError
 from ._hooks import calling
@@ -58,7 +59,7 @@ def sites(
     """
     if isinstance(model, Remote):
         return list(model.sites)
-    if type(model).__module__.startswith("vllm.") and hasattr(model, "llm_engine"):
+    if is_vllm(model):
         from .vllm._engine import sites_of
 
         return sites_of(model)

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._backend import is_vllm
 from ._eager import eager_under_compile, unwrapped
 from ._errors import PurelensError
 from ._grads import by_call, call_loss, check_loss_allowed, detached, gradients
@@ -110,7 +111,7 @@ def run(
             validate=validate,
             **model_kwargs,
         )
-    if type(model).__module__.startswith("vllm.") and hasattr(model, "llm_engine"):
+    if is_vllm(model):
         from .vllm._engine import run_on
 
         _local_only(params=params, loss=loss)

@@ -231,10 +231,7 @@ def _load(path: str | Path | None, engine: str, engine_args: dict[str, Any] | No
         raise PurelensError(f"`engine` must be 'hf' or 'vllm', got {engine!r}.")
     from . import vllm
 
-    where = Path(path) if path is not None else models.DEFAULT_PATH
-    if not (where / "config.json").is_file():
-        models.load(path)  # raises the loader's error: no model there
-    llm = vllm.load(where, **(engine_args or {}))
+    llm = vllm.load(models._folder(path), **(engine_args or {}))
     return llm, llm.get_tokenizer()
 
 

@@ -54,7 +54,7 @@ def tapped(plan: Plan) -> set[str]:
     return {taps[id(site.module)] for site in plan.sites if id(site.module) in taps}
 
 
-def tap_logits(module: nn.Module, args: Any, output: Any) -> Any:
+def tap_logits(module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
     """A root forward hook: the output's last-position logits through the ``"logits"`` tap."""
     logits = output.get("logits") if isinstance(output, Mapping) else None
     if not isinstance(logits, Tensor) or logits.ndim != 3:

@@ -146,16 +146,13 @@ def decode_record(data: bytes) -> Record:
 
 def decode_result(data: bytes) -> Record | list[Record]:
     """What a server answered: one `Record`, or a list of them (`encode_records`)."""
-    if bytes(data[: len(_RECORDS)]) != _RECORDS:
+    if not bytes(data).startswith(_serialize._magic("records")):
         return decode_record(data)
     header, tensors = _serialize.unpack(data, "records")
     bodies = header.get("records")
     if not isinstance(bodies, list) or not all(isinstance(b, dict) for b in bodies):
         raise PurelensError("cannot load records: `records` must be a list of records.")
     return [_record_of(body, tensors) for body in bodies]
-
-
-_RECORDS = b"purelens records\n"
 
 
 def _record_of(header: dict[str, Any], tensors: dict[str, Tensor]) -> Record:

@@ -24,16 +24,22 @@ def load(path: str | Path | None = None) -> tuple[nn.Module, Any]:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    where = _folder(path)
+    model = AutoModelForCausalLM.from_pretrained(where).eval()
+    return model, AutoTokenizer.from_pretrained(where)
+
+
+def _folder(path: str | Path | None) -> Path:
+    """The model folder at `path` (the bundled one for None), checked to hold a model."""
     from .._errors import PurelensError
 
-    where = Path(path) if path is not None else DEFAULT_PATH
+    where = Path(path).expanduser() if path is not None else DEFAULT_PATH
     if not (where / "config.json").is_file():
         raise PurelensError(
             f"no model at {str(where)!r}: expected a folder saved with save_pretrained "
             "(config.json, weights, tokenizer)."
         )
-    model = AutoModelForCausalLM.from_pretrained(where).eval()
-    return model, AutoTokenizer.from_pretrained(where)
+    return where
 
 
 def load_default() -> tuple[nn.Module, Any]:

@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import ops
+from .. import models, ops
 from .._budget import SavedBytesError, left
 from .._errors import GenerationEnded, PurelensError, SiteError
-from .._interventions import Intervention, Stop, flatten_interventions
+from .._interventions import Intervention, flatten_interventions
 from .._limits import Timeout, time_left
 from .._record import Record
 from .._serialize import dumps
@@ -75,10 +75,6 @@ HF_OPTIONS = frozenset(
         "use_cache",
     }
 )
-_NO_STOP = (
-    "{what} has no meaning in pl.generate: it ends one forward pass, and generation is "
-    "many.\n  Use pl.run for a single pass."
-)
 _NO_VALIDATE = (
     "validate=True runs the plan on fake tensors of the model, which vLLM's model "
     "cannot run on; on vLLM, sites and interventions are checked against the "
@@ -97,10 +93,6 @@ _CUT = (
     "prompt {index}: vLLM generated {got} of the {want} new tokens asked for and stopped "
     "at the engine's max_model_len ({why}), where HF would go on or fail.\n"
     "  Ask for fewer new tokens, or load the engine with a larger max_model_len."
-)
-_NO_MODEL = (
-    "pl.vllm.load: no model at {path!r}: expected a folder saved with save_pretrained "
-    "(config.json, weights, tokenizer)."
 )
 
 # The engines pl.vllm.load made, and whether all their workers run in this process.
@@ -137,11 +129,9 @@ def load(path: Any, **engine_args: Any) -> Any:
         import vllm
     except ImportError as error:
         raise PurelensError(_NO_VLLM) from error
-    where = Path(str(path)).expanduser()
-    if (where.is_absolute() or str(path).startswith((".", "~"))) and not (
-        where / "config.json"
-    ).is_file():
-        raise PurelensError(_NO_MODEL.format(path=str(path)))
+    text = str(path)
+    if Path(text).expanduser().is_absolute() or text.startswith((".", "~")):  # not a hub id
+        path = models._folder(path)
     for arg in ("compilation_config",):
         if engine_args.get(arg) not in (None, 0):
             raise PurelensError(_COMPILED.format(arg=arg, value=engine_args[arg]))
@@ -182,10 +172,7 @@ def generate_on(
     unknown = [name for name in options if name not in HF_OPTIONS]
     if unknown:
         raise PurelensError(_UNKNOWN_KWARGS.format(names=", ".join(map(repr, unknown))))
-    ivs = flatten_interventions(interventions)
-    for iv in ivs:
-        if isinstance(iv, Stop):
-            raise PurelensError(_NO_STOP.format(what=repr(iv)))
+    ivs = flatten_interventions(interventions)  # pl.generate refused pl.stop already
     return _call(
         llm, inputs, ivs, max_new_tokens, sampling_params, tokenizer, validate, options, run=False
     )
@@ -241,7 +228,7 @@ def _call(
     # A server's limits (purelens serve): the time the call has left, the bytes it may save.
     seconds, budget, elements = time_left(), left(), ops._element_limit()
     try:
-        _raise(loop.rpc("purelens_check", (payload, count, run), seconds)[0])
+        _raise(loop.rpc("purelens_check", (payload, count, run, group), seconds)[0])
     except LoopTimeout:
         raise Timeout from None
     seconds = time_left()
@@ -250,20 +237,12 @@ def _call(
     for i, (prompt, sp, key) in enumerate(zip(prompts, params, keys, strict=True)):
         extra = dict(sp.extra_args or {})
         extra["purelens"] = key
+        spec = Spec(ivs, i, count, group, run, seconds, share, elements)
         if data is None:
             with _pending_lock:
-                PENDING[key] = Spec(ivs, i, count, group, run, seconds, share, elements)
+                PENDING[key] = spec
         else:
-            extra["purelens_call"] = {
-                "data": data,
-                "index": i,
-                "count": count,
-                "group": group,
-                "run": run,
-                "seconds": seconds,
-                "saved_bytes": share,
-                "elements": elements,
-            }
+            extra["purelens_call"] = spec.wire(data)
         sp.extra_args = extra
         request = dict(prompt)
         request["cache_salt"] = key  # no prefix cache shared with any other request
@@ -273,7 +252,7 @@ def _call(
     except LoopTimeout:
         raise Timeout from None
     finally:
-        outcomes = loop.rpc("purelens_collect", (keys, data is not None))[0]
+        outcomes = loop.rpc("purelens_collect", (keys, data is not None, group))[0]
         with _pending_lock:
             for key in keys:
                 PENDING.pop(key, None)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
@@ -57,6 +57,31 @@ class Spec:
     seconds: float | None = None  # a server's limits: the time the call had left when sent,
     saved_bytes: int | None = None  # and the bytes this request may save,
     elements: int | None = None  # and the elements an ops expression may make
+
+    def wire(self, data: bytes) -> dict[str, Any]:
+        """This spec as plain data for another process, with `data` its call's
+        interventions (`pl.dumps`)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        del fields["interventions"]
+        return {**fields, "data": data}
+
+    @classmethod
+    def from_wire(cls, call: Mapping[str, Any], decode: Callable[[Any], Any]) -> Spec:
+        """The spec `wire` wrote (its types checked), `decode` reading its interventions."""
+
+        def maybe(kind: Callable[[Any], Any], value: Any) -> Any:
+            return None if value is None else kind(value)
+
+        return cls(
+            decode(call["data"]),
+            int(call["index"]),
+            int(call["count"]),
+            str(call["group"]),
+            bool(call["run"]),
+            maybe(float, call.get("seconds")),
+            maybe(int, call.get("saved_bytes")),
+            maybe(int, call.get("elements")),
+        )
 
 
 @dataclasses.dataclass

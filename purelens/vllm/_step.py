@@ -61,6 +61,10 @@ class Step:
         self.live = live
         self.laid_out = False
         self.total = 0
+        # Between a module's pre- and post-hook, for the requests that skip it and for a
+        # norm whose input was patched:
+        self.skip_inputs: dict[int, Tensor] = {}  # id(module) -> its input
+        self.residuals: dict[int, Tensor] = {}  # id(norm) -> the sum it must pass on
 
     def lay_out(self) -> None:
         """Find each request's tokens (called once the runner has prepared the batch)."""
@@ -165,13 +169,13 @@ class Step:
             self.lay_out()
             if skipping:  # what the skipped requests' rows get instead of the output
                 value = self._value(input_value(module, args, kwargs, "skip"), "skip")
-                self.driver.skip_inputs[id(module)] = value[0]
+                self.skip_inputs[id(module)] = value[0]
             if not entries:
                 return None
             found = input_value(module, args, kwargs, entries[0][1].site)
             new = self._apply(entries, found, tokens=True)
             if new is not None and found is not None and keeps_residual(module, args, kwargs):
-                self.driver.residuals[id(module)] = found[0]  # the sum it must pass on
+                self.residuals[id(module)] = found[0]  # the sum it must pass on
             return new
 
         return hook
@@ -182,7 +186,7 @@ class Step:
 
         def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
             self.lay_out()
-            residual = driver.residuals.pop(id(module), None)
+            residual = self.residuals.pop(id(module), None)
             if residual is not None:
                 output = with_residual(output, residual)
             if not entries and not skipping:
@@ -210,7 +214,7 @@ class Step:
     def _skipped(self, module: nn.Module, skipping: list[Live], found: Any) -> Any:
         """The output with the skipping requests' rows replaced by what their skips give."""
         value, rebuild = self._value(found, "skip")
-        inputs = self.driver.skip_inputs.pop(id(module))
+        inputs = self.skip_inputs.pop(id(module))
         new = value.clone()
         for live in skipping:
             if not live.acting:

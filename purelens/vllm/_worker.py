@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from .._errors import PurelensError
 from .._hooks import around_forwards
 from .._interventions import Intervention, flatten_interventions
-from .._plan import Plan, SitePlan
+from .._plan import Plan, SitePlan, hookable
 from .._serialize import loads
 from ._group import check_order, for_prompt
 from ._request import Live, Outcome, Spec, check_supported
@@ -68,13 +68,11 @@ class Driver:
         self.live: dict[str, Live] = {}  # vLLM request id -> its pass
         self.request_of: dict[str, str] = {}  # key -> vLLM request id
         self.by_key: dict[str, Live] = {}
-        self.skip_inputs: dict[int, Tensor] = {}
         self.plans: dict[tuple[str, Any], Plan] = {}
         self.starts: dict[str, dict[int, int]] = {}  # call -> prompt -> its first engine step
         self.engine_steps = 0
         self.tables = self._id_tables()
         self.shared = self._shared_modules()
-        self.residuals: dict[int, Tensor] = {}  # id(norm) -> the sum it must pass on
         self.step: Step | None = None
         self.lock = threading.Lock()
         self._execute = runner.execute_model
@@ -203,10 +201,11 @@ class Driver:
         with around_forwards({}, {sampler: hook}):
             return self._sample(*args, **kwargs)
 
-    def collect(self, keys: list[str], encoded: bool) -> list[Any]:
-        """The outcomes of `keys` (forgotten here): `Outcome`s, or dicts when `encoded`."""
+    def collect(self, keys: list[str], encoded: bool, group: str) -> list[Any]:
+        """The outcomes of `keys`, the requests of call `group` (forgotten here, with the
+        call's plans): `Outcome`s, or dicts when `encoded`."""
         out: list[Any] = []
-        groups: set[str] = set()
+        groups = {group}
         with self.lock:
             for key in keys:
                 live = self.by_key.pop(key, None)
@@ -238,17 +237,7 @@ def _spec(key: str, extra: Mapping[str, Any]) -> Spec:
     call = extra.get("purelens_call")
     if not isinstance(call, Mapping):
         return Spec((), 0, 1, key, False)  # the sender is gone: a request of no one's
-    seconds, saved_bytes, elements = (call.get(k) for k in ("seconds", "saved_bytes", "elements"))
-    return Spec(
-        _decoded(call["data"]),
-        int(call["index"]),
-        int(call["count"]),
-        str(call["group"]),
-        bool(call["run"]),
-        None if seconds is None else float(seconds),
-        None if saved_bytes is None else int(saved_bytes),
-        None if elements is None else int(elements),
-    )
+    return Spec.from_wire(call, _decoded)
 
 
 class Extension:
@@ -261,23 +250,25 @@ class Extension:
             runner.purelens_driver = Driver(runner)
         return os.getpid()
 
-    def purelens_check(self, payload: Any, count: int, run: bool) -> tuple[str, str] | None:
-        """The first error in the plans of a call's prompts, as (kind, message), or None."""
+    def purelens_check(
+        self, payload: Any, count: int, run: bool, group: str
+    ) -> tuple[str, str] | None:
+        """The first error in the plans of a call's prompts, as (kind, message), or None.
+
+        The plans stay for the call's requests to take when they are admitted.
+        """
         driver = self.model_runner.purelens_driver  # type: ignore[attr-defined]
         try:
             ivs = payload if isinstance(payload, tuple) else _decoded(payload)
-            seen: set[Any] = set()
-            for index in range(count):  # one plan per different list of interventions
-                nodes, signature = for_prompt(Spec(ivs, index, count, "check", run))
-                if signature not in seen:
-                    seen.add(signature)
-                    driver.check_plan(Plan.build(driver.model, nodes, extra=driver.extra))
+            for index in range(count):
+                driver.plan_for(Spec(ivs, index, count, group, run))
         except PurelensError as error:
             return type(error).__name__, str(error)
         return None
 
-    def purelens_collect(self, keys: list[str], encoded: bool = True) -> list[Any]:
-        return self.model_runner.purelens_driver.collect(keys, encoded)  # type: ignore[attr-defined]
+    def purelens_collect(self, keys: list[str], encoded: bool, group: str) -> list[Any]:
+        driver = self.model_runner.purelens_driver  # type: ignore[attr-defined]
+        return driver.collect(keys, encoded, group)
 
     def purelens_describe(self) -> dict[str, Any]:
         """The engine's model: its class, parameter count and sites (module paths)."""
@@ -288,11 +279,6 @@ class Extension:
             "class": type(model).__name__,
             "model_type": getattr(config, "model_type", None),
             "parameters": sum(p.numel() for p in model.parameters()),
-            "sites": [name for name, m in model.named_modules() if _callable(m)]
+            "sites": [name for name, m in model.named_modules() if hookable(m)]
             + sorted(driver.extra),
         }
-
-
-def _callable(module: nn.Module) -> bool:
-    """Whether hooks on `module` can see a value (containers are never called)."""
-    return not (type(module).forward is nn.Module.forward and bool(module._modules))
