@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 from _common import machine
-from serve import TOKEN, percentile, start_server
+from serve import TOKEN, row, start_server
 
 import purelens as pl
 
@@ -227,10 +227,10 @@ def _close(got: pl.Record, want: pl.Record) -> bool:
 def _rows_close(got: pl.Record, want: list[pl.Record], tokenizer: Any) -> bool:
     ok = True
     width = got.output.shape[1]
-    for row, alone in enumerate(want):
+    for i, alone in enumerate(want):
         n = alone.output.shape[1]
-        ok &= torch.equal(got.output[row, width - n :], alone.output[0])  # left padding
-        ok &= torch.allclose(got["h.1"][-1][row], alone["h.1"][-1][0], atol=1e-4, rtol=0)
+        ok &= torch.equal(got.output[i, width - n :], alone.output[0])  # left padding
+        ok &= torch.allclose(got["h.1"][-1][i], alone["h.1"][-1][0], atol=1e-4, rtol=0)
     return bool(ok)
 
 
@@ -251,13 +251,7 @@ def serving(clients: int, requests: int) -> list[str]:
         finally:
             process.terminate()
             process.wait(timeout=60)
-        lat = result["latencies"]
-        right = "yes" if result["wrong"] == 0 else f"DIFFER ({result['wrong']} wrong)"
-        rows.append(
-            f"| {name} | {clients} x {requests} | {result['wall']:.2f} | "
-            f"{len(lat) / result['wall']:.1f} | {statistics.median(lat) * 1e3:.1f} | "
-            f"{percentile(lat, 0.99) * 1e3:.1f} | {right} |"
-        )
+        rows.append(row(name, f"{clients} x {requests}", result))
     return rows
 
 
