@@ -135,7 +135,7 @@ class Pass:
                 _NO_TENSOR.format(site=site.site, port="output", kind=type(output).__name__)
             )
         value, rebuild = split
-        new = self._acting(self._apply, site, value)
+        new = self._apply(site, value) if site.plain else self._acting(self._apply, site, value)
         self._maybe_stop(site)
         return None if new is value else rebuild(new)
 
@@ -148,7 +148,7 @@ class Pass:
                 return None
             raise PurelensError(_NO_TENSOR.format(site=site.site, port="input", kind="no tensor"))
         value, rebuild = split
-        new = self._acting(self._apply, site, value)
+        new = self._apply(site, value) if site.plain else self._acting(self._apply, site, value)
         self._maybe_stop(site)
         return None if new is value else rebuild(new)
 

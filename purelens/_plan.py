@@ -59,6 +59,9 @@ class SitePlan:
     only_saves: bool = True  # whether the entries only read (then checkpointing is harmless)
     op: str | None = None  # an op site's op ("softmax.0"), acted on inside the module's forward
     inside: bool = False  # whether the value is inside the module's forward (a port, an op)
+    # Whether the entries run none of the user's code (plain saves, stops): then they need
+    # none of the context a function gets (`Pass._acting`).
+    plain: bool = False
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -132,6 +135,7 @@ class Plan:
                 all(isinstance(iv, Save | Stop) for _, iv in entries),
                 op,
                 op is not None or port in ATTENTION_PORTS,
+                all(_plain(iv) for _, iv in entries),
             )
             for (name, port, op), entries in grouped.items()
         )
@@ -217,3 +221,8 @@ def _check_hookable(site: str, name: str, module: nn.Module) -> None:
         raise SiteError(
             _CONTAINER.format(site=site, name=name, kind=kind, example=f"{site}.{first}")
         )
+
+
+def _plain(iv: Intervention) -> bool:
+    """Whether `iv` runs none of the user's code and selects no rows (see `SitePlan.plain`)."""
+    return isinstance(iv, Stop) or (isinstance(iv, Save) and iv.fn is None and iv.batch is None)

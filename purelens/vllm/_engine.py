@@ -148,7 +148,10 @@ def load(path: Any, **engine_args: Any) -> Any:
     )
     workers = llm.collective_rpc("purelens_install")
     # Interventions reach workers in this process as objects (lambdas too), others as data.
-    _loaded[llm] = all(pid == os.getpid() for pid in workers)
+    in_process = all(pid == os.getpid() for pid, _ in workers)
+    _loaded[llm] = in_process
+    # An engine in this process runs its model in the loop's thread (see `Loop`).
+    loop_of(llm, cpu=in_process and all(device == "cpu" for _, device in workers))
     return llm
 
 

@@ -26,6 +26,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .._errors import PurelensError
@@ -243,12 +244,13 @@ def _spec(key: str, extra: Mapping[str, Any]) -> Spec:
 class Extension:
     """Mixed into vLLM's worker (``worker_extension_cls``): purelens's calls on the worker."""
 
-    def purelens_install(self) -> int:
-        """Put purelens's driver on the worker's model runner; the worker's process id."""
+    def purelens_install(self) -> tuple[int, str]:
+        """Put purelens's driver on the worker's model runner; the worker's process id and
+        device type."""
         runner = self.model_runner  # type: ignore[attr-defined]
         if getattr(runner, "purelens_driver", None) is None:
             runner.purelens_driver = Driver(runner)
-        return os.getpid()
+        return os.getpid(), torch.device(runner.device).type
 
     def purelens_check(
         self, payload: Any, count: int, run: bool, group: str

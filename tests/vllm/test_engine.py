@@ -189,3 +189,26 @@ def test_sites_lists_vllms_module_tree(llm: Any, llama_llm: Any) -> None:
     assert "transformer.h.0.attn.attn" in sites and {"logits", "samples"} <= set(sites)
     assert "transformer.h" not in sites  # a container, never called
     assert "model.layers.0.mlp.gate_up_proj" in pl.sites(llama_llm)
+
+
+def test_an_in_process_cpu_engine_steps_on_one_openmp_thread(llm: Any) -> None:
+    # In a thread other than the main one, torch's OpenMP ops with two threads ran several
+    # times slower than the main thread's (the bundled model's forward 1.6 against 0.6 ms):
+    # the loop runs its own torch ops on one thread, and leaves every other thread's alone.
+    import threading
+
+    seen: list[int] = []
+
+    def count(value: torch.Tensor) -> torch.Tensor:
+        seen.append(torch.get_num_threads())
+        return value
+
+    before = torch.get_num_threads()
+    pl.generate(llm, "leibrund lives in", [pl.patch("h.0", count)], max_new_tokens=2)
+    assert seen and set(seen) == {1}
+    assert torch.get_num_threads() == before
+    other: list[int] = []
+    thread = threading.Thread(target=lambda: other.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    assert other == [torch.get_num_threads()]  # a new thread gets torch's default, as before
