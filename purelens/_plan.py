@@ -5,13 +5,26 @@ A `Plan` is built from the interventions of one call: every site resolved
 checked (names saved twice, a module skipped twice, containers and
 TorchScript modules that no hook can act on). It holds no state of the call
 itself: that is the `Pass` (see `_pass`).
+
+`Plan.cached` builds a plan once per model and *structure* (each
+intervention's kind, site, name, and whether it runs code of the user's) and
+then only binds each call's interventions to it (`_Template`): a plan depends
+on nothing else. A template holds its modules weakly and none of the
+interventions (their tensors and functions belong to the call), and is used
+only while every module on the paths to its sites is still where it was and
+no module anywhere gained a child (`tree_version`: a site's suffix may match
+anew). Training mode and parameters are not part of a plan.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import threading
+import weakref
+from collections import OrderedDict
 from collections.abc import Mapping
 from types import MappingProxyType
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,7 +32,7 @@ from torch import nn
 from ._errors import PurelensError, SiteError
 from ._grads import SaveGrad
 from ._interventions import Intervention, Save, Skip, Stop
-from ._site import ATTENTION_PORTS, Port, expand, parse_site, resolve
+from ._site import ATTENTION_PORTS, Port, expand, parse_site, resolve, tree_version
 
 __all__ = ["Plan", "SitePlan", "hookable"]
 
@@ -77,6 +90,31 @@ class Plan:
     nodes: tuple[tuple[int, Intervention], ...] = ()
     # id(module) -> its sites inside its forward, by port ("q", ...) or op ("#softmax.0")
     inside: Mapping[int, Mapping[str, SitePlan]] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def cached(cls, model: nn.Module, interventions: tuple[Intervention, ...]) -> Plan:
+        """`Plan.build(model, interventions)`, from a template of the same structure when
+        one is cached for `model` (see the module docstring)."""
+        key = tuple(_shape(iv) for iv in interventions)
+        if None in key:  # a site with '*' or a negative index: it may match anew each call
+            return cls.build(model, interventions)
+        with _cache_lock:
+            templates = _templates.get(model)
+            template = None if templates is None else templates.get(key)
+            if template is not None:
+                templates.move_to_end(key)  # type: ignore[union-attr]
+        if template is not None:
+            plan = template.bind(interventions)
+            if plan is not None:
+                return plan
+        plan = cls.build(model, interventions)
+        template = _Template(model, plan)
+        with _cache_lock:
+            templates = _templates.setdefault(model, OrderedDict())
+            templates[key] = template
+            if len(templates) > _MAX_TEMPLATES:
+                templates.popitem(last=False)
+        return plan
 
     @classmethod
     def build(
@@ -226,3 +264,85 @@ def _check_hookable(site: str, name: str, module: nn.Module) -> None:
 def _plain(iv: Intervention) -> bool:
     """Whether `iv` runs none of the user's code and selects no rows (see `SitePlan.plain`)."""
     return isinstance(iv, Stop) or (isinstance(iv, Save) and iv.fn is None and iv.batch is None)
+
+
+def _shape(iv: Intervention) -> tuple[Any, ...] | None:
+    """What of `iv` its plan depends on; None when its site may match differently from one
+    call to the next (a ``*``, a negative index)."""
+    site = iv.site
+    if "*" in site or ".-" in site or site.startswith("-"):
+        return None
+    named = iv.name if isinstance(iv, Save | SaveGrad) else None
+    return (type(iv), site, named, _plain(iv))
+
+
+_MAX_TEMPLATES = 256  # structures per model, least recently used first out
+_templates: weakref.WeakKeyDictionary[nn.Module, OrderedDict[tuple[Any, ...], _Template]] = (
+    weakref.WeakKeyDictionary()
+)
+_cache_lock = threading.Lock()
+
+
+class _Template:
+    """A plan without its interventions, its modules held weakly (see `Plan.cached`)."""
+
+    def __init__(self, model: nn.Module, plan: Plan) -> None:
+        # Any module gaining a child anywhere may make a site's suffix match more than one
+        # module; a removed or replaced one is seen by the links below.
+        self.version = tree_version()
+        sites = plan.sites
+        self.sites = [
+            (s.name, weakref.ref(s.module), s.port, s.site, tuple(i for i, _ in s.entries),
+             s.only_saves, s.op, s.inside, s.plain)
+            for s in sites
+        ]  # fmt: skip
+        self.skips = [(weakref.ref(m), plan.skips[id(m)][0]) for m in plan.skip_modules]
+        # Each link of the paths to the plan's modules: (parent, child's name, child).
+        links: dict[tuple[int, str], tuple[Any, str, Any]] = {}
+        names = [s.name for s in sites] + [_name_of(model, m) for m in plan.skip_modules]
+        for name in names:
+            parent = model
+            for part in name.split(".") if name else ():
+                child = parent._modules[part]
+                links[(id(parent), part)] = (weakref.ref(parent), part, weakref.ref(child))
+                parent = child  # type: ignore[assignment]
+        self.links = list(links.values())
+
+    def bind(self, interventions: tuple[Intervention, ...]) -> Plan | None:
+        """The plan of `interventions` (of this template's structure), or None when a module
+        on its paths was replaced, moved or removed, or a module gained a child."""
+        if tree_version() != self.version:
+            return None
+        for parent_ref, part, child_ref in self.links:
+            parent = parent_ref()
+            if parent is None or parent._modules.get(part) is not child_ref():
+                return None
+        sites = []
+        for name, ref, port, site, positions, only_saves, op, inside, plain in self.sites:
+            module = ref()
+            if module is None:
+                return None
+            entries = tuple((i, interventions[i]) for i in positions)
+            sites.append(SitePlan(name, module, port, site, entries, only_saves, op, inside, plain))
+        skips: dict[int, tuple[int, Skip]] = {}
+        skip_modules = []
+        for ref, i in self.skips:
+            module = ref()
+            if module is None:
+                return None
+            skips[id(module)] = (i, interventions[i])  # type: ignore[assignment]
+            skip_modules.append(module)
+        placed = tuple(sites)
+        return Plan(
+            interventions,
+            placed,
+            MappingProxyType(skips),
+            tuple(skip_modules),
+            tuple(iv for iv in interventions if isinstance(iv, SaveGrad)),
+            tuple(enumerate(interventions)),
+            _inside(placed) if any(s.inside for s in placed) else {},
+        )
+
+
+def _name_of(model: nn.Module, module: nn.Module) -> str:
+    return next(name for name, m in model.named_modules(remove_duplicate=False) if m is module)

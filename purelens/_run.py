@@ -121,7 +121,7 @@ def run(
     model = unwrapped(model)
     if not isinstance(model, nn.Module):
         raise PurelensError(_NOT_A_MODULE.format(kind=type(model).__name__))
-    plan = Plan.build(model, flatten_interventions(interventions))
+    plan = Plan.cached(model, flatten_interventions(interventions))
     check_loss_allowed(loss, list(plan.save_grads))
     args, kwargs = call_arguments(inputs, tokenizer, model_kwargs, model)
     if params is not None:

@@ -1,0 +1,147 @@
+"""Plans are built once per model and structure, and never used once they are stale."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import weakref
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import purelens as pl
+from purelens import _plan
+
+
+def mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+
+
+def manual(model: nn.Sequential, x: torch.Tensor, index: int) -> torch.Tensor:
+    """The output of `model[index]`, computed without purelens."""
+    out = x
+    for module in list(model)[: index + 1]:
+        out = module(out)
+    return out
+
+
+def test_a_structure_is_planned_once_and_bound_to_each_calls_leaves() -> None:
+    model, x = mlp(), torch.randn(5, 3)
+    builds = []
+    real = _plan.Plan.build.__func__  # type: ignore[attr-defined]
+
+    def counting(cls, *args, **kwargs):  # type: ignore[no-untyped-def]
+        builds.append(args[1])
+        return real(cls, *args, **kwargs)
+
+    _plan.Plan.build = classmethod(counting)  # type: ignore[method-assign, assignment]
+    try:
+        for scale in (0.0, 1.0, 2.0, 3.0):
+            vector = torch.full((4,), scale)
+            rec = pl.run(model, x, [pl.add("2", vector), pl.save("2")])
+            assert torch.allclose(rec["2"], manual(model, x, 2) + vector)
+    finally:
+        _plan.Plan.build = classmethod(real)  # type: ignore[method-assign, assignment]
+    assert len(builds) == 1  # the first call builds it; the others bind
+
+
+def test_a_replaced_submodule_is_seen() -> None:
+    model, x = mlp(), torch.randn(5, 3)
+    pl.run(model, x, [pl.save("2")])
+    old = model[2]  # still alive: the cached plan's module is not gone, only moved out
+    model[2] = nn.Linear(4, 4)
+    assert torch.equal(pl.run(model, x, [pl.save("2")])["2"], manual(model, x, 2))
+    assert not torch.equal(old(manual(model, x, 1)), manual(model, x, 2))
+
+
+def test_a_removed_item_of_a_module_list_is_seen() -> None:
+    # Deleting from a ModuleList renumbers the later items without registering anything.
+    torch.manual_seed(0)
+    layers = nn.ModuleList([nn.Linear(4, 4) for _ in range(3)])
+    model = nn.Sequential()
+    model.layers = layers
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        for layer in layers:
+            x = layer(x)
+        return x
+
+    model.forward = forward  # type: ignore[method-assign]
+    x = torch.randn(2, 4)
+    pl.run(model, x, [pl.save("layers.1")])
+    del layers[0]
+    assert torch.equal(pl.run(model, x, [pl.save("layers.1")])["layers.1"], layers[1](layers[0](x)))
+
+
+def test_training_mode_and_new_parameters_are_seen() -> None:
+    model, x = mlp(), torch.randn(5, 3)
+    pl.run(model, x, [pl.save("2")])
+    with torch.no_grad():
+        model[2].weight.mul_(2)
+    model[2].bias = nn.Parameter(torch.ones(4))
+    model.train()
+    assert torch.equal(pl.run(model, x, [pl.save("2")])["2"], manual(model, x, 2))
+
+
+def adding(held: torch.Tensor):  # type: ignore[no-untyped-def]
+    return lambda value: value + held
+
+
+def test_the_cache_holds_no_model_and_no_function() -> None:
+    model, x = mlp(), torch.randn(5, 3)
+    held = torch.ones(4)
+    pl.run(model, x, [pl.patch("", lambda v: v), pl.patch("2", adding(held)), pl.skip("3")])
+    model_ref, held_ref = weakref.ref(model), weakref.ref(held)
+    del model, held
+    gc.collect()
+    assert model_ref() is None and held_ref() is None
+
+
+def test_the_cache_is_bounded() -> None:
+    model, x = mlp(), torch.randn(5, 3)
+    for i in range(_plan._MAX_TEMPLATES + 20):
+        pl.run(model, x, [pl.save("2", name=f"n{i}")])
+    assert len(_plan._templates[model]) == _plan._MAX_TEMPLATES
+
+
+def test_threads_sharing_a_structure_get_their_own_values() -> None:
+    model, x = mlp(), torch.randn(5, 3)
+    base = manual(model, x, 2)
+    wrong: list[int] = []
+
+    def work(k: int) -> None:
+        for _ in range(20):
+            vector = torch.full((4,), float(k))
+            if not torch.allclose(pl.run(model, x, [pl.add("2", vector), pl.save("2")])["2"],
+                                  base + vector):  # fmt: skip
+                wrong.append(k)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == []
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.lists(st.sampled_from(["0", "2", "4", "-1", "*"]), min_size=1, max_size=4, unique=True),
+    st.data(),
+)
+def test_cached_plans_equal_fresh_ones(sites: list[str], data: st.DataObject) -> None:
+    model, x = mlp(), torch.randn(5, 3)
+    ivs = [
+        pl.save(site) if site == "*" else pl.save(site, name=f"s{i}")
+        for i, site in enumerate(sites)
+    ]
+    first = pl.run(model, x, ivs)
+    vector = torch.full((4,), data.draw(st.floats(-2, 2)))
+    again = pl.run(model, x, [*ivs, pl.add("2", vector)])  # another structure
+    assert pl.run(model, x, ivs).keys() == first.keys()
+    for name, value in first.items():
+        assert torch.equal(pl.run(model, x, ivs)[name], value)
+    assert torch.allclose(again.output, model[4](model[3](manual(model, x, 2) + vector)))
