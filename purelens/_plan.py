@@ -299,7 +299,9 @@ class _Template:
         self.skips = [(weakref.ref(m), plan.skips[id(m)][0]) for m in plan.skip_modules]
         # Each link of the paths to the plan's modules: (parent, child's name, child).
         links: dict[tuple[int, str], tuple[Any, str, Any]] = {}
-        names = [s.name for s in sites] + [_name_of(model, m) for m in plan.skip_modules]
+        # A skip's own path, as its site resolved (a module may be at several paths).
+        skipped = [resolve(model, plan.skips[id(m)][1].site)[0] for m in plan.skip_modules]
+        names = [s.name for s in sites] + skipped
         for name in names:
             parent = model
             for part in name.split(".") if name else ():
@@ -342,7 +344,3 @@ class _Template:
             tuple(enumerate(interventions)),
             _inside(placed) if any(s.inside for s in placed) else {},
         )
-
-
-def _name_of(model: nn.Module, module: nn.Module) -> str:
-    return next(name for name, m in model.named_modules(remove_duplicate=False) if m is module)

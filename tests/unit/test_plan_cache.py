@@ -6,6 +6,7 @@ import gc
 import threading
 import weakref
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -145,3 +146,21 @@ def test_cached_plans_equal_fresh_ones(sites: list[str], data: st.DataObject) ->
     for name, value in first.items():
         assert torch.equal(pl.run(model, x, ivs)[name], value)
     assert torch.allclose(again.output, model[4](model[3](manual(model, x, 2) + vector)))
+
+
+def test_a_skip_at_a_second_path_that_was_deleted_is_seen() -> None:
+    # Found in review: the template checked the module's first path, not the skip's.
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.r, self.b = nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(self.r(self.a(x)))
+
+    model, x = Shared(), torch.ones(2, 3)
+    model.add_module("alias", model.r)
+    pl.run(model, x, [pl.skip("alias")])
+    del model.alias
+    with pytest.raises(pl.SiteError, match="alias"):
+        pl.run(model, x, [pl.skip("alias")])
