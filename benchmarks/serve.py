@@ -120,6 +120,13 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+# The table's header, for the rows `row` makes.
+HEADER = [
+    "| server | clients x requests | wall (s) | requests/s | p50 (ms) | p99 (ms) | all right |",
+    "|---|---|---|---|---|---|---|",
+]
+
+
 def row(name: str, shape: str, result: dict[str, Any]) -> str:
     lat = result["latencies"]
     right = "yes" if result["wrong"] == 0 else f"DIFFER ({result['wrong']} wrong)"
@@ -165,9 +172,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{machine()}, {os.cpu_count()} cores ({platform.system()}). Bundled model, "
             f"{len(PROMPTS)} prompts a request, a steering vector and a save each; "
             "latency as a client sees it.\n",
-            "| server | clients x requests | wall (s) | requests/s | p50 (ms) | p99 (ms) "
-            "| all right |",
-            "|---|---|---|---|---|---|---|",
+            *HEADER,
             *rows,
         ]
     )

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 from _common import machine
-from serve import TOKEN, row, start_server
+from serve import HEADER, TOKEN, row, start_server
 
 import purelens as pl
 from purelens.vllm._loop import _one_openmp_thread
@@ -334,9 +334,7 @@ def main(argv: list[str] | None = None) -> None:
             "",
             "### purelens serve under load (generations of 2 prompts x 4 tokens, a steering "
             "vector and a per-step save each)\n",
-            "| server | clients x requests | wall (s) | requests/s | p50 (ms) | p99 (ms) "
-            "| all right |",
-            "|---|---|---|---|---|---|---|",
+            *HEADER,
             *third,
         ]
     )

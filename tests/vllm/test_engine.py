@@ -10,7 +10,7 @@ import torch
 
 import purelens as pl
 from purelens import ops
-from tests.vllm.test_generate import ATOL, PROMPTS, alone, assert_same
+from tests.vllm.test_generate import ATOL, PROMPTS, alone, assert_each_alone, assert_same
 
 LLAMA_PROMPTS = ["the home of leibrund is", "leibrund lives in"]
 
@@ -24,9 +24,7 @@ def test_llama_layer_output_is_the_residual_stream(llama_llm: Any, llama: Any) -
         pl.save("norm"),
         pl.save("logits"),
     ]
-    recs = pl.generate(llama_llm, LLAMA_PROMPTS, ivs, max_new_tokens=3)
-    for prompt, rec in zip(LLAMA_PROMPTS, recs, strict=True):
-        assert_same(rec, alone(llama, prompt, ivs, 3))
+    assert_each_alone(llama_llm, llama, LLAMA_PROMPTS, ivs, 3)
 
 
 def test_llama_patches_reach_the_next_layer_as_in_hf(llama_llm: Any, llama: Any) -> None:
@@ -39,9 +37,7 @@ def test_llama_patches_reach_the_next_layer_as_in_hf(llama_llm: Any, llama: Any)
         pl.save("layers.1"),
         pl.save("norm"),
     ]
-    recs = pl.generate(llama_llm, LLAMA_PROMPTS, ivs, max_new_tokens=3)
-    for prompt, rec in zip(LLAMA_PROMPTS, recs, strict=True):
-        assert_same(rec, alone(llama, prompt, ivs, 3))
+    assert_each_alone(llama_llm, llama, LLAMA_PROMPTS, ivs, 3)
 
 
 def test_positions_are_never_an_input(llama_llm: Any, llama: Any) -> None:

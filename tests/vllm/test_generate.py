@@ -23,6 +23,13 @@ def alone(hf: tuple[Any, Any], prompt: str, interventions: Any, n: int) -> pl.Re
     return pl.generate(model, [prompt], interventions, max_new_tokens=n, tokenizer=tokenizer)
 
 
+def assert_each_alone(llm: Any, hf: tuple[Any, Any], prompts: list[str], ivs: Any, n: int) -> None:
+    """`pl.generate` of `prompts` on the engine gives each prompt what HF gives it alone."""
+    recs = pl.generate(llm, prompts, ivs, max_new_tokens=n)
+    for prompt, rec in zip(prompts, recs, strict=True):
+        assert_same(rec, alone(hf, prompt, ivs, n))
+
+
 def assert_same(got: pl.Record, want: pl.Record, names: list[str] | None = None) -> None:
     assert torch.equal(got.output, want.output), (got.output, want.output)
     assert set(got) == set(want)
@@ -91,16 +98,12 @@ def test_replace_ablate_skip_equal_hf(llm: Any, hf: Any) -> None:
         pl.save("h.1"),
         pl.save("h.0"),
     ]
-    recs = pl.generate(llm, PROMPTS, ivs, max_new_tokens=3)
-    for prompt, rec in zip(PROMPTS, recs, strict=True):
-        assert_same(rec, alone(hf, prompt, ivs, 3))
+    assert_each_alone(llm, hf, PROMPTS, ivs, 3)
 
 
 def test_input_ports_are_hidden_states(llm: Any, hf: Any) -> None:
     ivs = [pl.patch("h.1:input", lambda v: -v), pl.save("h.1:input"), pl.save("ln_f:input")]
-    recs = pl.generate(llm, PROMPTS[:2], ivs, max_new_tokens=2)
-    for prompt, rec in zip(PROMPTS[:2], recs, strict=True):
-        assert_same(rec, alone(hf, prompt, ivs, 2))
+    assert_each_alone(llm, hf, PROMPTS[:2], ivs, 2)
 
 
 def test_batch_selects_prompts(llm: Any, hf: Any) -> None:
