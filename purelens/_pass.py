@@ -135,7 +135,7 @@ class Pass:
                 _NO_TENSOR.format(site=site.site, port="output", kind=type(output).__name__)
             )
         value, rebuild = split
-        new = self._apply(site, value) if site.plain else self._acting(self._apply, site, value)
+        new = self._at_site(site, value)
         self._maybe_stop(site)
         return None if new is value else rebuild(new)
 
@@ -148,7 +148,7 @@ class Pass:
                 return None
             raise PurelensError(_NO_TENSOR.format(site=site.site, port="input", kind="no tensor"))
         value, rebuild = split
-        new = self._apply(site, value) if site.plain else self._acting(self._apply, site, value)
+        new = self._at_site(site, value)
         self._maybe_stop(site)
         return None if new is value else rebuild(new)
 
@@ -157,7 +157,7 @@ class Pass:
         interventions applied, in the port's layout."""
         token = use_layout(layout_of(site.port))
         try:
-            new = self._acting(self._apply, site, value)
+            new = self._at_site(site, value)
         finally:
             reset_layout(token)
         self._maybe_stop(site)
@@ -190,6 +190,11 @@ class Pass:
         )
 
     # --- internals -----------------------------------------------------------
+
+    def _at_site(self, site: SitePlan, value: Tensor) -> Tensor:
+        """`value` with the site's interventions applied; in the context a function of the
+        user's gets (`_acting`) unless the site runs none (`SitePlan.plain`)."""
+        return self._apply(site, value) if site.plain else self._acting(self._apply, site, value)
 
     def _acting(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn(*args)` as this pass's interventions run: with only the passes activated

@@ -342,5 +342,5 @@ class _Template:
             tuple(skip_modules),
             tuple(iv for iv in interventions if isinstance(iv, SaveGrad)),
             tuple(enumerate(interventions)),
-            _inside(placed) if any(s.inside for s in placed) else {},
+            _inside(placed),
         )
