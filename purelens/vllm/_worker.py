@@ -185,11 +185,17 @@ class Driver:
         if logits is not None and any(live.spec.run for live in present):
             previous = post.get(logits)
             post[logits] = keeping_logits(step, previous)
-        with around_forwards(pre, post):
-            return self._execute(scheduler_output, *args, **kwargs)
+        try:
+            with around_forwards(pre, post):
+                return self._execute(scheduler_output, *args, **kwargs)
+        except BaseException:
+            self.step = None  # no sampling follows (see `sample_tokens`)
+            raise
 
     def sample_tokens(self, *args: Any, **kwargs: Any) -> Any:
-        step = self.step
+        # The step's last use: held no longer, or an idle engine would keep the last step's
+        # requests (and all their interventions capture) alive.
+        step, self.step = self.step, None
         sampler = self.runner.sampler
         sampling = [
             live
