@@ -9,13 +9,14 @@ does it.
 from __future__ import annotations
 
 import dataclasses
+import types
 from collections.abc import Callable, Hashable
 from typing import Any, TypeVar
 
 import optree
 import torch.utils._pytree as torch_pytree
 
-__all__ = ["NAMESPACE", "hashable", "pytree_node", "static_field"]
+__all__ = ["NAMESPACE", "hashable", "pytree_node", "static_field", "structure"]
 
 NAMESPACE = "purelens"
 
@@ -36,6 +37,61 @@ def hashable(value: Any) -> Hashable:
     if isinstance(value, list | tuple):
         return tuple(hashable(v) for v in value)
     return value
+
+
+class _Unkeyable(Exception):
+    pass
+
+
+def structure(tree: Any) -> Hashable | None:
+    """What of pytree `tree` is not a leaf (its node types and their metadata), as a
+    hashable key for caching what depends on nothing else; None when it cannot be one.
+
+    A key must not keep alive what a function captures, so metadata holding a callable
+    other than a plain function without closure or defaults (a lambda capturing a
+    tensor, a bound method, a `purelens.ops` expression holding constants) makes it
+    None, as does unhashable metadata.
+
+    Example:
+        >>> import torch, purelens as pl
+        >>> a = structure([pl.add("h.0", torch.ones(3)), pl.save("h.1")])
+        >>> a == structure([pl.add("h.0", torch.zeros(3)), pl.save("h.1")])
+        True
+        >>> a == structure([pl.add("h.1", torch.ones(3)), pl.save("h.1")])
+        False
+    """
+
+    def walk(node: Any) -> Hashable:
+        if optree.tree_is_leaf(node, namespace=NAMESPACE):
+            return "leaf"
+        level = optree.tree_flatten_one_level(node, namespace=NAMESPACE)
+        return (type(node), _frozen(level.metadata), tuple(walk(c) for c in level.children))
+
+    try:
+        key = walk(tree)
+        hash(key)
+    except (_Unkeyable, TypeError):
+        return None
+    return key
+
+
+def _frozen(meta: Any) -> Hashable:
+    """`meta` as a hashable value that keeps its containers' kinds apart; raises
+    `_Unkeyable` for a callable that may hold what it captures (see `structure`)."""
+    if isinstance(meta, list | tuple):
+        return (type(meta), *(_frozen(item) for item in meta))
+    if isinstance(meta, dict):
+        return (dict, *((_frozen(k), _frozen(v)) for k, v in meta.items()))
+    if isinstance(meta, slice):
+        return (slice, _frozen(meta.start), _frozen(meta.stop), _frozen(meta.step))
+    if isinstance(meta, bool | int | float):  # True == 1 == 1.0, but they are not alike
+        return (type(meta), meta)
+    if isinstance(meta, types.FunctionType):
+        if meta.__closure__ or meta.__defaults__ or meta.__kwdefaults__:
+            raise _Unkeyable
+    elif callable(meta) and not isinstance(meta, type | types.BuiltinFunctionType):
+        raise _Unkeyable
+    return meta  # type: ignore[no-any-return]
 
 
 def _dataclass_flatten(cls: type) -> tuple[Callable, Callable]:

@@ -208,3 +208,50 @@ def test_an_in_process_cpu_engine_steps_on_one_openmp_thread(llm: Any) -> None:
     thread.start()
     thread.join()
     assert other == [torch.get_num_threads()]  # a new thread gets torch's default, as before
+
+
+def test_a_structure_checked_once_is_not_checked_again(mp_llm: Any, llm: Any, hf: Any) -> None:
+    # A call's plans depend on its structure alone: a structure the workers found good is
+    # not sent to them again before its requests run (a round trip per call saved), while a
+    # bad one is refused every time, before the engine runs it.
+    import uuid
+
+    from purelens.vllm import _loop
+
+    sent: list[str] = []
+    real = _loop.Loop.rpc
+
+    def counting(self: Any, method: str, args: Any, seconds: Any = None) -> Any:
+        sent.append(method)
+        return real(self, method, args, seconds)
+
+    name = f"h1-{uuid.uuid4().hex}"  # a structure no other test has checked
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_loop.Loop, "rpc", counting)
+        for engine in (mp_llm, llm):
+            sent.clear()
+            for _ in range(3):  # new steering vectors, the same structure
+                ivs = [pl.add("h.0", torch.randn(128)), pl.save("h.1", name=name)]
+                assert_each_alone(engine, hf, PROMPTS, ivs, 2)
+            assert sent.count("purelens_check") == 1
+            pl.generate(engine, PROMPTS, [pl.save("h.1", name=name, batch=1)], max_new_tokens=1)
+            assert sent.count("purelens_check") == 2  # another structure
+            for _ in range(2):
+                with pytest.raises(pl.SiteError, match=r"h\.9"):
+                    pl.generate(engine, PROMPTS, [pl.save("h.9", name=name)], max_new_tokens=1)
+            assert sent.count("purelens_check") == 4
+
+
+def test_a_call_keeps_nothing_its_functions_capture(llm: Any) -> None:
+    import gc
+    import weakref
+
+    def run() -> weakref.ref[torch.Tensor]:
+        steer = torch.randn(128)
+        for patch in (lambda v: v + steer, pl.at(-1, lambda v: v + steer)):
+            pl.generate(llm, PROMPTS, [pl.patch("h.0", patch)], max_new_tokens=1)
+        return weakref.ref(steer)
+
+    kept = run()
+    gc.collect()
+    assert kept() is None
