@@ -3,7 +3,11 @@
 The bytes are a magic line, the length of a JSON header, the header, and the
 tensors as one safetensors blob. The header holds the intervention tree:
 each node is its builder's name and arguments; a tensor is a key into the
-blob; a function is the name it is registered under (`pl.functions`), never
+header's index of tensors (``"tensors"``: key -> dtype, offset, shape), and
+the blob holds the tensors of each dtype one after another, flat, as one
+tensor (safetensors' cost is per tensor: a record of a generation saves one
+small tensor per step). Version 1 kept one safetensors entry per key and is
+still read. A function is the name it is registered under (`pl.functions`), never
 code. Loading rebuilds every node through its public builder, so that it is
 checked as if written by hand. Nothing here calls pickle or eval.
 """
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -36,7 +41,8 @@ __all__ = [
     "unpack",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_READS = (1, 2)
 _MAX_HEADER = 16 * 2**20
 _MAX_DEPTH = 64
 
@@ -145,16 +151,28 @@ def _first_non_intervention(tree: Any) -> Any:
 def pack(kind: str, body: dict[str, Any], tensors: dict[str, Tensor]) -> bytes:
     """A magic line naming `kind`, the header's length, the JSON header, the tensors.
 
-    The header is `body` with ``format`` (``purelens.<kind>``) and ``version``.
+    The header is `body` with ``format`` (``purelens.<kind>``), ``version`` and
+    ``tensors``, the index of the tensors (see the module docstring).
     """
+    import torch
+
+    index: dict[str, list[Any]] = {}
+    by_dtype: dict[str, list[Tensor]] = {}
+    offsets: dict[str, int] = {}
+    for key, tensor in tensors.items():
+        flat = tensor.detach().cpu().reshape(-1)
+        name = str(flat.dtype).removeprefix("torch.")
+        index[key] = [name, offsets.get(name, 0), list(tensor.shape)]
+        offsets[name] = offsets.get(name, 0) + flat.numel()
+        by_dtype.setdefault(name, []).append(flat)
     header = json.dumps(
-        {"format": f"purelens.{kind}", "version": FORMAT_VERSION, **body},
+        {"format": f"purelens.{kind}", "version": FORMAT_VERSION, **body, "tensors": index},
         allow_nan=False,
         separators=(",", ":"),
     ).encode()
     from safetensors.torch import save
 
-    blob = save({k: t.detach().cpu().contiguous().clone() for k, t in tensors.items()})
+    blob = save({name: torch.cat(parts) for name, parts in by_dtype.items()})
     return _magic(kind) + struct.pack("<Q", len(header)) + header + blob
 
 
@@ -180,15 +198,49 @@ def unpack(data: Any, kind: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
         raise bad(f"the header is not valid JSON ({e})") from None
     if not isinstance(header, dict) or header.get("format") != f"purelens.{kind}":
         raise bad(f"the header is not a purelens {kind} header")
-    if header.get("version") != FORMAT_VERSION:
-        raise bad(f"format version {header.get('version')!r}; this purelens reads {FORMAT_VERSION}")
+    version = header.get("version")
+    if type(version) is not int or version not in _READS:
+        reads = " and ".join(map(str, _READS))
+        raise bad(f"format version {version!r}; this purelens reads versions {reads}")
     from safetensors.torch import load
 
     try:
-        tensors = load(data[start + size :])
+        blob = load(data[start + size :])
     except Exception as e:  # safetensors raises its own error types
         raise bad(f"the tensors are unreadable ({e})") from None
-    return header, tensors
+    if version == 1:
+        return header, blob
+    return header, _unflattened(header.pop("tensors", None), blob, bad)
+
+
+def _unflattened(
+    index: Any, blob: dict[str, Tensor], bad: Callable[[str], PurelensError]
+) -> dict[str, Tensor]:
+    """The tensors of a version-2 index (key -> dtype, offset, shape), each its own copy
+    (a view would keep every tensor of its dtype alive)."""
+    if not isinstance(index, dict):
+        raise bad("the header has no index of its tensors")
+    for name, flat in blob.items():
+        if str(flat.dtype).removeprefix("torch.") != name or flat.ndim != 1:
+            raise bad(f"the tensors of dtype {name!r} are not one flat {name} tensor")
+    tensors: dict[str, Tensor] = {}
+    for key, entry in index.items():
+        if not (
+            isinstance(entry, list)
+            and len(entry) == 3
+            and entry[0] in blob
+            and type(entry[1]) is int
+            and isinstance(entry[2], list)
+            and all(type(n) is int and n >= 0 for n in entry[2])
+        ):
+            raise bad(f"the index entry of tensor {_short(key)} is not [dtype, offset, shape]")
+        name, offset, shape = entry
+        count = math.prod(shape)
+        flat = blob[name]
+        if offset < 0 or offset + count > flat.numel():
+            raise bad(f"tensor {_short(key)} lies outside the {name} tensors")
+        tensors[key] = flat[offset : offset + count].view(shape).clone()
+    return tensors
 
 
 def _magic(kind: str) -> bytes:

@@ -91,13 +91,24 @@ def test_names_are_checked() -> None:
     assert "tests.negate" in pl.functions.names()
 
 
-def forge(tree: object, version: int = 1, blob: bytes | None = None) -> bytes:
+def forge(tree: object, version: int = 1, blob: bytes | None = None, index: object = None) -> bytes:
     from safetensors.torch import save
 
-    header = json.dumps({"format": "purelens.interventions", "version": version, "tree": tree})
+    fields = {"format": "purelens.interventions", "version": version, "tree": tree}
+    if index is not None:
+        fields["tensors"] = index
+    header = json.dumps(fields)
     data = header.encode()
     body = blob if blob is not None else save({"0": torch.zeros(2)})
     return b"purelens interventions\n" + struct.pack("<Q", len(data)) + data + body
+
+
+def _v2(index: object, blob: dict[str, torch.Tensor] | None = None) -> bytes:
+    """Version-2 bytes of no interventions with `index` and a blob (two float32 zeros)."""
+    from safetensors.torch import save
+
+    tensors = {"float32": torch.zeros(2)} if blob is None else blob
+    return forge({"list": []}, version=2, blob=save(tensors), index=index)
 
 
 @pytest.mark.parametrize(
@@ -105,7 +116,20 @@ def forge(tree: object, version: int = 1, blob: bytes | None = None) -> bytes:
     [
         b"",
         b"\x80\x04pickle",
-        forge({"list": []}, version=2),
+        forge({"list": []}, version=99),
+        forge({"list": []}, version="2"),
+        _v2(None),  # no index of its tensors
+        _v2([]),
+        _v2({"0": ["float32", 0, [3]]}),  # past the end
+        _v2({"0": ["float32", 1, [2]]}),
+        _v2({"0": ["float32", -1, [1]]}),
+        _v2({"0": ["float32", 0, [-2]]}),
+        _v2({"0": ["float32", 0, 2]}),
+        _v2({"0": ["float32", 0.0, [2]]}),
+        _v2({"0": ["float32", 0]}),
+        _v2({"0": ["int64", 0, [1]]}),  # no such dtype in the blob
+        _v2({"0": ["float32", 0, [2]]}, {"float32": torch.zeros(2, 1)}),  # not flat
+        _v2({"0": ["float32", 0, [2]]}, {"float32": torch.zeros(2, dtype=torch.int64)}),
         forge({"list": [{"node": "exec", "fields": {"site": "x"}}]}),
         forge({"list": [{"node": "save", "fields": {"site": "a", "code": "print(1)"}}]}),
         forge(
@@ -366,3 +390,40 @@ def test_random_request_headers_decode_or_raise_purelens_errors_quickly(
         pl.loads(forge(interventions))
     except pl.PurelensError:
         pass
+
+
+_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.bool]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(_DTYPES),
+            st.lists(st.integers(0, 3), max_size=3),
+            st.booleans(),
+        ),
+        max_size=6,
+    )
+)
+def test_tensors_of_any_dtype_and_shape_come_back_bitwise_and_apart(specs: list) -> None:
+    # Version 2 lays the tensors of each dtype out one after another in one flat tensor.
+    tensors = []
+    for dtype, shape, transposed in specs:
+        t = (torch.randn(shape) * 5).to(dtype)
+        tensors.append(t.mT if transposed and t.ndim >= 2 else t)  # not contiguous
+    back = pl.loads(pl.dumps([pl.replace("h.0", t) for t in tensors]))
+    for t, iv in zip(tensors, back, strict=True):
+        got = iv.value
+        assert got.dtype == t.dtype and got.shape == t.shape
+        assert torch.equal(got, t)
+    storages = {iv.value.untyped_storage().data_ptr() for iv in back if iv.value.numel()}
+    assert len(storages) == sum(1 for iv in back if iv.value.numel())  # each its own copy
+
+
+def test_version_1_bytes_still_load() -> None:
+    from safetensors.torch import save
+
+    tree = {"list": [{"node": "add", "fields": {"site": "h.0", "delta": {"tensor": "0"}}}]}
+    (iv,) = pl.loads(forge(tree, version=1, blob=save({"0": torch.arange(3.0)})))
+    assert torch.equal(iv.delta, torch.arange(3.0))
