@@ -134,10 +134,15 @@ class Pass:
             raise PurelensError(
                 _NO_TENSOR.format(site=site.site, port="output", kind=type(output).__name__)
             )
-        value, rebuild = split
+        new = self.on_value(site, split[0])
+        return None if new is None else split[1](new)
+
+    def on_value(self, site: SitePlan, value: Tensor) -> Tensor | None:
+        """`value`, the site's tensor as its caller took it out of the module's input or
+        output, with the site's interventions applied; None when they left it as it is."""
         new = self._at_site(site, value)
         self._maybe_stop(site)
-        return None if new is value else rebuild(new)
+        return None if new is value else new
 
     def on_input(
         self, site: SitePlan, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -147,10 +152,8 @@ class Pass:
             if self.lenient:
                 return None
             raise PurelensError(_NO_TENSOR.format(site=site.site, port="input", kind="no tensor"))
-        value, rebuild = split
-        new = self._at_site(site, value)
-        self._maybe_stop(site)
-        return None if new is value else rebuild(new)
+        new = self.on_value(site, split[0])
+        return None if new is None else split[1](new)
 
     def on_port(self, site: SitePlan, value: Tensor) -> Tensor:
         """A value inside the module's forward (an attention port, an op) with the site's

@@ -252,36 +252,33 @@ class Step:
             if found is None:
                 raise PurelensError(f"site {site_name!r}: the module's value holds no tensor.")
             value, rebuild = found
-        pieces = {id(live): self._piece(live, value, tokens) for live, _ in entries if live.acting}
-        arrivals: dict[str, dict[int, tuple[int, Tensor]]] = {}
+        across: dict[str, dict[int, tuple[int, Tensor]]] | None = None
         if any(live.across for live, _ in entries):  # values other prompts of a call read
+            across = {}
             for live, _ in entries:
-                if id(live) in pieces and live.pass_ is not None:
-                    group = arrivals.setdefault(live.spec.group, {})
-                    group[live.spec.index] = (live.pass_.step, pieces[id(live)])
+                if live.pass_ is not None and live.acting:
+                    group = across.setdefault(live.spec.group, {})
+                    group[live.spec.index] = (live.pass_.step, self._piece(live, value, tokens))
         new: Tensor | None = None
         for live, site in entries:
-            piece = pieces.get(id(live))
-            if piece is None or not live.acting:
+            pass_ = live.pass_
+            if pass_ is None or not live.acting:
                 continue
-            assert live.pass_ is not None
             token = None
-            if live.across:
+            if across is None:
+                piece = self._piece(live, value, tokens)
+            else:
                 call = live.spec.group
+                piece = across[call][live.spec.index][1]
                 token = ARRIVALS.set(
-                    (
-                        live.spec.index,
-                        live.pass_.step,
-                        arrivals.get(call, {}),
-                        self.driver.starts.get(call, {}),
-                    )
+                    (live.spec.index, pass_.step, across[call], self.driver.starts.get(call, {}))
                 )
             try:
                 if live.unbounded:
-                    out = live.pass_.on_output(site, piece)
+                    out = pass_.on_value(site, piece)
                 else:
                     with live.bounded():
-                        out = live.pass_.on_output(site, piece)
+                        out = pass_.on_value(site, piece)
                 if out is not None:
                     self.driver.check_ids(site, out)
             except StopPass:
