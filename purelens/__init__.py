@@ -25,6 +25,8 @@ from ._builders import scale as scale
 from ._builders import skip as skip
 from ._builders import stop as stop
 from ._builders import transplant as transplant
+from ._compile import Compiled as Compiled
+from ._compile import compile as compile
 from ._edit import edit as edit
 from ._errors import PurelensError as PurelensError
 from ._errors import SiteError as SiteError
@@ -51,6 +53,7 @@ from ._sweep import sweep as sweep
 __version__ = "0.1.0"
 
 __all__ = [
+    "Compiled",
     "Intervention",
     "PurelensError",
     "Record",
@@ -60,6 +63,7 @@ __all__ = [
     "ablate",
     "add",
     "at",
+    "compile",
     "dumps",
     "edit",
     "functions",

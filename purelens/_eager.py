@@ -27,7 +27,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def unwrapped(model: Any) -> Any:
-    """The eager module inside `torch.compile`'s wrapper (any other value as it is)."""
+    """The eager module inside `torch.compile`'s wrapper or a `pl.compile` handle (any
+    other value as it is)."""
+    from ._compile import Compiled
+
+    if isinstance(model, Compiled):
+        model = model.model
     # Before dynamo is imported (or while another thread imports it), nothing is compiled.
     optimized = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", None)
     if optimized is None:

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ._backend import is_vllm
+from ._compile import Compiled
 from ._eager import eager_under_compile, unwrapped
 from ._errors import PurelensError
 from ._grads import by_call, call_loss, check_loss_allowed, detached, gradients
@@ -110,6 +111,16 @@ def run(
             tokenizer=tokenizer,
             validate=validate,
             **model_kwargs,
+        )
+    if isinstance(model, Compiled):
+        return model.run(
+            inputs,
+            flatten_interventions(interventions),
+            params=params,
+            loss=loss,
+            tokenizer=tokenizer,
+            validate=validate,
+            model_kwargs=model_kwargs,
         )
     if is_vllm(model):
         from .vllm._engine import run_on

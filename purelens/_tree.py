@@ -14,6 +14,7 @@ from collections.abc import Callable, Hashable
 from typing import Any, TypeVar
 
 import optree
+import torch
 import torch.utils._pytree as torch_pytree
 
 __all__ = ["NAMESPACE", "hashable", "pytree_node", "static_field", "structure"]
@@ -43,14 +44,17 @@ class _Unkeyable(Exception):
     pass
 
 
-def structure(tree: Any) -> Hashable | None:
+def structure(tree: Any, *, functions: bool = False, code: bool = False) -> Hashable | None:
     """What of pytree `tree` is not a leaf (its node types and their metadata), as a
     hashable key for caching what depends on nothing else; None when it cannot be one.
 
-    A key must not keep alive what a function captures, so metadata holding a callable
-    other than a plain function without closure or defaults (a lambda capturing a
-    tensor, a bound method, a `purelens.ops` expression holding constants) makes it
-    None, as does unhashable metadata.
+    A key must not keep alive what a function captures, so by default metadata holding
+    a callable other than a plain function without closure or defaults (a lambda
+    capturing a tensor, a bound method, a `purelens.ops` expression holding constants)
+    makes it None, as does unhashable metadata. With ``functions=True`` every callable
+    is part of the key as itself (for a cache that may hold them: `pl.compile`'s);
+    with ``code=True`` a function is its code object instead and any other callable its
+    type (structures that differ in function objects only are then equal).
 
     Example:
         >>> import torch, purelens as pl
@@ -62,10 +66,20 @@ def structure(tree: Any) -> Hashable | None:
     """
 
     def walk(node: Any) -> Hashable:
+        kind = type(node)
+        if kind in _LEAVES:
+            return "leaf"
+        fields = _FIELDS.get(kind)
+        if fields is not None:  # a dataclass node: its fields, without optree's machinery
+            static = tuple(_frozen(getattr(node, n), functions, code) for n in fields[1])
+            return (kind, static, tuple(walk(getattr(node, n)) for n in fields[0]))
+        if kind is list or kind is tuple:
+            return (kind, None, tuple(walk(item) for item in node))
         if optree.tree_is_leaf(node, namespace=NAMESPACE):
             return "leaf"
         level = optree.tree_flatten_one_level(node, namespace=NAMESPACE)
-        return (type(node), _frozen(level.metadata), tuple(walk(c) for c in level.children))
+        meta = _frozen(level.metadata, functions, code)
+        return (kind, meta, tuple(walk(c) for c in level.children))
 
     try:
         key = walk(tree)
@@ -75,29 +89,47 @@ def structure(tree: Any) -> Hashable | None:
     return key
 
 
-def _frozen(meta: Any) -> Hashable:
+# Leaves of every pytree (what `structure` need not ask optree about); and the leaf and
+# static field names of the dataclass nodes `pytree_node` registered.
+_LEAVES = {torch.Tensor, torch.nn.Parameter, float, int, bool, complex}
+_FIELDS: dict[type, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+
+
+def _frozen(meta: Any, functions: bool, code: bool) -> Hashable:
     """`meta` as a hashable value that keeps its containers' kinds apart; raises
     `_Unkeyable` for a callable that may hold what it captures (see `structure`)."""
+    if meta is None or type(meta) is str:
+        return meta  # type: ignore[no-any-return]
     if isinstance(meta, list | tuple):
-        return (type(meta), *(_frozen(item) for item in meta))
+        return (type(meta), *(_frozen(item, functions, code) for item in meta))
     if isinstance(meta, dict):
-        return (dict, *((_frozen(k), _frozen(v)) for k, v in meta.items()))
+        pairs = (
+            (_frozen(k, functions, code), _frozen(v, functions, code)) for k, v in meta.items()
+        )
+        return (dict, *pairs)
     if isinstance(meta, slice):
-        return (slice, _frozen(meta.start), _frozen(meta.stop), _frozen(meta.step))
+        parts = (meta.start, meta.stop, meta.step)
+        return (slice, *(_frozen(p, functions, code) for p in parts))
     if isinstance(meta, bool | int | float):  # True == 1 == 1.0, but they are not alike
         return (type(meta), meta)
-    if isinstance(meta, types.FunctionType):
-        if meta.__closure__ or meta.__defaults__ or meta.__kwdefaults__:
-            raise _Unkeyable
-    elif callable(meta) and not isinstance(meta, type | types.BuiltinFunctionType):
-        raise _Unkeyable
-    return meta  # type: ignore[no-any-return]
+    if isinstance(meta, type) or not callable(meta):
+        return meta  # type: ignore[no-any-return]
+    if code:
+        return getattr(meta, "__code__", None) or type(meta)  # type: ignore[return-value]
+    if functions or isinstance(meta, types.BuiltinFunctionType):
+        return meta  # type: ignore[no-any-return]
+    if isinstance(meta, types.FunctionType) and not (
+        meta.__closure__ or meta.__defaults__ or meta.__kwdefaults__
+    ):
+        return meta
+    raise _Unkeyable
 
 
 def _dataclass_flatten(cls: type) -> tuple[Callable, Callable]:
     fields = dataclasses.fields(cls)
     leaf_names = tuple(f.name for f in fields if not f.metadata.get(_STATIC))
     static_names = tuple(f.name for f in fields if f.metadata.get(_STATIC))
+    _FIELDS[cls] = (leaf_names, static_names)
 
     def flatten(node: Any) -> tuple[list[Any], tuple[Any, ...]]:
         children = [getattr(node, n) for n in leaf_names]
