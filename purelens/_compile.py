@@ -19,7 +19,8 @@ own errors, and its result), then runs the clone eagerly once to check that
 every hook fires (a forward bound to the original module, as `pl.edit` and
 accelerate make, would bypass the clone). What the clone cannot do (`stop`,
 `skip`, gradients of sites, `step=`/`call=`, attention ports and op sites,
-`params=`, `loss=`, a model with hooks of its own) runs as eager `pl.run`,
+`params=`, `loss=`, a model with hooks of its own, a batch with padding) runs as
+eager `pl.run`,
 with a warning once per handle and reason. Before each compiled call the
 handle checks that the paths still lead to the same modules (a replaced
 submodule or a rebound attribute of a copied module builds anew), copies the
@@ -44,7 +45,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ._errors import PurelensError, PurelensWarning
 from ._grads import PatchGrad, SaveGrad
-from ._inputs import call_arguments
+from ._inputs import call_arguments, padding_of
 from ._interventions import Add, Intervention, Save, Scale, Skip, Stop, Writer
 from ._plan import Plan, SitePlan
 from ._primary import primary_input, primary_output
@@ -172,6 +173,11 @@ class Compiled:
             return eager()
         if traced is not None and traced.holds():
             args, kwargs = call_arguments(inputs, tokenizer, model_kwargs, self.model)
+            real = padding_of(args, kwargs)
+            if real is not None and not bool(real.all()):
+                # What knows padding (pl.at, mean ablation) reads it from the pass.
+                self._warn("batches with padding (an attention mask with zeros) are not compiled")
+                return eager()
             if not _hooks_since(self.model, traced):
                 return traced(args, kwargs, interventions)
             self._warn("the model has hooks of its own (the clone would skip them)")

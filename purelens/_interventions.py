@@ -357,11 +357,11 @@ class Ablate(Writer):
         # In a padded batch of token rows, only real tokens count.
         real = aligned(values, 1) if values.ndim >= 3 else None  # (batch, positions, ...)
         if real is None:
-            count = math.prod(values.shape[d] for d in dims)
+            count = math.prod([values.shape[d] for d in dims])
             mean = values.mean(dim=dims, keepdim=True)
         else:
             weight = real.reshape(*real.shape, *([1] * (values.ndim - 2))).to(values.dtype)
-            count = int(real.sum()) * math.prod(values.shape[d] for d in dims[2:])
+            count = int(real.sum()) * math.prod([values.shape[d] for d in dims[2:]])
             mean = (values * weight).sum(dim=dims, keepdim=True) / max(count, 1)
         if count < 2:
             raise PurelensError(

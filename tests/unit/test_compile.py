@@ -288,3 +288,23 @@ def test_a_model_that_keeps_changing_runs_eagerly() -> None:
     with pytest.warns(PurelensWarning, match="keep changing"):
         for _ in range(8):
             assert_same(pl.run(cm, X, [pl.save("0.inner")]), pl.run(model, X, [pl.save("0.inner")]))
+
+
+def test_a_padded_batch_gives_what_eager_gives() -> None:
+    model, tokenizer = pl.models.load_default()
+    cm = pl.compile(model, backend="eager")
+    prompts = ["the home of leibrund is", "x y"]  # the second is padded
+    ivs = [pl.ablate("h.0", "mean"), pl.save("h.1"), pl.patch("h.1", pl.at(0, torch.tanh))]
+    want = pl.run(model, prompts, ivs, tokenizer=tokenizer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PurelensWarning)
+        for _ in range(3):
+            got = pl.run(cm, prompts, ivs, tokenizer=tokenizer)
+            torch.testing.assert_close(got["h.1"], want["h.1"])
+            torch.testing.assert_close(got.output.logits, want.output.logits)
+    same = ["leibrund lives in", "bilora lives in"]  # no padding: compiled
+    want = pl.run(model, same, ivs, tokenizer=tokenizer)
+    for _ in range(3):
+        got = pl.run(cm, same, ivs, tokenizer=tokenizer)
+        torch.testing.assert_close(got["h.1"], want["h.1"])
+        torch.testing.assert_close(got.output.logits, want.output.logits)
