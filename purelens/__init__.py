@@ -25,7 +25,6 @@ from ._builders import scale as scale
 from ._builders import skip as skip
 from ._builders import stop as stop
 from ._builders import transplant as transplant
-from ._compile import Compiled as Compiled
 from ._compile import compile as compile
 from ._edit import edit as edit
 from ._errors import PurelensError as PurelensError
@@ -53,7 +52,6 @@ from ._sweep import sweep as sweep
 __version__ = "0.1.0"
 
 __all__ = [
-    "Compiled",
     "Intervention",
     "PurelensError",
     "Record",

@@ -35,6 +35,7 @@ DOCUMENTED = {
     "at",
     # running
     "run",
+    "compile",
     "Record",
     "sites",
     # batched sweeps (issue 7)
