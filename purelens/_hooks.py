@@ -16,6 +16,11 @@ under the torch function modes that reach them, for the passes that name
 them. Attention ports of HF modules go through transformers' attention
 interface instead (see `_attention`).
 
+A run's output hooks go ahead of hooks the module has already, so that those
+(transformers' recorders of ``output_hidden_states``, a user's) see the value as
+the run left it, whenever they were registered; its input hooks go after them,
+nearest the forward, as do an edit's. An edit's hooks go ahead of a run's.
+
 One exception to "for one call": `check_before_every_module` puts permanent
 pre-hooks on a model that purelens itself owns (the one `purelens serve`
 loads), to stop a request that runs past its wall time.
@@ -239,8 +244,8 @@ def installed(pass_: Pass, *, edit: bool = False) -> Iterator[None]:
             if site.port == "input":
                 hook = _input_hook(pass_, site)
                 handles.append(_Attached(site.module, hook, pre=True, kwargs=True, prepend=edit))
-            else:
-                handles.append(_Attached(site.module, _output_hook(pass_, site), prepend=edit))
+            else:  # ahead of the module's own hooks (see the module docstring)
+                handles.append(_Attached(site.module, _output_hook(pass_, site), prepend=True))
         for module in dispatched.values():
             if _applies_own_sites(module):  # an edited module's forward skips it itself
                 continue

@@ -154,3 +154,18 @@ def test_save_grad_on_gpt2_equals_hand_written_hooks(gpt2: nn.Module, tokens: to
     for site, g in zip(["h.0", "h.-1.attn", "ln_f"], expected, strict=True):
         assert torch.allclose(rec.grads[site], g, atol=1e-6), site
     assert all(p.grad is None for p in gpt2.parameters())
+
+
+def test_hidden_states_show_the_run_whenever_transformers_added_its_recorders(
+    tokens: torch.Tensor,
+) -> None:
+    # transformers records output_hidden_states with hooks it adds on first use: they ran
+    # after the run's hook on the first call and before it on the next, which then saw the
+    # block's output without the steering.
+    from tests.helpers import tiny_gpt2
+
+    model = tiny_gpt2(n_layer=2)
+    v = torch.randn(model.config.n_embd)
+    for _ in range(3):
+        rec = pl.run(model, tokens, [pl.add("h.0", v), pl.save("h.0")], output_hidden_states=True)
+        assert torch.equal(rec.output.hidden_states[1], rec["h.0"])
