@@ -15,18 +15,26 @@ reuse the compiled code. Each structure's function has a code object of its
 own, since dynamo's recompile limit is per code object.
 
 The first call of a structure runs eagerly (`pl.run` on the model: purelens's
-own errors, and its result), then runs the clone eagerly once to check that
-every hook fires (a forward bound to the original module, as `pl.edit` and
-accelerate make, would bypass the clone). What the clone cannot do (`stop`,
-`skip`, gradients of sites, `step=`/`call=`, attention ports and op sites,
-`params=`, `loss=`, a model with hooks of its own, a batch with padding) runs as
-eager `pl.run`,
-with a warning once per handle and reason. Before each compiled call the
-handle checks that the paths still lead to the same modules (a replaced
-submodule or a rebound attribute of a copied module builds anew), copies the
-modules' training flags, and looks for
-hooks added anywhere in the model since (they would be skipped: that call runs
-eagerly).
+own errors, and its result); the next ones run compiled. A compiled call
+counts how often each site's hook ran and raises as eager `pl.run` does for a
+site that did not run, or a save at a site that ran twice; its saves are
+copies (the model may change a value in place after it was saved, which
+eager `pl.run` refuses). Attributes the forward sets on a copied module
+(``self.last = ...``) are set on the model's module after the call.
+
+What a clone cannot do runs as eager `pl.run`, with a warning once per handle
+and reason: `stop`, `skip`, gradients of sites, `step=`/`call=`, attention
+ports and op sites, `params=`, `loss=`, calls inside `torch.func` transforms
+(dynamo would give up on the frame for good), a batch with padding, a nested
+call of the structure, what dynamo cannot compile, and models a clone would
+not follow: a module on the way to a site that is used at several places, has
+a forward of its own (`pl.edit`, accelerate) or keeps modules in a plain list;
+a model with hooks of its own (those runs only: the next call looks again).
+Before each compiled call the handle checks that each copied module's
+attributes and children are the same objects (else the structure is built
+anew; after a few times it stays eager), copies the training flags, re-resolves
+the sites when any module in the process gained a child, and looks for hooks
+added since (through torch's hook counter).
 """
 
 from __future__ import annotations
@@ -40,16 +48,19 @@ from collections.abc import Hashable, Mapping
 from typing import Any
 
 import torch
+import torch.utils._pytree as torch_pytree
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ._errors import PurelensError, PurelensWarning
 from ._grads import PatchGrad, SaveGrad
 from ._inputs import call_arguments, padding_of
-from ._interventions import Add, Intervention, Save, Scale, Skip, Stop, Writer
+from ._interventions import Add, Intervention, Replace, Save, Scale, Skip, Stop
+from ._pass import _NEVER_RAN, _RAN_TWICE
 from ._plan import Plan, SitePlan
 from ._primary import primary_input, primary_output
 from ._record import Record
+from ._site import resolve, tree_version
 from ._tree import structure
 
 __all__ = ["Compiled", "compile"]
@@ -69,12 +80,21 @@ _HOOK_DICTS = (
 )
 _FALLBACK = "pl.compile: {why}, so pl.run runs such calls eagerly (as pl.run on the model)."
 _NOT_A_MODULE = "pl.compile takes a torch.nn.Module, got {kind}."
+_BAD_ARGUMENTS = (
+    "pl.compile: torch.compile refused its arguments ({error}).\n"
+    "  pl.compile(model, **kwargs) passes kwargs to torch.compile (backend=, mode=, ...)."
+)
 _FRESH_FUNCTIONS = (
     "pl.compile: calls keep bringing new function objects (lambdas or pl.at made anew each "
     "call), and each is a new structure that compiles anew.\n"
     "  Define the function once and reuse it, or give the values as tensors (pl.add, "
-    "pl.replace, pl.scale, pl.at with tensors): new tensors reuse the compiled code."
+    "pl.replace, pl.scale): new tensors reuse the compiled code (pl.at's positions are "
+    "part of the structure)."
 )
+
+
+def _probe(x: Any) -> Any:
+    return x
 
 
 def compile(model: nn.Module, **compile_kwargs: Any) -> Compiled:
@@ -120,6 +140,10 @@ class Compiled:
         if not isinstance(model, nn.Module):
             raise PurelensError(_NOT_A_MODULE.format(kind=type(model).__name__))
         self.model = model
+        try:  # torch.compile checks its arguments (and finds the backend) when called
+            torch.compile(_probe, **compile_kwargs)
+        except Exception as error:
+            raise PurelensError(_BAD_ARGUMENTS.format(error=error)) from error
         self._kwargs = compile_kwargs
         self._structures: OrderedDict[Hashable, _Traced | str] = OrderedDict()
         self._families: dict[Hashable, int] = {}  # structure without functions -> count
@@ -160,6 +184,10 @@ class Compiled:
         if given or validate:
             self._warn(f"{' and '.join(given) or 'validate=True'} is not compiled")
             return eager()
+        if torch._C._functorch.peek_interpreter_stack() is not None:
+            # Dynamo gives up on a frame first compiled inside a transform, for good.
+            self._warn("inside torch.func transforms (grad, vmap, ...) it is not compiled")
+            return eager()
         key = structure(interventions, functions=True)
         if key is None:
             self._warn("these interventions hold values that cannot key a cache")
@@ -171,26 +199,38 @@ class Compiled:
         if isinstance(traced, str):
             self._warn(traced)
             return eager()
-        if traced is not None and traced.holds():
+        if traced is not None and traced.holds(self.model):
             args, kwargs = call_arguments(inputs, tokenizer, model_kwargs, self.model)
             real = padding_of(args, kwargs)
+            why = None
             if real is not None and not bool(real.all()):
                 # What knows padding (pl.at, mean ablation) reads it from the pass.
-                self._warn("batches with padding (an attention mask with zeros) are not compiled")
-                return eager()
-            if not _hooks_since(self.model, traced):
-                return traced(args, kwargs, interventions)
-            self._warn("the model has hooks of its own (the clone would skip them)")
+                why = "batches with padding (an attention mask with zeros) are not compiled"
+            elif _hooks_since(self.model, traced):
+                why = _HOOKED
+            else:
+                try:
+                    record = traced(args, kwargs, interventions)
+                except torch._dynamo.exc.TorchDynamoException as error:
+                    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+                    why = f"dynamo could not compile this call ({type(error).__name__}: {first})"
+                    record = None
+                if record is not None:
+                    return record
+                why = why or "a run inside a run of the same structure is not compiled"
+            self._warn(why)
             return eager()
         record = eager()  # the structure's first call: purelens's own checks, and its result
-        args, kwargs = call_arguments(inputs, tokenizer, model_kwargs, self.model)
-        built: _Traced | str
+        built: _Traced | str | None
         if traced is not None and traced.builds >= _MAX_REBUILDS:
             built = "the model's modules keep changing (attributes rebound, children replaced)"
         else:
-            built = self._build(interventions, args, kwargs)
-            if traced is not None and not isinstance(built, str):
+            built = self._build(interventions)
+            if traced is not None and isinstance(built, _Traced):
                 built.builds = traced.builds + 1
+        if built is None:  # not now (the model has hooks at the moment): the next call tries
+            self._warn(_HOOKED)
+            return record
         with self._lock:
             self._structures[key] = built
             if len(self._structures) > _MAX_STRUCTURES:
@@ -201,25 +241,18 @@ class Compiled:
             self._count_family(interventions)
         return record
 
-    def _build(
-        self, ivs: tuple[Intervention, ...], args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> _Traced | str:
+    def _build(self, ivs: tuple[Intervention, ...]) -> _Traced | str | None:
+        """The structure of `ivs` compiled; why it cannot be (str); None: not now."""
         plan = Plan.build(self.model, ivs)
-        why = _unsupported(plan)
-        if why is None:
-            why = _has_hooks(self.model)
+        why = _unsupported(plan) or _unclonable(self.model, plan)
         if why is not None:
             return why
+        if _has_hooks(self.model):
+            return None
         with self._lock:
             self._made += 1
             number = self._made
-        traced = _Traced(self.model, plan, number, self._kwargs)
-        if not traced.fires(args, kwargs, ivs):
-            return (
-                "a module on the way to a site runs a forward of its own (pl.edit, "
-                "accelerate's hooks), which a clone cannot intervene in"
-            )
-        return traced
+        return _Traced(self.model, plan, number, self._kwargs)
 
     def _count_family(self, ivs: tuple[Intervention, ...]) -> None:
         family = structure(ivs, functions=False, code=True)
@@ -257,7 +290,12 @@ def _unsupported(plan: Plan) -> str | None:
     return None
 
 
-def _has_hooks(model: nn.Module) -> str | None:
+_HOOKED = "the model has hooks of its own (the clone would skip them)"
+
+
+def _has_hooks(model: nn.Module) -> bool:
+    """Whether torch has global module hooks or a module of `model` has hooks, other than
+    purelens's own for a run (negative keys, see `_hooks`), which act for their run only."""
     from torch.nn.modules import module as torch_module
 
     global_hooks = (
@@ -267,35 +305,72 @@ def _has_hooks(model: nn.Module) -> str | None:
         torch_module._global_backward_pre_hooks,
     )
     if any(global_hooks):
-        return "torch has global module hooks (the clone would skip them)"
+        return True
     for module in model.modules():
-        if any(getattr(module, name, None) for name in _HOOK_DICTS):
-            return "the model has hooks of its own (the clone would skip them)"
-    return None
+        for name in _HOOK_DICTS:
+            hooks = getattr(module, name, None)
+            if hooks and any(not (isinstance(k, int) and k < 0) for k in hooks):
+                return True
+    return False
 
 
 def _hooks_since(model: nn.Module, traced: _Traced) -> bool:
     """Whether hooks were added to `model` (or globally) since `traced` last looked.
 
     Every hook torch registers anywhere takes a number from one counter, so the
-    model is searched only when that counter moved (purelens's own eager runs move it).
+    model is searched only when that counter moved.
     """
     now = RemovableHandle.next_id
     if now == traced.hooks_seen:
         return False
-    if _has_hooks(model) is not None:
-        return True  # looked for again next call: purelens's hooks of another run go
+    if _has_hooks(model):
+        return True  # looked for again next call: they may be gone
     traced.hooks_seen = now
     return False
 
 
+def _unclonable(model: nn.Module, plan: Plan) -> str | None:
+    """Why a path clone of `plan`'s sites would not act as the model does, or None."""
+    uses: dict[int, int] = {}
+    for _, module in model.named_modules(remove_duplicate=False):
+        uses[id(module)] = uses.get(id(module), 0) + 1
+    for site in plan.sites:
+        module = model
+        for part in [""] + (site.name.split(".") if site.name else []):
+            if part:
+                module = module._modules[part]  # type: ignore[assignment]
+            if uses.get(id(module), 0) > 1:
+                return (
+                    "a module on the way to a site is used at more than one place (shared or "
+                    "tied), and a clone would intervene at one of them"
+                )
+            if "forward" in module.__dict__:
+                return (
+                    "a module on the way to a site runs a forward of its own (pl.edit, "
+                    "accelerate's hooks), which a clone cannot intervene in"
+                )
+            for name, value in module.__dict__.items():
+                if name == "_modules":
+                    continue
+                items = value.values() if isinstance(value, dict) else value
+                if isinstance(value, list | tuple | dict) and any(
+                    isinstance(v, nn.Module) for v in items
+                ):
+                    return (
+                        "a module on the way to a site keeps modules in a plain list or dict, "
+                        "which a clone would not see"
+                    )
+    return None
+
+
 class _State:
-    """What the clone's hooks read: the call's interventions, and what they saved."""
+    """What the clone's hooks read: the call's interventions, what they saved, and how many
+    times each site ran."""
 
     def __init__(self) -> None:
         self.nodes: tuple[Intervention, ...] | None = None
         self.saved: dict[str, Any] | None = None
-        self.fired: set[int] | None = None  # while checking: the sites whose hooks ran
+        self.counts: list[int] | None = None
 
 
 class _Traced:
@@ -303,72 +378,95 @@ class _Traced:
 
     def __init__(self, model: nn.Module, plan: Plan, number: int, kwargs: dict[str, Any]) -> None:
         self.lock = threading.Lock()
+        self.owner: int | None = None  # the thread in a call (a nested call runs eagerly)
         self.builds = 1
         self.hooks_seen = RemovableHandle.next_id
+        self.version = tree_version()
         self.state = state = _State()
         self.clone, self.copies = _path_clone(model, [s.name for s in plan.sites])
         self.checked = list({id(c): c for c in self.copies.values()}.values())
-        self.sites = len(plan.sites)
+        self.sites = [(s.site, s.module, s.entries) for s in plan.sites]
         for index, site in enumerate(plan.sites):
             _hook(self.copies[site.name].copy, site, index, state)
         clone = self.clone
+        count = len(plan.sites)
 
         def body(args: tuple[Any, ...], kwargs: dict[str, Any], nodes: Any) -> Any:
             state.nodes = nodes
             state.saved = {}
+            state.counts = [0] * count
             output = clone(*args, **kwargs)
-            saved = state.saved
-            state.nodes = state.saved = None
-            return output, saved
+            return output, state.saved, state.counts
 
         # Dynamo's cache and its recompile limit are per code object: one per structure.
         code = body.__code__.replace(co_name=f"purelens_structure_{number}")
         own = types.FunctionType(code, body.__globals__, code.co_name, None, body.__closure__)
-        self.eager = own
         self.compiled = torch.compile(own, **kwargs)
 
-    def holds(self) -> bool:
-        """Whether the clone is still right for the model (see `_Copied.holds`)."""
-        return all(entry.holds() for entry in self.checked)
-
-    def fires(self, args: tuple[Any, ...], kwargs: dict[str, Any], ivs: Any) -> bool:
-        """Run the clone eagerly once (the random state put back after): whether every
-        site's hook ran."""
-        state = self.state
-        state.fired = set()
-        devices = sorted({p.device.index or 0 for p in self.clone.parameters() if p.is_cuda})
-        try:
-            with torch.random.fork_rng(devices=devices), torch.no_grad():
-                self.eager(args, kwargs, _as_tensors(ivs))
-            return len(state.fired) == self.sites
-        except Exception:
+    def holds(self, model: nn.Module) -> bool:
+        """Whether the clone is still right for the model (see `_Copied.holds`), and every
+        site still names the module it did (a module anywhere gaining a child may make a
+        suffix site ambiguous)."""
+        if not all(entry.holds() for entry in self.checked):
             return False
-        finally:
-            state.fired = None
-            state.nodes = state.saved = None
+        version = tree_version()
+        if version != self.version:
+            for site, module, _ in self.sites:
+                try:
+                    if resolve(model, site)[1] is not module:
+                        return False
+                except PurelensError:
+                    return False
+            self.version = version
+        return True
 
-    def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any], ivs: Any) -> Record:
+    def __call__(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], ivs: tuple[Intervention, ...]
+    ) -> Record | None:
+        """The call's Record; None for a call inside a call of this structure (its state is
+        the outer call's: such a call runs eagerly)."""
         nodes = _as_tensors(ivs)
+        me = threading.get_ident()
+        if self.owner == me:
+            return None
         with self.lock:  # one call at a time: the hooks share the state between them
-            output, saved = self.compiled(args, kwargs, nodes)
+            self.owner = me
+            try:
+                output, saved, counts = self.compiled(args, kwargs, nodes)
+            finally:
+                self.owner = None
+                state = self.state
+                state.nodes = state.saved = state.counts = None
+            for entry in self.checked:
+                entry.write_back()
+        for (site, _, entries), ran in zip(self.sites, counts, strict=True):
+            if ran == 0:
+                what = ", ".join(repr(iv) for _, iv in entries)
+                why = f"site {site!r} did not run in this forward pass"
+                raise PurelensError(_NEVER_RAN.format(what=what, why=why))
+            if ran > 1 and any(isinstance(iv, Save) for _, iv in entries):
+                raise PurelensError(_RAN_TWICE.format(site=site))
         return Record(saved, output)
 
 
 def _hook(module: nn.Module, site: SitePlan, index: int, state: _State) -> None:
-    entries = tuple(site.entries)
+    # A save is the plan's own node (a wildcard's is renamed per module it matched); a
+    # writer is the call's, whose tensors are this call's.
+    entries = tuple(
+        (position, iv if isinstance(iv, Save) else None) for position, iv in site.entries
+    )
 
     def apply(value: Tensor) -> Tensor:
-        nodes = state.nodes
-        saved = state.saved
-        assert nodes is not None and saved is not None
-        if state.fired is not None:
-            state.fired.add(index)
-        for position, _ in entries:
-            iv = nodes[position]
-            if isinstance(iv, Writer):
-                value = iv.write(value, saved)
-            elif isinstance(iv, Save):
-                saved[iv.name] = iv.record(value)
+        nodes, saved, counts = state.nodes, state.saved, state.counts
+        assert nodes is not None and saved is not None and counts is not None
+        counts[index] = counts[index] + 1
+        for position, save in entries:
+            if save is None:
+                value = nodes[position].write(value, saved)  # type: ignore[attr-defined]
+            else:  # a copy: the model may change the value in place after (eager raises)
+                saved[save.name] = torch_pytree.tree_map(
+                    lambda x: x.clone() if isinstance(x, Tensor) else x, save.record(value)
+                )
         return value
 
     if site.port == "input":
@@ -394,6 +492,7 @@ def _hook(module: nn.Module, site: SitePlan, index: int, state: _State) -> None:
 
 
 _OWN = frozenset(("_modules", "training", *_HOOK_DICTS))  # what a copy does not share
+_MISSING = object()
 
 
 class _Copied:
@@ -430,6 +529,19 @@ class _Copied:
             self.copy.training = self.original.training
         return True
 
+    def write_back(self) -> None:
+        """Attributes the forward set on the copy (``self.last = ...``), set on the
+        original as an eager call would have."""
+        mine = self.copy.__dict__
+        if len(mine) == self.size and all(mine.get(k) is v for k, v in self.shared):
+            return
+        attributes = self.original.__dict__
+        for key, value in list(mine.items()):
+            if key not in _OWN and attributes.get(key, _MISSING) is not value:
+                attributes[key] = value
+        self.size = len(attributes)
+        self.shared = tuple((k, v) for k, v in attributes.items() if k not in _OWN)
+
 
 def _path_clone(model: nn.Module, names: list[str]) -> tuple[nn.Module, dict[str, _Copied]]:
     """A shallow copy of `model` whose modules on the paths to `names` are copies with hook
@@ -458,12 +570,17 @@ def _path_clone(model: nn.Module, names: list[str]) -> tuple[nn.Module, dict[str
     return root.copy, by_path
 
 
+# Fields the builders make tensors with torch.as_tensor.
+_NUMBER_FIELDS: dict[type, str] = {Add: "delta", Scale: "factor", Replace: "value"}
+
+
 def _as_tensors(ivs: tuple[Intervention, ...]) -> tuple[Intervention, ...]:
-    """`ivs` with the Python numbers of `pl.add` and `pl.scale` made tensors, as those
-    builders make them (`torch.as_tensor`), so that a new number does not recompile."""
+    """`ivs` with the Python numbers of `pl.add`, `pl.scale` and `pl.replace` made tensors,
+    as those builders make them (`torch.as_tensor`), so that a new number does not
+    recompile."""
     out = list(ivs)
     for i, iv in enumerate(ivs):
-        name = "delta" if isinstance(iv, Add) else "factor" if isinstance(iv, Scale) else None
+        name = _NUMBER_FIELDS.get(type(iv))
         if name is not None and type(getattr(iv, name)) in (int, float):
             iv = copy.copy(iv)
             object.__setattr__(iv, name, torch.as_tensor(getattr(iv, name)))

@@ -134,6 +134,20 @@ def test_a_replaced_submodule_is_seen() -> None:
     assert_same(pl.run(cm, X, ivs), pl.run(model, X, ivs))
 
 
+def test_a_hook_there_at_the_first_call_does_not_keep_the_structure_eager() -> None:
+    model = mlp()
+    backend = Counting()
+    cm = pl.compile(model, backend=backend)
+    ivs = [pl.save("2")]
+    handle = model[1].register_forward_hook(lambda *a: None)
+    with pytest.warns(PurelensWarning, match="hooks of its own"):
+        pl.run(cm, X, ivs)
+    handle.remove()
+    for _ in range(3):
+        assert_same(pl.run(cm, X, ivs), pl.run(model, X, ivs))
+    assert backend.graphs == 1
+
+
 def test_hooks_added_to_the_model_are_not_skipped() -> None:
     model = mlp()
     cm = pl.compile(model, backend="eager")
@@ -308,3 +322,213 @@ def test_a_padded_batch_gives_what_eager_gives() -> None:
         got = pl.run(cm, same, ivs, tokenizer=tokenizer)
         torch.testing.assert_close(got["h.1"], want["h.1"])
         torch.testing.assert_close(got.output.logits, want.output.logits)
+
+
+def test_a_module_used_at_two_places_is_intervened_at_both() -> None:
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(8, 8)
+            self.b = self.a
+            self.c = nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.c(self.b(self.a(x)))
+
+    model = Tied()
+    cm = pl.compile(model, backend="eager")
+    ivs = [pl.add("a", torch.ones(8))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PurelensWarning)
+        for _ in range(3):
+            assert_same(pl.run(cm, X, ivs), pl.run(model, X, ivs))
+
+
+def test_a_wildcard_saves_every_module_it_matches() -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8))
+    cm = pl.compile(model, backend="eager")
+    for _ in range(3):
+        assert_same(pl.run(cm, X, [pl.save("*")]), pl.run(model, X, [pl.save("*")]))
+
+
+class Branchy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, n_b: int = 1, inplace: bool = False) -> torch.Tensor:
+        x = self.a(x)
+        if inplace:
+            x.mul_(2)
+        for _ in range(n_b):
+            x = self.b(x)
+        return x
+
+
+def test_a_site_that_did_not_run_or_ran_twice_is_an_error_as_in_eager() -> None:
+    model = Branchy()
+    cm = pl.compile(model, backend="eager")
+    ivs = [pl.save("b"), pl.add("a", torch.ones(8))]
+    for _ in range(2):
+        pl.run(cm, X, ivs)
+    for n_b, match in ((0, "never applied"), (2, "more than once")):
+        with pytest.raises(pl.PurelensError, match=match):
+            pl.run(model, X, ivs, n_b=n_b)
+        with pytest.raises(pl.PurelensError, match=match):
+            pl.run(cm, X, ivs, n_b=n_b)
+
+
+def test_a_value_changed_in_place_after_its_save_is_kept_as_saved() -> None:
+    model = Branchy()
+    cm = pl.compile(model, backend="eager")
+    ivs = [pl.save("a")]
+    for _ in range(2):
+        pl.run(cm, X, ivs)
+    with pytest.raises(pl.PurelensError, match="in place"):
+        pl.run(model, X, ivs, inplace=True)
+    got = pl.run(cm, X, ivs, inplace=True)  # compiled: the value the site had
+    torch.testing.assert_close(got["a"], model.a(X))
+
+
+def test_what_the_forward_sets_on_its_modules_reaches_the_model() -> None:
+    class Remember(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.lin(x)
+            self.last = y.detach()
+            return y
+
+    model = nn.Sequential(Remember(), nn.ReLU())
+    cm = pl.compile(model, backend="eager")
+    for _ in range(3):
+        x = torch.randn(5, 8)
+        rec = pl.run(cm, x, [pl.save("0.lin")])
+        assert torch.equal(model[0].last, rec["0.lin"])
+
+
+def test_the_first_call_runs_the_model_once() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8)).train()
+    seen: list[int] = []
+
+    def count(v: torch.Tensor) -> torch.Tensor:
+        seen.append(1)
+        return v
+
+    cm = pl.compile(model, backend="eager")
+    pl.run(cm, X, [pl.patch("0", count)])
+    assert len(seen) == 1 and int(model[1].num_batches_tracked) == 1
+
+
+def test_a_run_inside_a_run_of_the_same_structure_runs() -> None:
+    model = nn.Sequential(nn.Linear(8, 8))
+    cm = pl.compile(model, backend="eager")
+    depth = [0]
+
+    def f(v: torch.Tensor) -> torch.Tensor:
+        if depth[0] == 0:
+            depth[0] += 1
+            try:
+                pl.run(cm, X, [pl.patch("0", f)])
+            finally:
+                depth[0] -= 1
+        return v * 2
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PurelensWarning)
+        for _ in range(3):
+            assert_same(pl.run(cm, X, [pl.patch("0", f)]), pl.run(model, X, [pl.patch("0", f)]))
+
+
+def test_a_failing_call_keeps_nothing() -> None:
+    import gc
+    import weakref
+
+    def boom(v: torch.Tensor) -> torch.Tensor:
+        if v.shape[0] == 3:
+            raise ValueError("three")
+        return v
+
+    model = mlp()
+    cm = pl.compile(model, backend="eager")
+    for _ in range(2):
+        pl.run(cm, X, [pl.save("0"), pl.patch("2", boom)])
+    steer = torch.randn(16)
+    kept = weakref.ref(steer)
+    with pytest.raises(ValueError, match="three"):
+        pl.run(cm, torch.randn(3, 8), [pl.add("0", steer), pl.patch("2", boom)])
+    with pytest.raises(ValueError, match="three"):
+        pl.run(cm, torch.randn(3, 8), [pl.add("0", steer), pl.patch("2", boom)])
+    del steer
+    gc.collect()
+    assert kept() is None
+
+
+def test_errors_of_a_new_shape_are_purelens_own() -> None:
+    model = mlp()
+    cm = pl.compile(model, backend="eager")
+    ivs = [pl.replace("0", torch.ones(5, 16))]
+    for _ in range(2):
+        pl.run(cm, X, ivs)
+    with pytest.raises(pl.PurelensError, match="broadcast"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", PurelensWarning)
+        pl.run(cm, torch.randn(2, 8), ivs)
+
+
+def test_bad_compile_arguments_are_refused_at_once() -> None:
+    for kwargs in ({"bogus": 1}, {"mode": "nope"}, {"backend": "nope"}):
+        with pytest.raises(pl.PurelensError, match=r"torch\.compile refused"):
+            pl.compile(mlp(), **kwargs)
+
+
+def test_an_ambiguous_site_is_seen_off_the_paths() -> None:
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Sequential()
+            self.a.add_module("q", nn.Linear(8, 8))
+            self.b = nn.Sequential()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(self.a(x))
+
+    model = Two()
+    cm = pl.compile(model, backend="eager")
+    for _ in range(2):
+        pl.run(cm, X, [pl.save("q")])
+    model.b.add_module("q", nn.Linear(8, 8))
+    with pytest.raises(pl.SiteError):
+        pl.run(model, X, [pl.save("q")])
+    with pytest.raises(pl.SiteError):
+        pl.run(cm, X, [pl.save("q")])
+
+
+def test_a_structure_first_compiled_inside_a_transform_still_compiles_after() -> None:
+    model = mlp()
+    backend = Counting()
+    cm = pl.compile(model, backend=backend)
+
+    def f(v: torch.Tensor) -> torch.Tensor:
+        return pl.run(cm, X, [pl.add("2", v)]).output.sum()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PurelensWarning)
+        for _ in range(2):
+            torch.func.grad(f)(torch.zeros(16))
+    for _ in range(2):
+        f(torch.randn(16))
+    assert backend.graphs == 1
+
+
+def test_new_replace_numbers_do_not_recompile() -> None:
+    model = mlp()
+    backend = Counting()
+    cm = pl.compile(model, backend=backend)
+    for k in range(6):
+        ivs = [pl.replace("2", float(k)), pl.save("3")]
+        assert_same(pl.run(cm, X, ivs), pl.run(model, X, ivs))
+    assert backend.graphs == 1
