@@ -307,11 +307,26 @@ def _has_hooks(model: nn.Module) -> bool:
     if any(global_hooks):
         return True
     for module in model.modules():
-        for name in _HOOK_DICTS:
+        for name in _CALLED:
             hooks = getattr(module, name, None)
-            if hooks and any(not (isinstance(k, int) and k < 0) for k in hooks):
+            if hooks and any(not _kept(k, fn) for k, fn in hooks.items()):
                 return True
     return False
+
+
+_CALLED = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _kept(key: Any, hook: Any) -> bool:
+    """Whether a clone may leave `hook` as it is: purelens's own for a run (negative keys,
+    see `_hooks`: they act for their run only) or a permanent hook (`_permanent`)."""
+    return (isinstance(key, int) and key < 0) or _permanent(hook)
+
+
+def _permanent(hook: Any) -> bool:
+    """transformers' recorders of ``output_hidden_states`` and attentions: added once on
+    first use and never removed, and written to compile; a clone's copies keep them."""
+    return getattr(hook, "__module__", None) == "transformers.utils.output_capturing"
 
 
 def _hooks_since(model: nn.Module, traced: _Traced) -> bool:
@@ -488,7 +503,7 @@ def _hook(module: nn.Module, site: SitePlan, index: int, state: _State) -> None:
             value, rebuild = split
             return rebuild(apply(value))
 
-        module.register_forward_hook(post)
+        module.register_forward_hook(post, prepend=True)  # as a run's (see `_hooks`)
 
 
 _OWN = frozenset(("_modules", "training", *_HOOK_DICTS))  # what a copy does not share
@@ -507,6 +522,12 @@ class _Copied:
         for name in _HOOK_DICTS:
             if name in original.__dict__:
                 mine.__dict__[name] = OrderedDict()
+        for key, hook in original._forward_hooks.items():  # transformers' recorders
+            if _permanent(hook):
+                mine._forward_hooks[key] = hook
+                for flags in ("_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
+                    if key in original.__dict__.get(flags, {}):
+                        mine.__dict__[flags][key] = True
         self.size = len(original.__dict__)
         self.shared = tuple((k, v) for k, v in original.__dict__.items() if k not in _OWN)
         self.children = tuple(original._modules.items())

@@ -532,3 +532,24 @@ def test_new_replace_numbers_do_not_recompile() -> None:
         ivs = [pl.replace("2", float(k)), pl.save("3")]
         assert_same(pl.run(cm, X, ivs), pl.run(model, X, ivs))
     assert backend.graphs == 1
+
+
+def test_transformers_recorders_do_not_keep_a_model_eager() -> None:
+    model, tokenizer = pl.models.load_default()
+    ids = torch.tensor(tokenizer(["the home of leibrund is"])["input_ids"])
+    model(ids, output_hidden_states=True)  # transformers adds its recorders on first use
+    backend = Counting()
+    cm = pl.compile(model, backend=backend)
+    v = torch.randn(model.config.n_embd)
+    ivs = [pl.add("h.0", v), pl.save("h.1")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PurelensWarning)
+        for kwargs in ({}, {"output_hidden_states": True}, {}):
+            got = pl.run(cm, ids, ivs, **kwargs)
+            want = pl.run(model, ids, ivs, **kwargs)
+            torch.testing.assert_close(got["h.1"], want["h.1"])
+            torch.testing.assert_close(got.output.logits, want.output.logits)
+            if kwargs:
+                for a, b in zip(got.output.hidden_states, want.output.hidden_states, strict=True):
+                    torch.testing.assert_close(a, b)
+    assert backend.graphs >= 1
