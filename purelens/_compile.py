@@ -531,10 +531,26 @@ class _Copied:
         self.size = len(original.__dict__)
         self.shared = tuple((k, v) for k, v in original.__dict__.items() if k not in _OWN)
         self.children = tuple(original._modules.items())
+        self._snapshot()
+
+    def _snapshot(self) -> None:
+        # The ids of every attribute and child, of both: compared at C speed on each call
+        # (the objects are held in `shared` and `children`, so the ids stay theirs).
+        self.ids = (
+            tuple(map(id, self.original.__dict__.values())),
+            tuple(map(id, self.original._modules.values())),
+        )
+        self.copy_ids = tuple(map(id, self.copy.__dict__.values()))
 
     def holds(self) -> bool:
         """Whether the copy is still right, its training flag made the original's."""
-        attributes = self.original.__dict__
+        original = self.original
+        if (
+            tuple(map(id, original.__dict__.values())),
+            tuple(map(id, original._modules.values())),
+        ) == self.ids:
+            return True
+        attributes = original.__dict__
         if len(attributes) != self.size:
             return False
         for key, value in self.shared:
@@ -548,13 +564,17 @@ class _Copied:
                 return False
         if self.copy.training is not self.original.training:
             self.copy.training = self.original.training
+        self._snapshot()
         return True
 
     def write_back(self) -> None:
         """Attributes the forward set on the copy (``self.last = ...``), set on the
         original as an eager call would have."""
         mine = self.copy.__dict__
+        if tuple(map(id, mine.values())) == self.copy_ids:
+            return
         if len(mine) == self.size and all(mine.get(k) is v for k, v in self.shared):
+            self._snapshot()
             return
         attributes = self.original.__dict__
         for key, value in list(mine.items()):
@@ -562,6 +582,7 @@ class _Copied:
                 attributes[key] = value
         self.size = len(attributes)
         self.shared = tuple((k, v) for k, v in attributes.items() if k not in _OWN)
+        self._snapshot()
 
 
 def _path_clone(model: nn.Module, names: list[str]) -> tuple[nn.Module, dict[str, _Copied]]:

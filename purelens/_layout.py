@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextvars
 from typing import NamedTuple
 
+import torch
+
 __all__ = ["MODULE", "Layout", "current", "layout_of", "reset", "use"]
 
 
@@ -44,11 +46,23 @@ def layout_of(port: str) -> Layout:
     return _OF_PORT.get(port, MODULE)
 
 
+# Whether any layout but MODULE was ever made current: until then code that dynamo traces
+# (`pl.compile`'s clones, an edited model compiled) need not read the context variable,
+# which dynamo cannot trace (it guards on this flag instead).
+_ever_used = False
+
+
 def current() -> Layout:
+    """The current site's layout."""
+    if not _ever_used and torch.compiler.is_compiling():
+        return MODULE
     return _CURRENT.get()
 
 
 def use(layout: Layout) -> contextvars.Token[Layout]:
+    global _ever_used
+    if layout is not MODULE:
+        _ever_used = True
     return _CURRENT.set(layout)
 
 

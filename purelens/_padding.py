@@ -26,6 +26,10 @@ __all__ = ["aligned", "real_tokens", "reset_padding", "set_padding"]
 _PADDING: contextvars.ContextVar[Tensor | None] = contextvars.ContextVar(
     "purelens_padding", default=None
 )
+# Whether a mask was ever made current: until then code that dynamo traces (`pl.compile`'s
+# clones, an edited model compiled) need not read the context variable, which dynamo
+# cannot trace (it guards on this flag instead).
+_ever_set = False
 
 
 def real_tokens(attention_mask: Any) -> Tensor | None:
@@ -54,6 +58,9 @@ def set_padding(
             real = None if real is None else real[row_indices(rows, real.shape[0], "the batch")]
         except Exception:  # rows the value does not have: the writer says so, not this
             real = None
+    global _ever_set
+    if real is not None:
+        _ever_set = True
     return _PADDING.set(real)
 
 
@@ -75,6 +82,8 @@ def aligned(value: Tensor, pos: int | None = None) -> Tensor | None:
 
     Positions are dimension `pos`, by default the current site's (see `_layout`).
     """
+    if not _ever_set and torch.compiler.is_compiling():
+        return None  # no mask was ever current (see `_ever_set`)
     real = _PADDING.get()
     if pos is None:
         pos = current().pos
