@@ -44,8 +44,11 @@ def gpt2(n_layer: int, n_embd: int, n_head: int, vocab: int) -> nn.Module:
     return GPT2LMHeadModel(config).eval()
 
 
-def measure(cases: dict[str, Callable[[], Any]], repeats: int, inner: int) -> dict[str, float]:
-    """Median seconds per call of each case, the cases interleaved in every repeat."""
+def timings(
+    cases: dict[str, Callable[[], Any]], repeats: int, inner: int = 1
+) -> dict[str, list[float]]:
+    """Seconds per call of each case in each repeat, the cases interleaved in every repeat
+    (after one warm-up call each)."""
     times: dict[str, list[float]] = {name: [] for name in cases}
     for fn in cases.values():  # warm up
         fn()
@@ -55,7 +58,12 @@ def measure(cases: dict[str, Callable[[], Any]], repeats: int, inner: int) -> di
             for _ in range(inner):
                 fn()
             times[name].append((time.perf_counter() - start) / inner)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
+
+
+def measure(cases: dict[str, Callable[[], Any]], repeats: int, inner: int) -> dict[str, float]:
+    """Median seconds per call of each case, the cases interleaved in every repeat."""
+    return {name: statistics.median(ts) for name, ts in timings(cases, repeats, inner).items()}
 
 
 def table(title: str, medians: dict[str, float], raw: dict[str, str], unit: str) -> str:

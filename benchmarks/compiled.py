@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from _common import gpt2, machine, start
+from _common import gpt2, machine, start, timings
 from torch import Tensor, nn
 
 import purelens as pl
@@ -56,15 +56,8 @@ def interventions(kind: str, d: int, sites: list[str]) -> dict[str, list[Any]]:
 
 
 def paired(cases: dict[str, Callable[[], Any]], repeats: int, inner: int) -> dict[str, Any]:
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for fn in cases.values():
-        fn()
-    for _ in range(repeats):
-        for name, fn in cases.items():
-            begin = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            times[name].append((time.perf_counter() - begin) / inner)
+    """Each case's median seconds per call and median per-repeat ratio to the compiled model."""
+    times = timings(cases, repeats, inner)
     base = times["compiled bare"]
     out = {}
     for name, ts in times.items():

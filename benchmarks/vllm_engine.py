@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import machine
+from _common import machine, timings
 from serve import HEADER, TOKEN, row, start_server
 
 import purelens as pl
@@ -102,15 +102,7 @@ def block_of(path: Path) -> str:
 
 def interleaved(cases: dict[str, Any], repeats: int) -> dict[str, list[float]]:
     """Seconds of each call of each case, the cases interleaved in every repeat."""
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for fn in cases.values():
-        fn()
-    for _ in range(repeats):
-        for name, fn in cases.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return times
+    return timings(cases, repeats)
 
 
 class Stepper:

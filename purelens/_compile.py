@@ -52,6 +52,7 @@ import torch.utils._pytree as torch_pytree
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from ._edit import _HOOK_DICTS  # every hook dict a module has
 from ._errors import PurelensError, PurelensWarning
 from ._grads import PatchGrad, SaveGrad
 from ._inputs import call_arguments, padding_of
@@ -69,15 +70,6 @@ _MAX_STRUCTURES = 64  # per handle, least recently used first out
 _NEW_FUNCTIONS = 4  # structures that differ in function objects only, before a warning
 _MAX_REBUILDS = 4  # clones of one structure made anew because the model changed
 
-_HOOK_DICTS = (
-    "_forward_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-    "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs",
-    "_backward_hooks",
-    "_backward_pre_hooks",
-)
 _FALLBACK = "pl.compile: {why}, so pl.run runs such calls eagerly (as pl.run on the model)."
 _NOT_A_MODULE = "pl.compile takes a torch.nn.Module, got {kind}."
 _BAD_ARGUMENTS = (
