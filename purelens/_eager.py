@@ -29,10 +29,11 @@ F = TypeVar("F", bound=Callable[..., Any])
 def unwrapped(model: Any) -> Any:
     """The eager module inside `torch.compile`'s wrapper or a `pl.compile` handle (any
     other value as it is)."""
-    from ._compile import Compiled
+    if type(model).__name__ == "Compiled":  # cheaper than importing the class each call
+        from ._compile import Compiled
 
-    if isinstance(model, Compiled):
-        model = model.model
+        if isinstance(model, Compiled):
+            model = model.model
     # Before dynamo is imported (or while another thread imports it), nothing is compiled.
     optimized = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", None)
     if optimized is None:
