@@ -45,6 +45,7 @@ import types
 import warnings
 from collections import OrderedDict
 from collections.abc import Hashable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -138,7 +139,7 @@ class Compiled:
             raise PurelensError(_BAD_ARGUMENTS.format(error=error)) from error
         self._kwargs = compile_kwargs
         self._structures: OrderedDict[Hashable, _Traced | str] = OrderedDict()
-        self._families: dict[Hashable, int] = {}  # structure without functions -> count
+        self._families: dict[Hashable, set[Hashable]] = {}  # without functions -> structures
         self._warned: set[str] = set()
         self._lock = threading.Lock()
         self._made = 0  # structures compiled, to name their code objects
@@ -230,7 +231,7 @@ class Compiled:
         if isinstance(built, str):
             self._warn(built)
         elif traced is None:
-            self._count_family(interventions)
+            self._count_family(interventions, key)
         return record
 
     def _build(self, ivs: tuple[Intervention, ...]) -> _Traced | str | None:
@@ -246,13 +247,16 @@ class Compiled:
             number = self._made
         return _Traced(self.model, plan, number, self._kwargs)
 
-    def _count_family(self, ivs: tuple[Intervention, ...]) -> None:
+    def _count_family(self, ivs: tuple[Intervention, ...], key: Hashable) -> None:
+        """Warn once structures keep coming that differ in function objects only."""
         family = structure(ivs, functions=False, code=True)
         if family is None:
             return
         with self._lock:
-            self._families[family] = count = self._families.get(family, 0) + 1
-            if len(self._families) > 4 * _MAX_STRUCTURES:
+            keys = self._families.setdefault(family, set())
+            keys.add(key)  # distinct structures: one rebuilt after eviction counts once
+            count = len(keys)
+            if len(self._families) > 4 * _MAX_STRUCTURES or count > 4 * _MAX_STRUCTURES:
                 self._families.clear()
         if count == _NEW_FUNCTIONS:
             warnings.warn(_FRESH_FUNCTIONS, PurelensWarning, stacklevel=5)
@@ -446,13 +450,17 @@ class _Traced:
                 state.nodes = state.saved = state.counts = None
             for entry in self.checked:
                 entry.write_back()
+        ran_at: dict[int, int] = {}  # intervention -> calls of the sites it is at
         for (site, _, entries), ran in zip(self.sites, counts, strict=True):
-            if ran == 0:
-                what = ", ".join(repr(iv) for _, iv in entries)
-                why = f"site {site!r} did not run in this forward pass"
-                raise PurelensError(_NEVER_RAN.format(what=what, why=why))
+            for position, _ in entries:
+                ran_at[position] = ran_at.get(position, 0) + ran
             if ran > 1 and any(isinstance(iv, Save) for _, iv in entries):
                 raise PurelensError(_RAN_TWICE.format(site=site))
+        for position, ran in ran_at.items():
+            if ran == 0:  # none of its sites ran (a wildcard's matches that ran suffice)
+                iv = ivs[position]
+                why = f"site {iv.site!r} did not run in this forward pass"
+                raise PurelensError(_NEVER_RAN.format(what=repr(iv), why=why))
         return Record(saved, output)
 
 
@@ -469,7 +477,10 @@ def _hook(module: nn.Module, site: SitePlan, index: int, state: _State) -> None:
         counts[index] = counts[index] + 1
         for position, save in entries:
             if save is None:
-                value = nodes[position].write(value, saved)  # type: ignore[attr-defined]
+                # What a patch reads is read-only, as in eager runs (and a copy: dynamo
+                # traces a write into a read-only view as a write into its dict).
+                view = MappingProxyType(dict(saved))
+                value = nodes[position].write(value, view)  # type: ignore[attr-defined]
             else:  # a copy: the model may change the value in place after (eager raises)
                 saved[save.name] = torch_pytree.tree_map(
                     lambda x: x.clone() if isinstance(x, Tensor) else x, save.record(value)

@@ -19,7 +19,8 @@ interface instead (see `_attention`).
 A run's output hooks go ahead of hooks the module has already, so that those
 (transformers' recorders of ``output_hidden_states``, a user's) see the value as
 the run left it, whenever they were registered; its input hooks go after them,
-nearest the forward, as do an edit's. An edit's hooks go ahead of a run's.
+nearest the forward. An edit is part of the model's function: its hooks go
+ahead of every other (a run's, a user's), for inputs too.
 
 One exception to "for one call": `check_before_every_module` puts permanent
 pre-hooks on a model that purelens itself owns (the one `purelens serve`

@@ -26,7 +26,7 @@ from torch import Tensor
 from . import _builders, _grads, functions, ops
 from ._errors import PurelensError
 from ._heads import head
-from ._interventions import Intervention, flatten_interventions
+from ._interventions import Intervention, describe, flatten_interventions
 from ._positions import at
 from ._select import is_int
 
@@ -43,6 +43,11 @@ __all__ = [
 
 FORMAT_VERSION = 2
 _READS = (1, 2)
+_UNDUMPABLE = (
+    "cannot dump {what}: {error!r}. Tensors travel dense, on the CPU, in a dtype "
+    "safetensors stores (floats, ints, bool, complex64)."
+)
+_MAX_DIM = 2**40  # a dimension of a tensor that is read
 _MAX_HEADER = 16 * 2**20
 _MAX_DEPTH = 64
 
@@ -160,7 +165,10 @@ def pack(kind: str, body: dict[str, Any], tensors: dict[str, Tensor]) -> bytes:
     by_dtype: dict[str, list[Tensor]] = {}
     offsets: dict[str, int] = {}
     for key, tensor in tensors.items():
-        flat = tensor.detach().cpu().reshape(-1)
+        try:
+            flat = tensor.detach().cpu().reshape(-1)
+        except (RuntimeError, NotImplementedError) as error:  # sparse, meta, ...
+            raise PurelensError(_UNDUMPABLE.format(what=describe(tensor), error=error)) from None
         name = str(flat.dtype).removeprefix("torch.")
         index[key] = [name, offsets.get(name, 0), list(tensor.shape)]
         offsets[name] = offsets.get(name, 0) + flat.numel()
@@ -172,7 +180,11 @@ def pack(kind: str, body: dict[str, Any], tensors: dict[str, Tensor]) -> bytes:
     ).encode()
     from safetensors.torch import save
 
-    blob = save({name: torch.cat(parts) for name, parts in by_dtype.items()})
+    try:
+        blob = save({name: torch.cat(parts) for name, parts in by_dtype.items()})
+    except (KeyError, ValueError, RuntimeError) as error:  # dtypes safetensors lacks
+        names = ", ".join(by_dtype)
+        raise PurelensError(_UNDUMPABLE.format(what=f"tensors of {names}", error=error)) from None
     return _magic(kind) + struct.pack("<Q", len(header)) + header + blob
 
 
@@ -224,6 +236,7 @@ def _unflattened(
         if str(flat.dtype).removeprefix("torch.") != name or flat.ndim != 1:
             raise bad(f"the tensors of dtype {name!r} are not one flat {name} tensor")
     tensors: dict[str, Tensor] = {}
+    taken = dict.fromkeys(blob, 0)  # elements read of each dtype: at most all of them
     for key, entry in index.items():
         if not (
             isinstance(entry, list)
@@ -231,15 +244,20 @@ def _unflattened(
             and entry[0] in blob
             and type(entry[1]) is int
             and isinstance(entry[2], list)
-            and all(type(n) is int and n >= 0 for n in entry[2])
+            and all(type(n) is int and 0 <= n <= _MAX_DIM for n in entry[2])
+            and len(entry[2]) <= 64
         ):
             raise bad(f"the index entry of tensor {_short(key)} is not [dtype, offset, shape]")
         name, offset, shape = entry
         count = math.prod(shape)
         flat = blob[name]
-        if offset < 0 or offset + count > flat.numel():
+        taken[name] += count
+        if offset < 0 or offset + count > flat.numel() or taken[name] > flat.numel():
             raise bad(f"tensor {_short(key)} lies outside the {name} tensors")
-        tensors[key] = flat[offset : offset + count].view(shape).clone()
+        try:
+            tensors[key] = flat[offset : offset + count].view(shape).clone()
+        except RuntimeError as error:  # a shape torch cannot make
+            raise bad(f"tensor {_short(key)} has a shape torch cannot make ({error})") from None
     return tensors
 
 

@@ -116,8 +116,13 @@ def _frozen(meta: Any, functions: bool, code: bool) -> Hashable:
         return meta  # type: ignore[no-any-return]
     if code:
         return getattr(meta, "__code__", None) or type(meta)  # type: ignore[return-value]
-    if functions or isinstance(meta, types.BuiltinFunctionType):
+    if functions:
         return meta  # type: ignore[no-any-return]
+    if isinstance(meta, types.BuiltinFunctionType):  # t.add is bound to its tensor
+        owner = getattr(meta, "__self__", None)
+        if owner is None or isinstance(owner, types.ModuleType | type):
+            return meta  # type: ignore[no-any-return]
+        raise _Unkeyable
     if isinstance(meta, types.FunctionType) and not (
         meta.__closure__ or meta.__defaults__ or meta.__kwdefaults__
     ):

@@ -553,3 +553,47 @@ def test_transformers_recorders_do_not_keep_a_model_eager() -> None:
                 for a, b in zip(got.output.hidden_states, want.output.hidden_states, strict=True):
                     torch.testing.assert_close(a, b)
     assert backend.graphs >= 1
+
+
+def test_wildcard_matches_that_never_run_are_skipped_as_in_eager() -> None:
+    class Part(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList([nn.Linear(8, 8) for _ in range(3)])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for block in self.blocks[:2]:  # the third never runs
+                x = block(x)
+            return x
+
+    model = Part()
+    cm = pl.compile(model, backend="eager")
+    for ivs in ([pl.save("blocks.*")], [pl.add("blocks.*", torch.ones(8))]):
+        for _ in range(3):
+            assert_same(pl.run(cm, X, ivs), pl.run(model, X, ivs))
+
+
+def test_a_patch_cannot_write_into_the_saved_values() -> None:
+    def sneaky(v: torch.Tensor, saved: Any) -> torch.Tensor:
+        try:
+            saved["extra"] = v
+        except TypeError:
+            pass
+        return v
+
+    model = mlp()
+    backend = Counting()
+    cm = pl.compile(model, backend=backend)
+    ivs = [pl.save("0"), pl.patch("2", sneaky)]
+    for _ in range(3):
+        assert set(pl.run(cm, X, ivs)) == set(pl.run(model, X, ivs)) == {"0"}
+
+
+def test_structures_rebuilt_after_eviction_are_not_new_functions() -> None:
+    model = nn.Sequential(*[nn.Identity() for _ in range(70)])
+    cm = pl.compile(model, backend="eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PurelensWarning)
+        for _ in range(2):
+            for k in range(66):
+                pl.run(cm, X, [pl.save(str(k))])

@@ -164,3 +164,19 @@ def test_a_skip_at_a_second_path_that_was_deleted_is_seen() -> None:
     del model.alias
     with pytest.raises(pl.SiteError, match="alias"):
         pl.run(model, x, [pl.skip("alias")])
+
+
+def test_a_structure_key_never_holds_a_method_bound_to_a_tensor() -> None:
+    import gc
+    import weakref
+
+    from purelens._tree import structure
+
+    t = torch.ones(1000)
+    kept = weakref.ref(t)
+    key = structure([pl.patch("h.0", t.add)])
+    assert key is None
+    del t
+    gc.collect()
+    assert kept() is None
+    assert structure([pl.patch("h.0", torch.tanh)]) is not None

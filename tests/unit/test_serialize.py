@@ -427,3 +427,32 @@ def test_version_1_bytes_still_load() -> None:
     tree = {"list": [{"node": "add", "fields": {"site": "h.0", "delta": {"tensor": "0"}}}]}
     (iv,) = pl.loads(forge(tree, version=1, blob=save({"0": torch.arange(3.0)})))
     assert torch.equal(iv.delta, torch.arange(3.0))
+
+
+def test_a_small_payload_cannot_make_large_tensors() -> None:
+    from safetensors.torch import save
+
+    blob = save({"float32": torch.zeros(1024)})
+    index = {str(i): ["float32", 0, [1024]] for i in range(100)}  # all the same bytes
+    data = forge({"list": []}, version=2, blob=blob, index=index)
+    with pytest.raises(pl.PurelensError, match="outside"):
+        pl.loads(data)
+
+
+@pytest.mark.parametrize("shape", [[2**63, 0], [2**40, 2**40, 0], [0, 2**62]])
+def test_shapes_torch_cannot_make_are_refused(shape: list[int]) -> None:
+    with pytest.raises(pl.PurelensError):
+        pl.loads(_v2({"0": ["float32", 0, shape]}))
+
+
+@pytest.mark.parametrize(
+    "tensor",
+    [
+        torch.zeros(2, dtype=torch.complex128),
+        torch.zeros(2, device="meta"),
+        torch.zeros(2, 2).to_sparse(),
+    ],
+)
+def test_tensors_that_cannot_travel_are_refused_on_dumping(tensor: torch.Tensor) -> None:
+    with pytest.raises(pl.PurelensError, match="cannot dump"):
+        pl.dumps([pl.replace("h.0", tensor)])
