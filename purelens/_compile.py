@@ -392,7 +392,7 @@ class _Traced:
         self.owner: int | None = None  # the thread in a call (a nested call runs eagerly)
         self.builds = 1
         self.hooks_seen = RemovableHandle.next_id
-        self.version = tree_version()
+        self.version = tree_version(model)
         self.state = state = _State()
         self.clone, self.copies = _path_clone(model, [s.name for s in plan.sites])
         self.checked = list({id(c): c for c in self.copies.values()}.values())
@@ -420,8 +420,8 @@ class _Traced:
         suffix site ambiguous)."""
         if not all(entry.holds() for entry in self.checked):
             return False
-        version = tree_version()
-        if version != self.version:
+        version = tree_version(model)
+        if version is not self.version:
             for site, module, _ in self.sites:
                 try:
                     if resolve(model, site)[1] is not module:

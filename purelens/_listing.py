@@ -69,7 +69,7 @@ def sites(
     example = inputs is not None
     if not example:  # the same answer until the module tree changes
         cached = _listed.get(model)
-        if cached is not None and cached[0] == (tree_version(), ops):
+        if cached is not None and cached[0] == (tree_version(model), ops):
             return list(cached[1])
     names = module_names(model)
     if inputs is None:
@@ -96,11 +96,11 @@ def sites(
             out.extend(f"{name}:{port}" for port in ATTENTION_PORTS)
         out.extend(found.get(name, ()))
     if not example:
-        _listed[model] = ((tree_version(), ops), tuple(out))
+        _listed[model] = ((tree_version(model), ops), tuple(out))
     return out
 
 
-_listed: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, bool], tuple[str, ...]]] = (
+_listed: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[object, bool], tuple[str, ...]]] = (
     weakref.WeakKeyDictionary()
 )
 

@@ -12,8 +12,9 @@ then only binds each call's interventions to it (`_Template`): a plan depends
 on nothing else. A template holds its modules weakly and none of the
 interventions (their tensors and functions belong to the call), and is used
 only while every module on the paths to its sites is still where it was and
-no module anywhere gained a child (`tree_version`: a site's suffix may match
-anew). Training mode and parameters are not part of a plan.
+no module anywhere gained a child nor a container changed length
+(`tree_version`: a site's suffix may match anew). Training mode and parameters
+are not part of a plan.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ class Plan:
             if template is not None:
                 templates.move_to_end(key)  # type: ignore[union-attr]
         if template is not None:
-            plan = template.bind(interventions)
+            plan = template.bind(model, interventions)
             if plan is not None:
                 return plan
         plan = cls.build(model, interventions)
@@ -289,7 +290,7 @@ class _Template:
     def __init__(self, model: nn.Module, plan: Plan) -> None:
         # Any module gaining a child anywhere may make a site's suffix match more than one
         # module; a removed or replaced one is seen by the links below.
-        self.version = tree_version()
+        self.version = tree_version(model)
         sites = plan.sites
         self.sites = [
             (s.name, weakref.ref(s.module), s.port, s.site, tuple(i for i, _ in s.entries),
@@ -310,10 +311,10 @@ class _Template:
                 parent = child  # type: ignore[assignment]
         self.links = list(links.values())
 
-    def bind(self, interventions: tuple[Intervention, ...]) -> Plan | None:
+    def bind(self, model: nn.Module, interventions: tuple[Intervention, ...]) -> Plan | None:
         """The plan of `interventions` (of this template's structure), or None when a module
         on its paths was replaced, moved or removed, or a module gained a child."""
-        if tree_version() != self.version:
+        if tree_version(model) is not self.version:
             return None
         for parent_ref, part, child_ref in self.links:
             parent = parent_ref()

@@ -168,9 +168,12 @@ def _short(value: Any) -> str:
 _version = 0
 
 
-def tree_version() -> int:
-    """A number that changes whenever any module gains or replaces a child."""
-    return _version
+def tree_version(model: nn.Module) -> object:
+    """A token for `model`'s module tree: the same object until a module anywhere gains or
+    replaces a child, or a ``ModuleList`` or ``Sequential`` of the model changes length
+    (their ``insert``, ``pop`` and ``del`` write their children directly, which no hook
+    sees). Compare tokens with ``is``."""
+    return _table(model)
 
 
 def _on_registration(module: nn.Module, name: str, submodule: Any) -> None:
@@ -211,6 +214,23 @@ class _Table:
         self.version = _version
         self.names = [name for name, _ in model.named_modules(remove_duplicate=False)]
         self.resolved: dict[str, _Resolved] = {}
+        self.containers = tuple(
+            (weakref.ref(m), len(m._modules)) for m in model.modules() if isinstance(m, _DIRECT)
+        )
+
+    def current(self) -> bool:
+        """Whether the model's tree is still the one this table lists."""
+        if self.version != _version:
+            return False
+        for ref, length in self.containers:
+            container = ref()
+            if container is None or len(container._modules) != length:
+                return False
+        return True
+
+
+# Containers whose insert, pop and del write `_modules` directly (no registration hook).
+_DIRECT = (nn.ModuleList, nn.Sequential)
 
 
 _tables: weakref.WeakKeyDictionary[nn.Module, _Table] = weakref.WeakKeyDictionary()
@@ -220,7 +240,7 @@ _tables_lock = threading.Lock()
 def _table(model: nn.Module, fresh: bool = False) -> _Table:
     with _tables_lock:
         table = None if fresh else _tables.get(model)
-        if table is None or table.version != _version:
+        if table is None or not table.current():
             table = _tables[model] = _Table(model)
         return table
 
@@ -355,4 +375,4 @@ def expand(model: nn.Module, site: str) -> list[tuple[str, str, nn.Module, Port]
 
 def module_names(model: nn.Module) -> list[str]:
     """Every module path of `model`, ``""`` being the root, in the model's order."""
-    return list(dict.fromkeys(_table(model, fresh=True).names))
+    return list(dict.fromkeys(_table(model).names))

@@ -193,3 +193,30 @@ def test_a_torchscript_site_is_refused_with_the_reason() -> None:
     model = nn.Sequential(nn.Linear(2, 2), torch.jit.script(nn.Linear(2, 2)))
     with pytest.raises(pl.SiteError, match="TorchScript"):
         pl.run(model, torch.randn(1, 2), [pl.save("1")])
+
+
+def test_a_module_list_insert_that_makes_a_suffix_ambiguous_is_seen() -> None:
+    # ModuleList.insert (and Sequential's) writes its children directly: no registration
+    # hook sees it, so a suffix site cached before resolved to the old module silently.
+    class Holder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.ModuleList([nn.Linear(2, 2)])
+
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.p = Holder()
+            self.b = nn.ModuleList([nn.Linear(2, 2)])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b[-1](self.p.a[0](x))
+
+    model = Two()
+    extra = Holder()  # built before: its hooks fired before the site was cached
+    x = torch.ones(1, 2)
+    for _ in range(2):  # cached: the suffix "a.0" matches "p.a.0" only
+        pl.run(model, x, [pl.save("a.0")])
+    model.b.insert(0, extra)  # "b.0.a.0" ends in "a.0" too now
+    with pytest.raises(pl.SiteError, match="ambiguous"):
+        pl.run(model, x, [pl.save("a.0")])
