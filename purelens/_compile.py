@@ -33,7 +33,7 @@ a model with hooks of its own (those runs only: the next call looks again).
 Before each compiled call the handle checks that each copied module's
 attributes and children are the same objects (else the structure is built
 anew; after a few times it stays eager), copies the training flags, re-resolves
-the sites when any module in the process gained a child, and looks for hooks
+the sites when the module tree changed (`tree_version`), and looks for hooks
 added since (through torch's hook counter).
 """
 
@@ -53,14 +53,14 @@ import torch.utils._pytree as torch_pytree
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ._edit import _HOOK_DICTS  # every hook dict a module has
+from ._clone import has_hooks, path_clone, unclonable
 from ._errors import PurelensError, PurelensWarning
 from ._grads import PatchGrad, SaveGrad
+from ._hooks import hold_at_site
 from ._inputs import call_arguments, padding_of
 from ._interventions import Add, Intervention, Replace, Save, Scale, Skip, Stop
 from ._pass import _NEVER_RAN, _RAN_TWICE
 from ._plan import Plan, SitePlan
-from ._primary import primary_input, primary_output
 from ._record import Record
 from ._site import resolve, tree_version
 from ._tree import structure
@@ -237,10 +237,10 @@ class Compiled:
     def _build(self, ivs: tuple[Intervention, ...]) -> _Traced | str | None:
         """The structure of `ivs` compiled; why it cannot be (str); None: not now."""
         plan = Plan.build(self.model, ivs)
-        why = _unsupported(plan) or _unclonable(self.model, plan)
+        why = _unsupported(plan) or unclonable(self.model, plan)
         if why is not None:
             return why
-        if _has_hooks(self.model):
+        if has_hooks(self.model):
             return None
         with self._lock:
             self._made += 1
@@ -289,42 +289,6 @@ def _unsupported(plan: Plan) -> str | None:
 _HOOKED = "the model has hooks of its own (the clone would skip them)"
 
 
-def _has_hooks(model: nn.Module) -> bool:
-    """Whether torch has global module hooks or a module of `model` has hooks, other than
-    purelens's own for a run (negative keys, see `_hooks`), which act for their run only."""
-    from torch.nn.modules import module as torch_module
-
-    global_hooks = (
-        torch_module._global_forward_hooks,
-        torch_module._global_forward_pre_hooks,
-        torch_module._global_backward_hooks,
-        torch_module._global_backward_pre_hooks,
-    )
-    if any(global_hooks):
-        return True
-    for module in model.modules():
-        for name in _CALLED:
-            hooks = getattr(module, name, None)
-            if hooks and any(not _kept(k, fn) for k, fn in hooks.items()):
-                return True
-    return False
-
-
-_CALLED = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-
-
-def _kept(key: Any, hook: Any) -> bool:
-    """Whether a clone may leave `hook` as it is: purelens's own for a run (negative keys,
-    see `_hooks`: they act for their run only) or a permanent hook (`_permanent`)."""
-    return (isinstance(key, int) and key < 0) or _permanent(hook)
-
-
-def _permanent(hook: Any) -> bool:
-    """transformers' recorders of ``output_hidden_states`` and attentions: added once on
-    first use and never removed, and written to compile; a clone's copies keep them."""
-    return getattr(hook, "__module__", None) == "transformers.utils.output_capturing"
-
-
 def _hooks_since(model: nn.Module, traced: _Traced) -> bool:
     """Whether hooks were added to `model` (or globally) since `traced` last looked.
 
@@ -334,44 +298,10 @@ def _hooks_since(model: nn.Module, traced: _Traced) -> bool:
     now = RemovableHandle.next_id
     if now == traced.hooks_seen:
         return False
-    if _has_hooks(model):
+    if has_hooks(model):
         return True  # looked for again next call: they may be gone
     traced.hooks_seen = now
     return False
-
-
-def _unclonable(model: nn.Module, plan: Plan) -> str | None:
-    """Why a path clone of `plan`'s sites would not act as the model does, or None."""
-    uses: dict[int, int] = {}
-    for _, module in model.named_modules(remove_duplicate=False):
-        uses[id(module)] = uses.get(id(module), 0) + 1
-    for site in plan.sites:
-        module = model
-        for part in [""] + (site.name.split(".") if site.name else []):
-            if part:
-                module = module._modules[part]  # type: ignore[assignment]
-            if uses.get(id(module), 0) > 1:
-                return (
-                    "a module on the way to a site is used at more than one place (shared or "
-                    "tied), and a clone would intervene at one of them"
-                )
-            if "forward" in module.__dict__:
-                return (
-                    "a module on the way to a site runs a forward of its own (pl.edit, "
-                    "accelerate's hooks), which a clone cannot intervene in"
-                )
-            for name, value in module.__dict__.items():
-                if name == "_modules":
-                    continue
-                items = value.values() if isinstance(value, dict) else value
-                if isinstance(value, list | tuple | dict) and any(
-                    isinstance(v, nn.Module) for v in items
-                ):
-                    return (
-                        "a module on the way to a site keeps modules in a plain list or dict, "
-                        "which a clone would not see"
-                    )
-    return None
 
 
 class _State:
@@ -394,7 +324,7 @@ class _Traced:
         self.hooks_seen = RemovableHandle.next_id
         self.version = tree_version(model)
         self.state = state = _State()
-        self.clone, self.copies = _path_clone(model, [s.name for s in plan.sites])
+        self.clone, self.copies = path_clone(model, [s.name for s in plan.sites])
         self.checked = list({id(c): c for c in self.copies.values()}.values())
         self.sites = [(s.site, s.module, s.entries) for s in plan.sites]
         for index, site in enumerate(plan.sites):
@@ -487,132 +417,7 @@ def _hook(module: nn.Module, site: SitePlan, index: int, state: _State) -> None:
                 )
         return value
 
-    if site.port == "input":
-
-        def pre(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            split = primary_input(args, kwargs)
-            if split is None:
-                raise PurelensError(f"site {site.site!r}: the module's input holds no tensor.")
-            value, rebuild = split
-            return rebuild(apply(value))
-
-        module.register_forward_pre_hook(pre, with_kwargs=True)
-    else:
-
-        def post(module: nn.Module, args: Any, output: Any) -> Any:
-            split = primary_output(output)
-            if split is None:
-                raise PurelensError(f"site {site.site!r}: the module's output holds no tensor.")
-            value, rebuild = split
-            return rebuild(apply(value))
-
-        module.register_forward_hook(post, prepend=True)  # as a run's (see `_hooks`)
-
-
-_OWN = frozenset(("_modules", "training", *_HOOK_DICTS))  # what a copy does not share
-_MISSING = object()
-
-
-class _Copied:
-    """A module of the model and its copy in a path clone, with what the copy took from
-    it: while the module's attributes (but its training flag) and children are the same
-    objects, the copy is right (`holds`)."""
-
-    def __init__(self, original: nn.Module) -> None:
-        self.original = original
-        self.copy = mine = copy.copy(original)
-        mine.__dict__["_modules"] = OrderedDict(original._modules)
-        for name in _HOOK_DICTS:
-            if name in original.__dict__:
-                mine.__dict__[name] = OrderedDict()
-        for key, hook in original._forward_hooks.items():  # transformers' recorders
-            if _permanent(hook):
-                mine._forward_hooks[key] = hook
-                for flags in ("_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
-                    if key in original.__dict__.get(flags, {}):
-                        mine.__dict__[flags][key] = True
-        self.size = len(original.__dict__)
-        self.shared = tuple((k, v) for k, v in original.__dict__.items() if k not in _OWN)
-        self.children = tuple(original._modules.items())
-        self._snapshot()
-
-    def _snapshot(self) -> None:
-        # The ids of every attribute and child, of both: compared at C speed on each call
-        # (the objects are held in `shared` and `children`, so the ids stay theirs).
-        self.ids = (
-            tuple(map(id, self.original.__dict__.values())),
-            tuple(map(id, self.original._modules.values())),
-        )
-        self.copy_ids = tuple(map(id, self.copy.__dict__.values()))
-
-    def holds(self) -> bool:
-        """Whether the copy is still right, its training flag made the original's."""
-        original = self.original
-        if (
-            tuple(map(id, original.__dict__.values())),
-            tuple(map(id, original._modules.values())),
-        ) == self.ids:
-            return True
-        attributes = original.__dict__
-        if len(attributes) != self.size:
-            return False
-        for key, value in self.shared:
-            if attributes.get(key) is not value:
-                return False
-        children = self.original._modules
-        if len(children) != len(self.children):
-            return False
-        for name, child in self.children:
-            if children.get(name) is not child:
-                return False
-        if self.copy.training is not self.original.training:
-            self.copy.training = self.original.training
-        self._snapshot()
-        return True
-
-    def write_back(self) -> None:
-        """Attributes the forward set on the copy (``self.last = ...``), set on the
-        original as an eager call would have."""
-        mine = self.copy.__dict__
-        if tuple(map(id, mine.values())) == self.copy_ids:
-            return
-        if len(mine) == self.size and all(mine.get(k) is v for k, v in self.shared):
-            self._snapshot()
-            return
-        attributes = self.original.__dict__
-        for key, value in list(mine.items()):
-            if key not in _OWN and attributes.get(key, _MISSING) is not value:
-                attributes[key] = value
-        self.size = len(attributes)
-        self.shared = tuple((k, v) for k, v in attributes.items() if k not in _OWN)
-        self._snapshot()
-
-
-def _path_clone(model: nn.Module, names: list[str]) -> tuple[nn.Module, dict[str, _Copied]]:
-    """A shallow copy of `model` whose modules on the paths to `names` are copies with hook
-    dicts of their own (every other module, parameter and buffer is the model's), and the
-    copies by path."""
-    made: dict[int, _Copied] = {}
-
-    def copied(module: nn.Module) -> _Copied:
-        entry = made.get(id(module))
-        if entry is None:
-            entry = made[id(module)] = _Copied(module)
-        return entry
-
-    root = copied(model)
-    by_path: dict[str, _Copied] = {"": root}
-    for name in names:
-        parent, path = root, ""
-        for part in name.split(".") if name else ():
-            child = parent.original._modules[part]
-            if child is None:
-                raise PurelensError(f"site {name!r}: the module at {part!r} is None.")
-            entry = copied(child)
-            parent.copy._modules[part] = entry.copy
-            path = f"{path}.{part}" if path else part
-            by_path[path] = parent = entry
-    return root.copy, by_path
+    hold_at_site(module, site, apply)
 
 
 # Fields the builders make tensors with torch.as_tensor.

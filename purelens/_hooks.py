@@ -22,9 +22,10 @@ the run left it, whenever they were registered; its input hooks go after them,
 nearest the forward. An edit is part of the model's function: its hooks go
 ahead of every other (a run's, a user's), for inputs too.
 
-One exception to "for one call": `check_before_every_module` puts permanent
-pre-hooks on a model that purelens itself owns (the one `purelens serve`
-loads), to stop a request that runs past its wall time.
+Two exceptions to "for one call", both on modules purelens owns:
+`check_before_every_module` puts permanent pre-hooks on the model `purelens
+serve` loads, to stop a request that runs past its wall time, and
+`hold_at_site` puts a `pl.compile` path clone's hooks on its copied modules.
 """
 
 from __future__ import annotations
@@ -36,13 +37,14 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ._attention import SdpaTaps, switched, uses_interface
 from ._errors import PurelensError
 from ._opsites import OWNER, OpTaps
 from ._pass import ACTIVE, Pass
 from ._plan import SitePlan
+from ._primary import primary_input, primary_output
 
 __all__ = [
     "ACTIVE",
@@ -50,6 +52,8 @@ __all__ = [
     "around_forwards",
     "calling",
     "check_before_every_module",
+    "for_a_run",
+    "hold_at_site",
     "installed",
     "skip_of",
 ]
@@ -341,6 +345,38 @@ class _Attached:
     def remove(self) -> None:
         for hooks in self.dicts:
             hooks.pop(self.key, None)
+
+
+def for_a_run(key: Any) -> bool:
+    """Whether a key of a module's hook dict is one of a run's hooks (`_Attached`)."""
+    return isinstance(key, int) and key < 0
+
+
+def hold_at_site(module: nn.Module, site: SitePlan, apply: Callable[[Tensor], Tensor]) -> None:
+    """``apply(value)`` on the site's tensor at every forward of `module`, for good: only on
+    a module purelens owns (a `pl.compile` path clone's copy). Its output hooks go ahead of
+    the module's own, as a run's do."""
+
+    if site.port == "input":
+
+        def pre(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            split = primary_input(args, kwargs)
+            if split is None:
+                raise PurelensError(f"site {site.site!r}: the module's input holds no tensor.")
+            value, rebuild = split
+            return rebuild(apply(value))
+
+        module.register_forward_pre_hook(pre, with_kwargs=True)
+    else:
+
+        def post(module: nn.Module, args: Any, output: Any) -> Any:
+            split = primary_output(output)
+            if split is None:
+                raise PurelensError(f"site {site.site!r}: the module's output holds no tensor.")
+            value, rebuild = split
+            return rebuild(apply(value))
+
+        module.register_forward_hook(post, prepend=True)
 
 
 def _applies_own_sites(module: nn.Module) -> bool:
