@@ -197,7 +197,26 @@ class Pass:
     def _at_site(self, site: SitePlan, value: Tensor) -> Tensor:
         """`value` with the site's interventions applied; in the context a function of the
         user's gets (`_acting`) unless the site runs none (`SitePlan.plain`)."""
-        return self._apply(site, value) if site.plain else self._acting(self._apply, site, value)
+        if site.plain:
+            return self._apply(site, value) if self.recording else self._plain(site, value)
+        return self._acting(self._apply, site, value)
+
+    def _plain(self, site: SitePlan, value: Tensor) -> Tensor:
+        """`_apply` for a plain site (whole-value saves and stops) outside autograd's
+        recording: no writers, rows, checkpoint reruns or gradient taps to see to."""
+        call = self._count(id(site))
+        for position, iv in site.entries:
+            if iv.step is not None and not step_selected(iv.step, self.step):
+                continue
+            if iv.call is not None and not step_selected(iv.call, call):
+                continue
+            check()  # a server's deadline, between interventions
+            if isinstance(iv, Save):
+                self._save(iv, value)
+            else:
+                self._stop_now = True
+            self.applied.add(position)
+        return value
 
     def _acting(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn(*args)` as this pass's interventions run: with only the passes activated

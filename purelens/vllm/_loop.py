@@ -51,11 +51,13 @@ class LoopTimeout(Exception):
 
 
 class _Call:
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, finish: tuple[str, tuple[Any, ...]] | None) -> None:
         self.outputs: list[Any] = [None] * count
         self.left = count
         self.error: BaseException | None = None
         self.refused: int | None = None  # the prompt vLLM would not take, if any
+        self.finish = finish  # the rpc to run once the call's requests have finished
+        self.finished: list[Any] | None = None  # its result
         self.done = threading.Event()
 
 
@@ -75,10 +77,18 @@ class Loop:
     # --- called from any thread --------------------------------------------------
 
     def generate(
-        self, requests: list[Any], params: list[Any], keys: list[str], seconds: float | None
-    ) -> list[Any]:
-        """The outputs of `requests`, in order, once all have finished."""
-        call = _Call(len(requests))
+        self,
+        requests: list[Any],
+        params: list[Any],
+        keys: list[str],
+        seconds: float | None,
+        finish: tuple[str, tuple[Any, ...]] | None = None,
+    ) -> tuple[list[Any], list[Any] | None]:
+        """The outputs of `requests`, in order, once all have finished; and the result of
+        the rpc `finish` (method, args), which the loop runs right after the last one
+        finished, before its next step (None where it did not run: then the caller
+        runs it). Run in the loop, it saves the caller a round trip through the loop."""
+        call = _Call(len(requests), finish)
         self._commands.put(("add", (call, requests, params, keys)))
         if not call.done.wait(timeout=seconds):
             self._commands.put(("abort", keys))
@@ -88,7 +98,7 @@ class Loop:
             raise PurelensError(message) from call.error
         if call.error is not None:
             raise PurelensError(_ENGINE_FAILED.format(error=call.error)) from call.error
-        return call.outputs
+        return call.outputs, call.finished
 
     def rpc(self, method: str, args: tuple[Any, ...], seconds: float | None = None) -> Any:
         """``collective_rpc(method, args)``, run between two engine steps."""
@@ -194,6 +204,11 @@ class Loop:
             call.outputs[index] = output
             call.left -= 1
             if call.left == 0:
+                if call.finish is not None:
+                    try:
+                        call.finished = llm.collective_rpc(call.finish[0], args=call.finish[1])
+                    except Exception:  # the caller runs it again, and learns why
+                        call.finished = None
                 call.done.set()
 
 

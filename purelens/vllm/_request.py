@@ -118,9 +118,11 @@ class Live:
         self.started_at: int | None = None  # the engine step of its prompt pass
         self.unbounded = spec.seconds is None and spec.saved_bytes is None and spec.elements is None
         self.across = False  # whether it reads or is read by other prompts of its call
+        self.idle = False  # whether it has nothing to do at any step (then steps skip it)
         try:
             plan = driver.plan_for(spec)
             self.across = any(isinstance(iv, _ACROSS) for iv in plan.interventions)
+            self.idle = not (plan.sites or plan.skip_modules or spec.run)
             self.pass_: Pass | None = Pass(plan, driver.model, steps=not spec.run)
         except PurelensError as error:
             self.pass_ = None

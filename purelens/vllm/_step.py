@@ -67,7 +67,9 @@ class Step:
         self.residuals: dict[int, Tensor] = {}  # id(norm) -> the sum it must pass on
 
     def lay_out(self) -> None:
-        """Find each request's tokens (called once the runner has prepared the batch)."""
+        """Find each request's tokens, and count its step: at the first hook of the step
+        that fires (the runner has prepared the batch by then), or after the model ran
+        (`finish`)."""
         if self.laid_out:
             return
         self.laid_out = True
@@ -75,16 +77,18 @@ class Step:
         batch = runner.input_batch
         n = batch.num_reqs
         order = {rid: i for i, rid in enumerate(batch.req_ids[:n])}
-        starts = runner.query_start_loc.np[: n + 1]
-        self.total = int(starts[n])
+        starts = runner.query_start_loc.np[: n + 1].tolist()  # (Python ints: cheaper to read)
+        computed = batch.num_computed_tokens_cpu[:n].tolist()
+        self.total = starts[n]
+        request_of = self.driver.request_of
         for live in self.live:
-            rid = self.driver.request_of[live.key]
+            rid = request_of[live.key]
             i = order[rid]
-            live.row, live.start, live.end = i, int(starts[i]), int(starts[i + 1])
-            computed = int(batch.num_computed_tokens_cpu[i])
-            state = runner.requests[rid]
+            live.row, live.start, live.end = i, starts[i], starts[i + 1]
             try:
-                self._check_tokens(live, computed, live.end - live.start, state)
+                if live.steps == 0:
+                    live.prompt = runner.requests[rid].num_prompt_tokens
+                self._check_tokens(live, computed[i], live.end - live.start)
             except PurelensError as error:
                 live.fail(error)
                 continue
@@ -96,9 +100,8 @@ class Step:
                 live.pass_.begin_step()
 
     @staticmethod
-    def _check_tokens(live: Live, computed: int, scheduled: int, state: Any) -> None:
+    def _check_tokens(live: Live, computed: int, scheduled: int) -> None:
         if live.steps == 0:
-            live.prompt = state.num_prompt_tokens
             if computed != 0:
                 raise PurelensError(_PREEMPTED)
             if scheduled != live.prompt:
@@ -130,19 +133,16 @@ class Step:
                 skips.setdefault(id(module), []).append(live)
         pre: dict[nn.Module, Any] = {}
         post: dict[nn.Module, Any] = {}
-        root = self.driver.model
-        pre[root] = self._guarded(self._root_hook, self.live)
         for key, module in modules.items():
             ins, outs, skipping = inputs.get(key, []), outputs.get(key, []), skips.get(key, [])
             mine = [live for live, _ in ins + outs] + skipping
             if ins or skipping:
-                previous = pre.get(module)
-                pre[module] = self._guarded(self._pre_hook(ins, skipping, previous), mine)
+                pre[module] = self.guarded(self._pre_hook(ins, skipping), mine)
             if outs or skipping or ins:  # inputs: a norm's sum
-                post[module] = self._guarded(self._post_hook(outs, skipping), mine)
+                post[module] = self.guarded(self._post_hook(outs, skipping), mine)
         return pre, post
 
-    def _guarded(self, hook: Any, lives: list[Live]) -> Any:
+    def guarded(self, hook: Any, lives: list[Live]) -> Any:
         """`hook`, failing the requests it acts for (`lives`) instead of raising into vLLM's
         engine, whose other requests must go on; the value is then left as the model
         computed it. (Each request's own interventions fail it alone, in `_apply`.)"""
@@ -157,15 +157,16 @@ class Step:
 
         return guarded
 
-    def _root_hook(self, module: nn.Module, args: Any, kwargs: Any) -> None:
-        self.lay_out()
+    def finish(self) -> None:
+        """After the model ran: a step in which no hook of a request's fired counts too."""
+        try:
+            self.lay_out()
+        except Exception as error:  # the layout itself failed: so did the step's requests
+            for live in self.live:
+                live.fail(error)
 
-    def _pre_hook(
-        self, entries: list[tuple[Live, SitePlan]], skipping: list[Live], previous: Any
-    ) -> Any:
+    def _pre_hook(self, entries: list[tuple[Live, SitePlan]], skipping: list[Live]) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            if previous is not None:
-                previous(module, args, kwargs)
             self.lay_out()
             if skipping:  # what the skipped requests' rows get instead of the output
                 value = self._value(input_value(module, args, kwargs, "skip"), "skip")
@@ -262,7 +263,7 @@ class Step:
         new: Tensor | None = None
         for live, site in entries:
             pass_ = live.pass_
-            if pass_ is None or not live.acting:
+            if pass_ is None or live.error is not None or live.stopped:  # not `acting`
                 continue
             token = None
             if across is None:
@@ -337,6 +338,7 @@ class Step:
 
     def keep_logits(self, logits: Tensor) -> None:
         """pl.run's output: each such request's next-token logits of its prompt pass."""
+        self.lay_out()
         for live in self.live:
             if live.spec.run and live.steps == 1 and live.logits is None:
                 live.logits = logits[live.row : live.row + 1].clone()

@@ -156,7 +156,8 @@ class Driver:
         if not isinstance(key, str):
             return
         if key in self.by_key:  # the same request scheduled anew: vLLM preempted it
-            self.by_key[key].fail(PurelensError(_PREEMPTED))
+            if not self.by_key[key].idle:  # (one with nothing to do may run twice)
+                self.by_key[key].fail(PurelensError(_PREEMPTED))
             self.live[rid] = self.by_key[key]
             self.request_of[key] = rid
             return
@@ -172,8 +173,11 @@ class Driver:
             self.admit(new.req_id, new.sampling_params)
         for rid in scheduler_output.finished_req_ids:
             self.live.pop(rid, None)
+        lives = self.live
         present = [
-            self.live[rid] for rid in scheduler_output.num_scheduled_tokens if rid in self.live
+            lives[rid]
+            for rid in scheduler_output.num_scheduled_tokens
+            if rid in lives and not lives[rid].idle
         ]
         self.step = None
         if not any(live.acting for live in present):
@@ -184,13 +188,16 @@ class Driver:
         logits = self.extra.get("logits")
         if logits is not None and any(live.spec.run for live in present):
             previous = post.get(logits)
-            post[logits] = keeping_logits(step, previous)
+            running = [live for live in present if live.spec.run]
+            post[logits] = step.guarded(keeping_logits(step, previous), running)
         try:
             with around_forwards(pre, post):
-                return self._execute(scheduler_output, *args, **kwargs)
+                out = self._execute(scheduler_output, *args, **kwargs)
         except BaseException:
             self.step = None  # no sampling follows (see `sample_tokens`)
             raise
+        step.finish()
+        return out
 
     def sample_tokens(self, *args: Any, **kwargs: Any) -> Any:
         # The step's last use: held no longer, or an idle engine would keep the last step's
@@ -204,7 +211,7 @@ class Driver:
         ]
         if step is None or not sampling:
             return self._sample(*args, **kwargs)
-        hook = step._guarded(lambda m, a, k, out: step.on_samples(out), sampling)
+        hook = step.guarded(lambda m, a, k, out: step.on_samples(out), sampling)
         with around_forwards({}, {sampler: hook}):
             return self._sample(*args, **kwargs)
 

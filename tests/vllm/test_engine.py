@@ -178,6 +178,14 @@ def test_preemption_never_saves_a_step_twice(tight_llm: Any, hf: Any) -> None:
     # what fits runs right on the same engine
     rec = pl.generate(tight_llm, PROMPTS[0], ivs, max_new_tokens=8)
     assert_same(rec, alone(hf, PROMPTS[0], ivs, 8))
+    # Requests with nothing to do may be recomputed: no step of theirs is watched.
+    recs = pl.generate(tight_llm, PROMPTS * 2, [], max_new_tokens=40, min_new_tokens=40)
+    model, tokenizer = hf
+    for prompt, rec in zip(PROMPTS * 2, recs, strict=True):
+        want = pl.generate(
+            model, [prompt], [], max_new_tokens=40, min_new_tokens=40, tokenizer=tokenizer
+        )
+        assert torch.equal(rec.output, want.output)
 
 
 def test_sites_lists_vllms_module_tree(llm: Any, llama_llm: Any) -> None:
@@ -240,6 +248,29 @@ def test_a_structure_checked_once_is_not_checked_again(mp_llm: Any, llm: Any, hf
                 with pytest.raises(pl.SiteError, match=r"h\.9"):
                     pl.generate(engine, PROMPTS, [pl.save("h.9", name=name)], max_new_tokens=1)
             assert sent.count("purelens_check") == 4
+
+
+def test_a_call_collects_its_records_in_the_engine_loop(mp_llm: Any, llm: Any) -> None:
+    # Once its structure was checked, a call goes to the engine's loop once: the loop
+    # collects the records as the call's last request finishes (no second round trip).
+    from purelens.vllm import _loop
+
+    sent: list[str] = []
+    real = _loop.Loop.rpc
+
+    def counting(self: Any, method: str, args: Any, seconds: Any = None) -> Any:
+        sent.append(method)
+        return real(self, method, args, seconds)
+
+    ivs = [pl.add("h.0", torch.randn(128)), pl.save("h.1")]
+    for engine in (mp_llm, llm):
+        first = pl.generate(engine, PROMPTS, ivs, max_new_tokens=2)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(_loop.Loop, "rpc", counting)
+            again = pl.generate(engine, PROMPTS, ivs, max_new_tokens=2)
+        assert sent == []
+        for a, b in zip(first, again, strict=True):
+            assert_same(a, b)
 
 
 def test_a_call_keeps_nothing_its_functions_capture(llm: Any) -> None:
