@@ -52,7 +52,10 @@ def test_two_replicas_answer_with_the_records_of_a_local_run(url: str) -> None:
     grads = [pl.save_grad("h.0")]
     got = pl.run(remote, PROMPTS, grads, loss=loss)
     want = pl.run(model, PROMPTS, grads, loss=loss, tokenizer=tokenizer)
-    assert torch.equal(got.grads["h.0"], want.grads["h.0"]) and torch.equal(got.loss, want.loss)
+    # A replica runs torch on one thread (Ray's OMP_NUM_THREADS=1 for its actors), which
+    # sums some backward products in another order: last-bit differences (7e-7 of 2.2 here).
+    torch.testing.assert_close(got.grads["h.0"], want.grads["h.0"], rtol=1e-5, atol=1e-6)
+    assert torch.equal(got.loss, want.loss)
     got = pl.generate(remote, PROMPTS, [pl.save("h.1")], max_new_tokens=3)
     want = pl.generate(model, PROMPTS, [pl.save("h.1")], max_new_tokens=3, tokenizer=tokenizer)
     assert torch.equal(got.output, want.output)
