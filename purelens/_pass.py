@@ -367,6 +367,8 @@ class Pass:
                             what=repr(iv), last=self.step, why=self._ended(), step=self._late(iv)
                         )
                     )
+        if len(self.applied) == len(self.plan.interventions):  # (positions: all applied)
+            return
         missing = [(i, iv) for i, iv in enumerate(self.plan.interventions) if i not in self.applied]
         if not missing:
             return

@@ -277,6 +277,7 @@ def _shape(iv: Intervention) -> tuple[Any, ...] | None:
     return (type(iv), site, named, _plain(iv))
 
 
+_EMPTY: Mapping[int, Any] = MappingProxyType({})  # no skips, or no sites inside modules
 _MAX_TEMPLATES = 256  # structures per model, least recently used first out
 _templates: weakref.WeakKeyDictionary[nn.Module, OrderedDict[tuple[Any, ...], _Template]] = (
     weakref.WeakKeyDictionary()
@@ -298,6 +299,8 @@ class _Template:
             for s in sites
         ]  # fmt: skip
         self.skips = [(weakref.ref(m), plan.skips[id(m)][0]) for m in plan.skip_modules]
+        self.save_grads = [i for i, iv in enumerate(plan.interventions) if isinstance(iv, SaveGrad)]
+        self.inside = any(s.inside for s in sites)
         # Each link of the paths to the plan's modules: (parent, child's name, child).
         links: dict[tuple[int, str], tuple[Any, str, Any]] = {}
         # A skip's own path, as its site resolved (a module may be at several paths).
@@ -339,9 +342,9 @@ class _Template:
         return Plan(
             interventions,
             placed,
-            MappingProxyType(skips),
+            MappingProxyType(skips) if skips else _EMPTY,
             tuple(skip_modules),
-            tuple(iv for iv in interventions if isinstance(iv, SaveGrad)),
+            tuple(interventions[i] for i in self.save_grads),  # type: ignore[misc]
             tuple(enumerate(interventions)),
-            _inside(placed),
+            _inside(placed) if self.inside else _EMPTY,
         )

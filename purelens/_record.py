@@ -44,6 +44,9 @@ def _join(layout: tuple[Any, ...], children: Any) -> Any:
     return torch_pytree.tree_unflatten([next(it) if s is None else s[0] for s in slots], spec)
 
 
+_NONE: Mapping[str, Any] = MappingProxyType({})  # no gradients (shared: it is read-only)
+
+
 @pytree_node
 class Record(Mapping[str, Any]):
     """What a run saved and returned: an immutable mapping of saved values.
@@ -83,7 +86,7 @@ class Record(Mapping[str, Any]):
     ) -> None:
         object.__setattr__(self, "_saved", MappingProxyType(dict(saved or {})))
         object.__setattr__(self, "output", output)
-        object.__setattr__(self, "grads", MappingProxyType(dict(grads or {})))
+        object.__setattr__(self, "grads", MappingProxyType(dict(grads)) if grads else _NONE)
         object.__setattr__(self, "loss", loss)
         object.__setattr__(self, "_layout", None)
 
