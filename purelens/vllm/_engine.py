@@ -32,8 +32,8 @@ from .._limits import Timeout, time_left
 from .._record import Record
 from .._serialize import dumps
 from .._tree import structure
-from .._wire import decode_record
 from ._loop import LoopTimeout, loop_of
+from ._request import unwired_outcomes
 from ._worker import PENDING, Outcome, Spec, _pending_lock
 
 __all__ = ["generate_on", "load", "run_on"]
@@ -265,7 +265,7 @@ def _call(
     finally:
         if collected is None:  # the loop did not collect (a failure, a timeout)
             collected = loop.rpc(*collect)
-        outcomes = collected[0]
+        outcomes = collected[0] if data is None else unwired_outcomes(collected[0])
         with _pending_lock:
             for key in keys:
                 PENDING.pop(key, None)
@@ -338,14 +338,10 @@ def sites_of(llm: Any) -> list[str]:
     return list(describe(llm)["sites"])
 
 
-def _record(index: int, output: Any, outcome: Outcome | dict[str, Any] | None, run: bool) -> Record:
+def _record(index: int, output: Any, outcome: Outcome | None, run: bool) -> Record:
     if outcome is None:
         raise PurelensError(f"prompt {index}: vLLM ran its request without purelens's hooks.")
-    if isinstance(outcome, dict):  # from another process
-        outcome = Outcome(**outcome)
-    saved = outcome.record
-    record = decode_record(saved) if isinstance(saved, bytes) else saved
-    assert isinstance(record, Record)
+    record = outcome.record
     if run:
         result: Any = None if outcome.stopped else record.output
     else:

@@ -20,7 +20,6 @@ runner, which `pl.vllm.load` owns.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import threading
 from collections.abc import Mapping
@@ -35,7 +34,7 @@ from .._interventions import Intervention, flatten_interventions
 from .._plan import Plan, SitePlan, hookable
 from .._serialize import loads
 from ._group import check_order, for_prompt
-from ._request import Live, Outcome, Spec, check_supported
+from ._request import Live, Outcome, Spec, check_supported, wire_outcomes
 from ._step import _PREEMPTED, Step, keeping_logits
 
 __all__ = ["PENDING", "Extension", "Outcome", "Spec"]
@@ -215,10 +214,10 @@ class Driver:
         with around_forwards({}, {sampler: hook}):
             return self._sample(*args, **kwargs)
 
-    def collect(self, keys: list[str], encoded: bool, group: str) -> list[Any]:
+    def collect(self, keys: list[str], group: str) -> list[Outcome | None]:
         """The outcomes of `keys`, the requests of call `group` (forgotten here, with the
-        call's plans): `Outcome`s, or dicts when `encoded`."""
-        out: list[Any] = []
+        call's plans); None for a request that purelens never saw."""
+        out: list[Outcome | None] = []
         groups = {group}
         with self.lock:
             for key in keys:
@@ -229,8 +228,7 @@ class Driver:
                 if live is None:
                     out.append(None)
                     continue
-                outcome = live.outcome(encoded)
-                out.append(dataclasses.asdict(outcome) if encoded else outcome)
+                out.append(live.outcome())
                 groups.add(live.spec.group)
             for group in groups - {live.spec.group for live in self.by_key.values()}:
                 self.starts.pop(group, None)  # the call is over
@@ -281,9 +279,11 @@ class Extension:
             return type(error).__name__, str(error)
         return None
 
-    def purelens_collect(self, keys: list[str], encoded: bool, group: str) -> list[Any]:
+    def purelens_collect(self, keys: list[str], encoded: bool, group: str) -> Any:
+        """The outcomes of a call's requests: `Outcome`s, or as data when `encoded`."""
         driver = self.model_runner.purelens_driver  # type: ignore[attr-defined]
-        return driver.collect(keys, encoded, group)
+        outcomes = driver.collect(keys, group)
+        return wire_outcomes(outcomes) if encoded else outcomes
 
     def purelens_describe(self) -> dict[str, Any]:
         """The engine's model: its class, parameter count and sites (module paths)."""
