@@ -561,6 +561,89 @@ def overhead() -> list[Task]:
     return tasks
 
 
+SIZES = (1, 4, 16)  # interventions per call in the plan-size rows
+
+
+def plan_sizes() -> list[Task]:
+    """Per-call overhead with 1, 4 and 16 saves, each at its own layer of a 16-layer MLP
+    (16 wide, batch 4): what each further site of a plan costs."""
+    torch.manual_seed(0)
+    deep = nn.Sequential(*[nn.Linear(16, 16) for _ in range(16)]).eval()
+    xs = torch.randn(4, 16)
+    tasks = []
+    for n in SIZES:
+        layers = [round(i * 15 / max(n - 1, 1)) for i in range(n)] if n > 1 else [8]
+        saves = [pl.save(str(i)) for i in layers]
+
+        def raw(layers: list[int] = layers) -> list[Tensor]:
+            saved: list[Tensor] = []
+            hooked(deep, {deep[i]: lambda m, a, o: saved.append(o) for i in layers}, xs)
+            return saved
+
+        def ours(saves: list[Any] = saves, layers: list[int] = layers) -> list[Tensor]:
+            rec = pl.run(deep, xs, saves)
+            return [rec[str(i)] for i in layers]
+
+        task = Task(
+            f"per-call overhead, 16-layer MLP: {n} save{'s' if n > 1 else ''}",
+            {"bare forward": lambda: deep(xs), "raw hooks": raw, "purelens": ours},
+            unit="us",
+        )
+        if HAVE_NNSIGHT:
+            from nnsight import NNsight
+
+            nm = NNsight(deep)
+
+            def nn_saves(layers: list[int] = layers, nm: Any = nm) -> list[Tensor]:
+                out = []
+                with nm.trace(xs):
+                    for i in layers:
+                        out.append(nm[i].output.save())
+                return out
+
+            task.approaches["nnsight"] = nn_saves
+        tasks.append(task)
+    return tasks
+
+
+def compiled_runs(s: Setup, quick: bool) -> list[Task]:
+    """`pl.compile` against the model compiled bare (`torch.compile`, the same backend):
+    the MLP of the overhead rows, and the GPT-2 of the single runs, with one save (the
+    model's output is checked against the bare one's). Ratios are to the compiled bare
+    model. --quick uses the "eager" backend (no code generation: the path, not the
+    speed). nnsight cannot trace a compiled model: no column."""
+    backend = "eager" if quick else "inductor"
+    torch.manual_seed(0)
+    mlp = MLP().eval()
+    xs = torch.randn(4, 16)
+    bare_mlp = torch.compile(mlp, backend=backend)
+    ours_mlp = pl.compile(mlp, backend=backend)
+    save = [pl.save("act")]
+    site = f"h.{s.middle}"
+    bare_gpt = torch.compile(s.model, backend=backend)
+    ours_gpt = pl.compile(s.model, backend=backend)
+    block = [pl.save(site)]
+    return [
+        Task(
+            "compiled, 2-layer MLP: save",
+            {
+                "bare forward": lambda: bare_mlp(xs),
+                "purelens": lambda: pl.run(ours_mlp, xs, save).output,
+            },
+            unit="us",
+            base="bare forward",
+        ),
+        Task(
+            "compiled, GPT-2: save 1 block",
+            {
+                "bare forward": lambda: bare_gpt(s.x).logits,
+                "purelens": lambda: pl.run(ours_gpt, s.x, block).output.logits,
+            },
+            base="bare forward",
+        ),
+    ]
+
+
 def _status(key: str) -> int:
     return _status_of("/proc/self/status", key)
 
@@ -715,6 +798,40 @@ def targets(tasks: dict[str, Task], memory: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+def speed_targets(
+    tasks: dict[str, Task], sizes: list[Task], compiled: list[Task], quick: bool
+) -> str:
+    """The per-call targets of issue 16 (all overheads over raw hooks)."""
+
+    def over(task: Task, column: str = "purelens", base: str = "raw hooks") -> float:
+        return (task.medians[column] - task.medians[base]) * 1e6
+
+    save, add = tasks["overhead save"], tasks["overhead add"]
+    rows: list[tuple[str, str, bool]] = [
+        ("pl.run, one save: <= +5 us over raw hooks", f"{over(save):+.1f} us", over(save) <= 5),
+        ("pl.run, one patch: <= +6 us over raw hooks", f"{over(add):+.1f} us", over(add) <= 6),
+    ]
+    if "nnsight" in save.medians:
+        times = over(save, "nnsight") / max(over(save), 1e-9)
+        rows.append(("nnsight's overhead >= 10x purelens's (save)", f"{times:.1f}x", times >= 10))
+    first, last = sizes[0], sizes[-1]
+    further = (over(last) - over(first)) / (SIZES[-1] - SIZES[0])
+    rows.append(
+        (
+            f"each further site of a {SIZES[-1]}-site plan: <= +1.5 us",
+            f"{further:+.2f} us",
+            further <= 1.5,
+        )
+    )
+    if not quick:
+        for task, need in ((compiled[0], 1.10), (compiled[1], 1.02)):
+            r = task.medians["purelens"] / task.medians["bare forward"]
+            rows.append((f"{task.name}: <= {need:.2f}x compiled bare", f"{r:.3f}", r <= need))
+    lines = ["| target | measured | met |", "|---|---:|---|"]
+    lines += [f"| {t} | {m} | {'yes' if ok else 'NO'} |" for t, m, ok in rows]
+    return "\n".join(lines)
+
+
 def setup(quick: bool) -> Setup:
     model = gpt2(2, 64, 4, 500) if quick else gpt2(12, 768, 12, 50257)
     model.generation_config.pad_token_id = 0
@@ -797,6 +914,13 @@ def main(argv: list[str] | None = None) -> str:
             inner=(20 if quick else 300) if task.unit == "us" else 1,
         )
     run_task(paths, 1 if quick else 3, inner=1)
+    sizes = plan_sizes()
+    compiled = compiled_runs(s, quick)
+    for task in sizes + compiled:
+        micro = task.unit == "us"
+        run_task(
+            task, 3 if quick else (15 if micro else repeats), (20 if quick else 300) if micro else 1
+        )
 
     memory: dict[str, float] = {}
     if platform.system() == "Linux":
@@ -837,7 +961,14 @@ def main(argv: list[str] | None = None) -> str:
         "costs about as much as the loop; batching wins on GPUs, where a small pass leaves most "
         "of the device idle. vmap wins beyond that by computing the prefix before the steered "
         "block once.\n\n" + batching_profile(s, tokens, 8),
+        "Per-call overhead by plan size (saves at distinct layers), in brackets the ratio to "
+        "raw hooks:\n\n" + markdown(sizes, COLUMNS[:4]),
+        "`pl.compile` against the model compiled bare (same backend"
+        + (", here the eager one" if quick else ", inductor")
+        + "; first calls, which compile, not timed), in brackets the ratio to the compiled bare "
+        "model:\n\n" + markdown(compiled, ["bare forward", "purelens"]),
         "Targets (issue 7):\n\n" + targets(named, memory),
+        "Targets (issue 16):\n\n" + speed_targets(named, sizes, compiled, quick),
         f"Ran in {time.perf_counter() - start:.0f} s.",
     ]
     text = "\n\n".join(parts)
