@@ -206,9 +206,7 @@ class Pass:
         recording: no writers, rows, checkpoint reruns or gradient taps to see to."""
         call = self._count(id(site))
         for position, iv in site.entries:
-            if iv.step is not None and not step_selected(iv.step, self.step):
-                continue
-            if iv.call is not None and not step_selected(iv.call, call):
+            if not self._selected(iv, call):
                 continue
             check()  # a server's deadline, between interventions
             if isinstance(iv, Save):
@@ -217,6 +215,12 @@ class Pass:
                 self._stop_now = True
             self.applied.add(position)
         return value
+
+    def _selected(self, iv: Intervention, call: int) -> bool:
+        """Whether `iv` acts at this step, at this call of its site in the step."""
+        return (iv.step is None or step_selected(iv.step, self.step)) and (
+            iv.call is None or step_selected(iv.call, call)
+        )
 
     def _acting(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn(*args)` as this pass's interventions run: with only the passes activated
@@ -247,9 +251,7 @@ class Pass:
         patch_grads: list[PatchGrad] = []
         save_grads: list[SaveGrad] = []
         for position, iv in site.entries:
-            if iv.step is not None and not step_selected(iv.step, self.step):
-                continue
-            if iv.call is not None and not step_selected(iv.call, call):
+            if not self._selected(iv, call):
                 continue
             check()  # a server's deadline, between interventions
             narrowed = None
