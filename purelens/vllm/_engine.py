@@ -489,7 +489,9 @@ def _sampling(
             not isinstance(length, int) or isinstance(length, bool) or length < 1
         ):
             raise PurelensError(f"`max_new_tokens` must be a positive int, got {length!r}.")
-        sp = copy.copy(sp)
+        # (`skip_clone` makes vLLM's own copy shallow, and vLLM adds to its sets: ours
+        # must then be deep, or the caller's would change.)
+        sp = copy.deepcopy(sp) if sp.skip_clone else copy.copy(sp)
         if length is not None:
             sp.max_tokens = length
         out.append(sp)

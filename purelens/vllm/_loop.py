@@ -58,6 +58,7 @@ class _Call:
         self.refused: int | None = None  # the prompt vLLM would not take, if any
         self.finish = finish  # the rpc to run once the call's requests have finished
         self.finished: list[Any] | None = None  # its result
+        self.finish_error: BaseException | None = None  # or how it failed
         self.done = threading.Event()
 
 
@@ -87,7 +88,8 @@ class Loop:
         """The outputs of `requests`, in order, once all have finished; and the result of
         the rpc `finish` (method, args), which the loop runs right after the last one
         finished, before its next step (None where it did not run: then the caller
-        runs it). Run in the loop, it saves the caller a round trip through the loop."""
+        runs it; where it raised, this raises that). Run in the loop, it saves the caller
+        a round trip through the loop."""
         call = _Call(len(requests), finish)
         self._commands.put(("add", (call, requests, params, keys)))
         if not call.done.wait(timeout=seconds):
@@ -98,6 +100,8 @@ class Loop:
             raise PurelensError(message) from call.error
         if call.error is not None:
             raise PurelensError(_ENGINE_FAILED.format(error=call.error)) from call.error
+        if call.finish_error is not None:
+            raise call.finish_error
         return call.outputs, call.finished
 
     def rpc(self, method: str, args: tuple[Any, ...], seconds: float | None = None) -> Any:
@@ -207,8 +211,8 @@ class Loop:
                 if call.finish is not None:
                     try:
                         call.finished = llm.collective_rpc(call.finish[0], args=call.finish[1])
-                    except Exception:  # the caller runs it again, and learns why
-                        call.finished = None
+                    except Exception as error:  # for the caller to raise: it may have
+                        call.finish_error = error  # done part of its work (collected)
                 call.done.set()
 
 

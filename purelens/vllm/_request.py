@@ -102,14 +102,26 @@ class Outcome:
 def wire_outcomes(outcomes: list[Outcome | None]) -> dict[str, Any]:
     """A call's outcomes as plain data for another process: their records as one blob
     (`encode_records`: one header and one tensor file for the call, not one per prompt,
-    which cost 0.1 ms a prompt each way here), the rest as dicts."""
+    which cost 0.1 ms a prompt each way here), the rest as dicts. A record that cannot
+    be sent (a save function's value that is no tensor) fails its prompt alone."""
     kept = [o for o in outcomes if o is not None]
+    try:
+        blob = encode_records([o.record for o in kept])
+    except PurelensError:
+        for outcome in kept:
+            try:
+                encode_records([outcome.record])
+            except PurelensError as error:
+                outcome.record = Record({}, None)
+                outcome.error = outcome.error or str(error)
+                outcome.kind = outcome.kind or type(error).__name__
+        blob = encode_records([o.record for o in kept])
     return {
         "outcomes": [
             None if o is None else {"error": o.error, "kind": o.kind, "stopped": o.stopped}
             for o in outcomes
         ],
-        "records": encode_records([o.record for o in kept]),
+        "records": blob,
     }
 
 

@@ -273,6 +273,44 @@ def test_a_call_collects_its_records_in_the_engine_loop(mp_llm: Any, llm: Any) -
             assert_same(a, b)
 
 
+def test_a_failed_collection_says_why(llm: Any) -> None:
+    # The loop collects a call's records (and forgets its requests); when that fails, the
+    # caller raises why, not "vLLM ran its request without purelens's hooks".
+    from purelens.vllm import _worker
+
+    real = _worker.Extension.purelens_collect
+    calls: list[int] = []
+
+    def failing(self: Any, *args: Any) -> Any:  # once: after it forgot the requests
+        out = real(self, *args)
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("collection broke")
+        return out
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_worker.Extension, "purelens_collect", failing)
+        with pytest.raises(RuntimeError, match="collection broke"):
+            pl.generate(llm, PROMPTS, [pl.save("h.1")], max_new_tokens=2)
+    rec = pl.generate(llm, PROMPTS[0], [pl.save("h.1")], max_new_tokens=2)  # it goes on
+    assert len(rec["h.1"]) == 2
+
+
+def test_a_record_that_cannot_travel_fails_its_prompt_alone() -> None:
+    # Across processes a call's records travel as one blob; a save function's value that
+    # is no tensor fails its own prompt, with the reason, and the others arrive.
+    import numpy as np
+
+    from purelens.vllm._request import Outcome, unwired_outcomes, wire_outcomes
+
+    good = Outcome(pl.Record({"h": torch.ones(2)}, None))
+    bad = Outcome(pl.Record({"h": np.ones(2)}, None))
+    got = unwired_outcomes(wire_outcomes([good, None, bad]))
+    assert got[1] is None and got[0] is not None and got[2] is not None
+    assert got[0].error is None and torch.equal(got[0].record["h"], torch.ones(2))
+    assert got[2].error is not None and "ndarray" in got[2].error and not list(got[2].record)
+
+
 def test_a_call_keeps_nothing_its_functions_capture(llm: Any) -> None:
     import gc
     import weakref

@@ -179,6 +179,21 @@ def test_per_prompt_sampling_params_and_seeded_sampling(llm: Any) -> None:
     assert params[0].extra_args is None  # the caller's parameters are not changed
 
 
+def test_the_callers_sampling_params_never_change(llm: Any) -> None:
+    # With skip_clone, vLLM's own copy of a request's parameters is shallow and vLLM adds
+    # the model's stop tokens to its sets: purelens's copy must not share them.
+    import copy
+
+    import vllm
+
+    for skip in (False, True):
+        sp = vllm.SamplingParams(temperature=0.0, max_tokens=2, stop=["x"], skip_clone=skip)
+        before = copy.deepcopy(sp)
+        pl.generate(llm, PROMPTS[:2], [pl.save("h.0")], sampling_params=sp)
+        changed = [f for f in sp.__struct_fields__ if getattr(sp, f) != getattr(before, f)]
+        assert changed == [], (skip, changed)
+
+
 def test_patching_logits_and_samples_changes_tokens_as_on_hf(llm: Any, hf: Any) -> None:
     boost = torch.zeros(344)
     boost[9] = 1e4
