@@ -235,22 +235,33 @@ class Patch(Writer):
 
 def _broadcast(what: Writer, value: Tensor, rows: Tensor) -> Tensor:
     """`value` cast to the site's dtype (refusing lossy casts) and broadcast to its shape."""
-    if value.dtype != rows.dtype and not torch.can_cast(value.dtype, rows.dtype):
-        got, want = _kind(value.dtype), _kind(rows.dtype)
-        raise PurelensError(
-            _LOSSY_CAST.format(what=repr(what), site=what.site, got=got, want=want, kind=want)
-        )
-    if value.dtype != rows.dtype:
-        _check_fits(what, value, rows.dtype)
-    value = value.to(device=rows.device, dtype=rows.dtype)
+    value = _cast(what, value, rows)
     try:
         return torch.broadcast_to(value, rows.shape)
     except RuntimeError:
-        raise PurelensError(
-            _BAD_BROADCAST.format(
-                what=repr(what), site=what.site, got=list(value.shape), want=list(rows.shape)
+        raise _bad_broadcast(what, value, rows) from None
+
+
+def _cast(what: Writer, value: Tensor, rows: Tensor) -> Tensor:
+    """`value` on the site's device and in its dtype, refusing lossy casts."""
+    if value.dtype != rows.dtype:
+        if not torch.can_cast(value.dtype, rows.dtype):
+            got, want = _kind(value.dtype), _kind(rows.dtype)
+            raise PurelensError(
+                _LOSSY_CAST.format(what=repr(what), site=what.site, got=got, want=want, kind=want)
             )
-        ) from None
+        _check_fits(what, value, rows.dtype)
+    elif value.device == rows.device:
+        return value
+    return value.to(device=rows.device, dtype=rows.dtype)
+
+
+def _bad_broadcast(what: Writer, value: Tensor, rows: Tensor) -> PurelensError:
+    return PurelensError(
+        _BAD_BROADCAST.format(
+            what=repr(what), site=what.site, got=list(value.shape), want=list(rows.shape)
+        )
+    )
 
 
 def _check_fits(what: Writer, value: Tensor, dtype: torch.dtype) -> None:
@@ -306,7 +317,14 @@ class Add(Writer):
     fresh = True
 
     def new_value(self, rows: Tensor, saved: Mapping[str, Any]) -> Tensor:
-        return rows + _broadcast(self, torch.as_tensor(self.delta), rows)
+        delta = _cast(self, torch.as_tensor(self.delta), rows)
+        try:  # (adding checks the shapes: cheaper than broadcasting first)
+            new = rows + delta
+        except RuntimeError:
+            raise _bad_broadcast(self, delta, rows) from None
+        if new.shape != rows.shape:  # `delta` would grow the value
+            raise _bad_broadcast(self, delta, rows)
+        return new
 
 
 @pytree_node

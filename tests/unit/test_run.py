@@ -223,6 +223,20 @@ def test_replace_that_does_not_broadcast_is_an_error(mlp: TinyMLP, x: torch.Tens
         pl.run(mlp, x, [pl.replace("0", torch.zeros(5))])
 
 
+def test_an_add_that_does_not_broadcast_is_an_error(mlp: TinyMLP, x: torch.Tensor) -> None:
+    # a delta of another shape, and one that would grow the value (never broadcast it up)
+    for delta, shape in ((torch.zeros(5), r"\[5\]"), (torch.zeros(2, 3, 8), r"\[2, 3, 8\]")):
+        with pytest.raises(
+            pl.PurelensError,
+            match=rf"shape {shape} does not broadcast to the site's shape \[3, 8\]",
+        ):
+            pl.run(mlp, x, [pl.add("0", delta)])
+    torch.testing.assert_close(
+        pl.run(mlp, x, [pl.add("0", torch.ones(8)), pl.save("0")])["0"],
+        pl.run(mlp, x, [pl.save("0")])["0"] + 1,
+    )
+
+
 def test_add_casts_the_delta_to_the_site_dtype(mlp: TinyMLP, x: torch.Tensor) -> None:
     rec = pl.run(mlp, x, [pl.add("0", torch.ones(8, dtype=torch.float64)), pl.save("0")])
     assert rec["0"].dtype == torch.float32
