@@ -175,7 +175,7 @@ class Pass:
             return False, None
         call = self._count(id(module))
         position, skip = entry
-        if not step_selected(skip.step, self.step) or not step_selected(skip.call, call):
+        if not self._selected(skip, call):
             return False, None
         split = primary_input(args, kwargs)
         if split is None:

@@ -263,7 +263,7 @@ class Step:
         new: Tensor | None = None
         for live, site in entries:
             pass_ = live.pass_
-            if pass_ is None or live.error is not None or live.stopped:  # not `acting`
+            if pass_ is None or not live.acting:
                 continue
             token = None
             if across is None:
