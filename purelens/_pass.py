@@ -140,8 +140,12 @@ class Pass:
     def on_value(self, site: SitePlan, value: Tensor) -> Tensor | None:
         """`value`, the site's tensor as its caller took it out of the module's input or
         output, with the site's interventions applied; None when they left it as it is."""
-        new = self._at_site(site, value)
-        self._maybe_stop(site)
+        if site.plain and not self.recording:  # (`_at_site`, inlined: the common case)
+            new = self._plain(site, value)
+        else:
+            new = self._at_site(site, value)
+        if self._stop_now:
+            self._maybe_stop(site)
         return None if new is value else new
 
     def on_input(

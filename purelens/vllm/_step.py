@@ -73,43 +73,38 @@ class Step:
         if self.laid_out:
             return
         self.laid_out = True
-        runner = self.driver.runner
+        driver = self.driver
+        runner = driver.runner
         batch = runner.input_batch
         n = batch.num_reqs
-        order = {rid: i for i, rid in enumerate(batch.req_ids[:n])}
+        index = batch.req_id_to_index  # (vLLM keeps it as it reorders the batch)
         starts = runner.query_start_loc.np[: n + 1].tolist()  # (Python ints: cheaper to read)
         computed = batch.num_computed_tokens_cpu[:n].tolist()
         self.total = starts[n]
-        request_of = self.driver.request_of
+        request_of = driver.request_of
         for live in self.live:
             rid = request_of[live.key]
-            i = order[rid]
-            live.row, live.start, live.end = i, starts[i], starts[i + 1]
-            try:
-                if live.steps == 0:
-                    live.prompt = runner.requests[rid].num_prompt_tokens
-                self._check_tokens(live, computed[i], live.end - live.start)
-            except PurelensError as error:
-                live.fail(error)
+            i = index[rid]
+            start, end = starts[i], starts[i + 1]
+            live.row, live.start, live.end = i, start, end
+            steps = live.steps
+            if steps == 0:
+                live.prompt = runner.requests[rid].num_prompt_tokens
+                if computed[i] != 0:
+                    live.fail(PurelensError(_PREEMPTED))
+                    continue
+                if end - start != live.prompt:
+                    live.fail(PurelensError(_CHUNKED.format(got=end - start, want=live.prompt)))
+                    continue
+                # its prompt pass: when the call's prompts started
+                driver.starts.setdefault(live.spec.group, {})[live.spec.index] = driver.engine_steps
+            elif computed[i] != live.tokens or end - start != 1:
+                live.fail(PurelensError(_PREEMPTED))
                 continue
-            if live.steps == 1:  # its prompt pass: when the call's prompts started
-                self.driver.starts.setdefault(live.spec.group, {})[live.spec.index] = (
-                    self.driver.engine_steps
-                )
+            live.steps = steps + 1
+            live.tokens = computed[i] + end - start
             if live.pass_ is not None:
                 live.pass_.begin_step()
-
-    @staticmethod
-    def _check_tokens(live: Live, computed: int, scheduled: int) -> None:
-        if live.steps == 0:
-            if computed != 0:
-                raise PurelensError(_PREEMPTED)
-            if scheduled != live.prompt:
-                raise PurelensError(_CHUNKED.format(got=scheduled, want=live.prompt))
-        elif computed != live.tokens or scheduled != 1:
-            raise PurelensError(_PREEMPTED)
-        live.steps += 1
-        live.tokens = computed + scheduled
 
     # --- the hooks ------------------------------------------------------------
 
@@ -263,7 +258,7 @@ class Step:
         new: Tensor | None = None
         for live, site in entries:
             pass_ = live.pass_
-            if pass_ is None or not live.acting:
+            if pass_ is None or live.error is not None or live.stopped:  # (`acting`, inlined)
                 continue
             token = None
             if across is None:
