@@ -12,6 +12,7 @@ Example:
     torch.Size([3, 8])
 """
 
+from . import diffusion as diffusion
 from . import functions as functions
 from . import models as models
 from . import ops as ops

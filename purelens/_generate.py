@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._backend import is_vllm
+from ._backend import is_pipeline, is_vllm
 from ._eager import eager_under_compile, unwrapped
 from ._errors import GenerationEnded, PurelensError
 from ._grads import check_loss_allowed
@@ -115,6 +115,11 @@ def generate(
     for iv in ivs:
         if isinstance(iv, Stop):
             raise PurelensError(_NO_STOP.format(what=repr(iv)))
+    if is_pipeline(model):
+        from ._diffusion import generate_on as on_pipeline
+
+        options = {"max_new_tokens": max_new_tokens, "tokenizer": tokenizer, "validate": validate}
+        return on_pipeline(model, inputs, ivs, {**options, **generate_kwargs})
     if is_vllm(model):
         from .vllm._engine import generate_on
 

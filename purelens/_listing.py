@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 
 from ._attention import has_attention
-from ._backend import is_vllm
+from ._backend import is_pipeline, is_vllm
 from ._eager import unwrapped
 from ._errors import PurelensError
 from ._hooks import calling
@@ -63,6 +63,16 @@ def sites(
         from .vllm._engine import sites_of
 
         return sites_of(model)
+    if is_pipeline(model):
+        from ._diffusion import sites_of as of_pipeline
+
+        if inputs is not None or ops:
+            raise PurelensError(
+                "pl.sites(pipe) lists the module paths of a pipeline's components and takes "
+                "no inputs or ops=.\n  For op sites, list one component's: "
+                "pl.sites(pipe.unet, (latents, t), ops=True)."
+            )
+        return of_pipeline(model)
     model = unwrapped(model)
     if not isinstance(model, nn.Module):
         raise PurelensError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")

@@ -64,7 +64,7 @@ _NEVER_RAN = (
 _ENDED = (
     "{what} did not apply at every step it selects: generation ended after step {last} "
     "({why}), before step {step}.\n"
-    "  What was generated is in this error's `.record` (`.record.output`: the token ids)."
+    "  What was generated is in this error's `.record` (`.record.output`: what it returned)."
 )
 _NO_TENSOR = "site {site!r}: the module {port} is {kind}, which holds no tensor to intervene on."
 _CHANGED_IN_PLACE = (

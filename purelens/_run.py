@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._backend import is_vllm
+from ._backend import is_pipeline, is_vllm
 from ._compile import Compiled
 from ._eager import eager_under_compile, unwrapped
 from ._errors import PurelensError
@@ -131,6 +131,10 @@ def run(
         )
     model = unwrapped(model)
     if not isinstance(model, nn.Module):
+        if is_pipeline(model):
+            from ._diffusion import run_refused
+
+            raise run_refused(model)
         raise PurelensError(_NOT_A_MODULE.format(kind=type(model).__name__))
     plan = Plan.cached(model, flatten_interventions(interventions))
     check_loss_allowed(loss, list(plan.save_grads))

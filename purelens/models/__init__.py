@@ -1,7 +1,8 @@
 """Models shipped with purelens.
 
 `load_default` returns the small GPT-2 trained by `purelens.models.train_default`
-on induction and factual recall (see `purelens.models.tasks`).
+on induction and factual recall (see `purelens.models.tasks`); `pipelines` builds tiny
+diffusers pipelines from configs.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["DEFAULT_PATH", "load", "load_default"]
+from . import pipelines as pipelines
+
+__all__ = ["DEFAULT_PATH", "load", "load_default", "pipelines"]
 
 DEFAULT_PATH = Path(__file__).parent / "default"
 

@@ -1,0 +1,354 @@
+"""`pl.generate` on a diffusers pipeline: interventions across the whole pipeline call.
+
+A pipeline is not an `nn.Module`; its components are (``pipe.components``:
+``unet``, ``text_encoder``, ``vae``, ...). Sites are named from a root module
+that holds the components as children (`_Components`, never called; nothing
+is copied), so ``"unet.mid_block"`` and ``"text_encoder.encoder.layers.1"``
+are sites, and purelens's own per-call hooks go on the real modules.
+
+Steps. The pipeline's denoisers (its diffusers models other than autoencoders:
+``unet``, ``transformer``, ``transformer_2``, ``controlnet``) run inside its
+denoising loop, and ``step=k`` selects iteration k of that loop, counted
+through the pipeline's own ``callback_on_step_end(pipe, i, t, kwargs)`` (the
+caller's callback, if any, still runs first). A denoiser called several times
+in one step (Wan calls it for the prompt, then for the negative prompt) has
+``call=`` within the step. Counting denoiser calls instead would be wrong for
+those pipelines, so a pipeline without ``callback_on_step_end`` refuses
+``step=``. Components outside the loop (text encoders, VAE) have no step:
+their calls are ``call=`` (the prompt's encoding is call 0 and the negative
+prompt's call 1 under classifier-free guidance), and a save there is one value.
+
+Records are aligned to steps: a save at a denoiser site is a tuple with one
+entry per denoising step the pipeline ran (per selected step with ``step=``
+a slice or set; the value itself for ``step=k``), ``None`` at steps where the
+site did not run (Wan's ``transformer_2`` runs only at low noise).
+
+Each call runs on a shallow copy of the pipeline with a deep copy of its
+scheduler: diffusers keeps per-call state on the pipeline (``_guidance_scale``,
+``_num_timesteps``) and in its scheduler (``step_index``), so calls on one
+pipeline from several threads would race; this way they do not, and the
+user's pipeline is left as it was. `seed=` gives each image a fresh
+``torch.Generator`` seeded ``seed + i`` (a reused generator gives a different
+image), so image i depends on its seed only.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import threading
+import weakref
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._errors import GenerationEnded, PurelensError
+from ._grads import PatchGrad, SaveGrad
+from ._hooks import installed
+from ._interventions import Intervention, Save
+from ._pass import Pass, _calls_value
+from ._plan import Plan
+from ._record import Record
+from ._select import is_int, step_selected
+
+__all__ = ["generate_on", "root_of", "run_refused", "sites_of"]
+
+_NO_STEPS = (
+    "{what}: {kind} has no callback_on_step_end, through which purelens counts its "
+    "denoising steps, so step= would be a guess.\n"
+    "  Select the denoiser's calls with call= instead (counted over the whole pipeline call)."
+)
+_OUTSIDE_LOOP = (
+    "{what}: site {site!r} is in {component!r}, which runs outside the denoising loop, so "
+    "it has no step.\n"
+    "  Select its calls with call= (under classifier-free guidance the text encoder's call "
+    "0 encodes the prompt, call 1 the negative prompt)."
+)
+_NO_GRADS = (
+    "{what}: a pipeline runs under torch.no_grad(), so there are no gradients in it.\n"
+    "  Take gradients through one component: pl.run(pipe.unet, (latents, t), ..., "
+    "encoder_hidden_states=emb, loss=...)."
+)
+_NOT_CALLED = (
+    "\n  The pipeline never calls {component!r} itself (it calls its methods, e.g. "
+    "vae.decode): intervene on its submodules, e.g. {example!r}."
+)
+_BAD_SEED = "`seed` must be an int, got {got!r}."
+_SEED_AND_GENERATOR = (
+    "`seed` and `generator` were both given; seed= makes one generator per image.\n"
+    "  Give one of them."
+)
+_NOT_FOR_PIPELINES = "`{name}` is not an option of pl.generate on a pipeline: {why}"
+_WHY = {
+    "max_new_tokens": "a pipeline denoises for num_inference_steps instead.",
+    "tokenizer": "the pipeline tokenizes its prompts itself.",
+    "validate": "validation on fake tensors covers single modules (pl.run on a component).",
+    "loss": "the pipeline runs under torch.no_grad(); use pl.run(pipe.unet, ..., loss=...).",
+    "params": "use pl.run on a component for params=.",
+}
+_RUN_REFUSED = (
+    "`model` is a diffusers pipeline ({kind}), which is not a torch.nn.Module.\n"
+    "  Use pl.generate(pipe, prompt, interventions, seed=...) for a whole pipeline call, "
+    "or pl.run(pipe.{example}, ...) for one component."
+)
+
+
+def run_refused(model: Any) -> PurelensError:
+    """The error for `pl.run` on a pipeline."""
+    names = [n for n, c in _modules_of(model).items() if _in_loop(c)] or ["unet"]
+    return PurelensError(_RUN_REFUSED.format(kind=type(model).__name__, example=names[0]))
+
+
+class _Components(nn.Module):
+    """A pipeline's modules as children, for naming sites; never called."""
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        super().__init__()
+        for name, module in modules.items():
+            self.add_module(name, module)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise PurelensError("the components of a pipeline are called by the pipeline.")
+
+
+class _Root:
+    """A pipeline's `_Components`, and the ids of the modules inside its denoising loop."""
+
+    def __init__(self, kind: str, modules: dict[str, nn.Module]) -> None:
+        self.key = tuple((name, id(m)) for name, m in modules.items())
+        # Named as the pipeline, for messages ("ambiguous in StableDiffusionPipeline").
+        self.module = type(kind, (_Components,), {"__module__": __name__})(modules)
+        self.in_loop = {id(m) for c in modules.values() if _in_loop(c) for m in c.modules()}
+
+
+_roots: weakref.WeakKeyDictionary[Any, _Root] = weakref.WeakKeyDictionary()
+_roots_lock = threading.Lock()
+
+
+def root_of(pipe: Any) -> _Root:
+    """The root of `pipe`'s components, made anew when a component was replaced."""
+    modules = _modules_of(pipe)
+    key = tuple((name, id(m)) for name, m in modules.items())
+    with _roots_lock:
+        root = _roots.get(pipe)
+        if root is None or root.key != key:
+            root = _roots[pipe] = _Root(type(pipe).__name__, modules)
+        return root
+
+
+def _modules_of(pipe: Any) -> dict[str, nn.Module]:
+    components = getattr(pipe, "components", {}) or {}
+    return {name: c for name, c in components.items() if isinstance(c, nn.Module)}
+
+
+def _in_loop(module: nn.Module) -> bool:
+    """Whether a component is a denoiser: a diffusers model that is no autoencoder (those
+    have ``encode`` and ``decode``)."""
+    diffusers_model = any(c.__name__ == "ModelMixin" for c in type(module).__mro__)
+    autoencoder = callable(getattr(module, "encode", None)) and callable(
+        getattr(module, "decode", None)
+    )
+    return diffusers_model and not autoencoder
+
+
+def sites_of(pipe: Any) -> list[str]:
+    """`pl.sites` of a pipeline: ``"<component>.<path>"`` for every module of every
+    component (and the attention ports of its attention modules)."""
+    from ._listing import sites
+
+    return [name for name in sites(root_of(pipe).module) if name]
+
+
+class _PipelinePass(Pass):
+    """A `Pass` over a pipeline call: denoiser sites count the loop's steps, the others
+    count their calls over the whole call (see the module docstring)."""
+
+    def __init__(self, plan: Plan, root: nn.Module, in_loop: set[int]) -> None:
+        super().__init__(plan, root, steps=True)
+        self.loop_keys = {id(s) for s in plan.sites if id(s.module) in in_loop}
+        self.loop_keys |= {id(m) for m in plan.skip_modules if id(m) in in_loop}
+        self.loop_step = 0  # the denoising loop's iteration now
+        self.steps_run = 0  # the iterations that ended (callbacks)
+        self._outside_calls: dict[int, int] = {}
+        self._save_steps: dict[str, list[int]] = {}
+
+    def end_step(self, i: int) -> None:
+        """The pipeline's callback: iteration `i` of the loop ended."""
+        self.loop_step = self.steps_run = i + 1
+        self.calls.clear()
+
+    def finish(self) -> None:
+        """After the pipeline call: the last step, as `check_finished` reads it."""
+        self.step = max(self.steps_run - 1, 0)
+
+    def _count(self, key: int) -> int:
+        # Every way a value reaches the pass (`_plain`, `_apply`, `on_skip`) counts its
+        # call first: so this is where it learns which step it is at.
+        if key in self.loop_keys:
+            self.step = self.loop_step
+            return super()._count(key)
+        self.step = 0  # outside the loop: one step, the whole call
+        call = self._outside_calls.get(key, 0)
+        self._outside_calls[key] = call + 1
+        if call >= self.most_calls.get(key, 0):
+            self.most_calls[key] = call + 1
+        return call
+
+    def _save(self, iv: Save, value: Any) -> None:
+        super()._save(iv, value)
+        if iv.call is None:
+            self._save_steps.setdefault(iv.name, []).append(self.step)
+
+    def _ended(self) -> str:
+        return f"{self.steps_run} denoising steps (num_inference_steps)"
+
+    def record_saved(self) -> dict[str, Any]:
+        saves = {iv.name: (i, iv) for i, iv in self.plan.nodes if isinstance(iv, Save)}
+        out: dict[str, Any] = {}
+        for name, (position, iv) in saves.items():
+            if iv.call is None:
+                values = self.history.get(name)
+                if values is None:
+                    continue
+                by_step = dict(zip(self._save_steps[name], values, strict=True))
+            else:
+                calls = self._by_call.get(name)
+                if calls is None:
+                    continue
+                by_step = {step: _calls_value(iv, vs) for step, vs in calls.items()}
+            if not self._at_loop_site(position):
+                out[name] = by_step[0]
+            elif is_int(iv.step):
+                if iv.step in by_step:  # (not when the pipeline ended before it)
+                    out[name] = by_step[iv.step]
+            else:
+                steps = range(self.steps_run)
+                if iv.step is not None:
+                    steps = [s for s in steps if step_selected(iv.step, s)]  # type: ignore[assignment]
+                out[name] = tuple(by_step.get(s) for s in steps)
+        return out
+
+    def _at_loop_site(self, position: int) -> bool:
+        return any(
+            id(site) in self.loop_keys and any(p == position for p, _ in site.entries)
+            for site in self.plan.sites
+        )
+
+
+def _check(plan: Plan, in_loop: set[int], pipe: Any, counted: bool) -> None:
+    """Raise for what a pipeline call cannot do (see the module docstring)."""
+    for iv in plan.interventions:
+        if isinstance(iv, SaveGrad | PatchGrad):
+            raise PurelensError(_NO_GRADS.format(what=repr(iv)))
+    for site in plan.sites:
+        for _, iv in site.entries:
+            _check_step(iv, site.name, id(site.module) in in_loop, pipe, counted)
+    for module in plan.skip_modules:
+        _, skip = plan.skips[id(module)]
+        _check_step(skip, skip.site, id(module) in in_loop, pipe, counted)
+
+
+def _check_step(iv: Intervention, name: str, in_loop: bool, pipe: Any, counted: bool) -> None:
+    if iv.step is None:
+        return
+    if not counted:
+        raise PurelensError(_NO_STEPS.format(what=repr(iv), kind=type(pipe).__name__))
+    if not in_loop:
+        component = name.split(".")[0]
+        raise PurelensError(_OUTSIDE_LOOP.format(what=repr(iv), site=iv.site, component=component))
+
+
+def _counts_steps(pipe: Any) -> bool:
+    """Whether the pipeline's ``__call__`` takes ``callback_on_step_end``."""
+    try:
+        return "callback_on_step_end" in inspect.signature(pipe.__call__).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _images(prompt: Any, kwargs: dict[str, Any]) -> int:
+    """How many images (or videos) the call makes: prompts x per prompt."""
+    if isinstance(prompt, str):
+        prompts = 1
+    elif isinstance(prompt, list | tuple):
+        prompts = len(prompt)
+    elif prompt is None and isinstance(kwargs.get("prompt_embeds"), torch.Tensor):
+        prompts = kwargs["prompt_embeds"].shape[0]
+    else:
+        prompts = 1
+    per = kwargs.get("num_images_per_prompt", kwargs.get("num_videos_per_prompt")) or 1
+    return prompts * int(per)
+
+
+def generate_on(
+    pipe: Any, prompt: Any, ivs: tuple[Intervention, ...], options: dict[str, Any]
+) -> Record:
+    """`pl.generate` on a pipeline (see the module docstring and `pl.generate`)."""
+    kwargs = dict(options)
+    seed = kwargs.pop("seed", None)
+    for name, why in _WHY.items():
+        if kwargs.get(name) not in (None, False):
+            raise PurelensError(_NOT_FOR_PIPELINES.format(name=name, why=why))
+        kwargs.pop(name, None)
+    if seed is not None:
+        if not is_int(seed):
+            raise PurelensError(_BAD_SEED.format(got=seed))
+        if kwargs.get("generator") is not None:
+            raise PurelensError(_SEED_AND_GENERATOR)
+        count = _images(prompt, kwargs)
+        kwargs["generator"] = [torch.Generator().manual_seed(seed + i) for i in range(count)]
+    root = root_of(pipe)
+    counted = _counts_steps(pipe)
+    in_loop = root.in_loop if counted else set()  # no steps: every site counts its calls
+    plan = Plan.cached(root.module, ivs)
+    _check(plan, in_loop, pipe, counted)
+    pass_ = _PipelinePass(plan, root.module, in_loop)
+    call = copy.copy(pipe)  # a call of its own: state on the pipeline and its scheduler
+    scheduler = getattr(pipe, "scheduler", None)
+    if scheduler is not None:
+        call.__dict__["scheduler"] = copy.deepcopy(scheduler)
+    if counted:
+        kwargs["callback_on_step_end"] = _counting(pass_, kwargs)
+    with installed(pass_):
+        output = call(prompt, **kwargs)
+    pass_.finish()
+    try:
+        pass_.check_finished()
+    except GenerationEnded as ended:  # a step= past num_inference_steps
+        ended.record = Record(pass_.record_saved(), output)
+        raise
+    except PurelensError as error:
+        raise _with_hint(error, pass_, root) from None
+    return Record(pass_.record_saved(), output)
+
+
+def _counting(pass_: _PipelinePass, kwargs: dict[str, Any]) -> Any:
+    """A ``callback_on_step_end`` that runs the caller's, then ends the pass's step."""
+    theirs = kwargs.get("callback_on_step_end")
+    inputs = getattr(theirs, "tensor_inputs", None)  # a diffusers PipelineCallback's
+    if inputs is not None and "callback_on_step_end_tensor_inputs" not in kwargs:
+        kwargs["callback_on_step_end_tensor_inputs"] = list(inputs)
+
+    def callback(pipe: Any, i: int, t: Any, callback_kwargs: dict[str, Any]) -> Any:
+        out = theirs(pipe, i, t, callback_kwargs) if theirs is not None else {}
+        pass_.end_step(i)
+        return out
+
+    return callback
+
+
+def _with_hint(error: PurelensError, pass_: Pass, root: _Root) -> PurelensError:
+    """`error`, with a hint when an intervention is on a component the pipeline never
+    calls itself (``vae``: the pipeline calls ``vae.decode``)."""
+    names = dict(root.module.named_children())
+    for site in pass_.plan.sites:
+        if site.name in names and not pass_.most_calls.get(id(site)):
+            children = [n for n, _ in names[site.name].named_children()]
+            child = "decoder" if "decoder" in children else (children or [""])[0]
+            example = f"{site.name}.{child}".rstrip(".")
+            hint = _NOT_CALLED.format(component=site.name, example=example)
+            new = type(error)(str(error) + hint)
+            new.__dict__.update(error.__dict__)
+            return new
+    return error

@@ -1,0 +1,243 @@
+"""pl.generate on diffusers pipelines: tiny Stable Diffusion (DDIM, Euler) and Wan 2.2,
+built from configs (random weights) by `purelens.models.pipelines`."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import purelens as pl
+
+pytest.importorskip("diffusers")
+from purelens.models.pipelines import tiny_stable_diffusion, tiny_wan
+
+SD = {"num_inference_steps": 3, "output_type": "pt"}
+WAN = {"num_inference_steps": 4, "height": 16, "width": 16, "num_frames": 5, "output_type": "pt"}
+
+
+@pytest.fixture(scope="module", params=["ddim", "euler"])
+def sd(request: pytest.FixtureRequest) -> object:
+    return tiny_stable_diffusion(request.param)
+
+
+@pytest.fixture(scope="module")
+def ddim() -> object:
+    return tiny_stable_diffusion("ddim")
+
+
+@pytest.fixture(scope="module")
+def wan() -> object:
+    return tiny_wan()
+
+
+def generators(*seeds: int) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def test_without_interventions_the_images_are_bitwise_the_pipelines(sd: object) -> None:
+    want = sd("a cat", generator=generators(0), **SD).images
+    got = pl.generate(sd, "a cat", [], seed=0, **SD).output.images
+    assert torch.equal(got, want)
+
+
+def test_wan_without_interventions_is_bitwise_the_pipelines(wan: object) -> None:
+    want = wan("a cat", generator=generators(0), **WAN).frames
+    assert torch.equal(pl.generate(wan, "a cat", [], seed=0, **WAN).output.frames, want)
+
+
+def test_a_denoiser_save_is_one_value_per_step_and_outside_sites_count_calls(ddim: object) -> None:
+    ivs = [
+        pl.save("unet.mid_block"),
+        pl.save("unet.mid_block", name="last", step=2),
+        pl.save("down_blocks.1.attentions.0", step=0),  # a unique suffix is a site too
+        pl.save("text_encoder.encoder.layers.1", call=slice(None)),
+        pl.save("vae.decoder"),
+    ]
+    rec = pl.generate(ddim, "a cat", ivs, seed=0, **SD)
+    steps = rec["unet.mid_block"]
+    assert isinstance(steps, tuple) and len(steps) == 3
+    assert all(v.shape == (2, 16, 8, 8) for v in steps)  # uncond and cond rows
+    assert torch.equal(rec["last"], steps[2])
+    assert rec["down_blocks.1.attentions.0"].shape == (2, 16, 8, 8)
+    prompt, negative = rec["text_encoder.encoder.layers.1"]
+    ids = ddim.tokenizer("a cat", padding="max_length", return_tensors="pt").input_ids
+    alone = pl.run(ddim.text_encoder, ids, [pl.save("encoder.layers.1")])
+    assert torch.equal(prompt, alone["encoder.layers.1"])
+    assert not torch.equal(prompt, negative)
+    assert rec["vae.decoder"].shape == (1, 3, 32, 32)
+
+
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_an_ablation_at_step_k_changes_exactly_the_steps_from_k_on(ddim: object, k: int) -> None:
+    watch = [pl.save("unet.conv_out:input", name="x")]
+    clean = pl.generate(ddim, "a cat", watch, seed=0, **SD)
+    rec = pl.generate(ddim, "a cat", [pl.ablate("unet.mid_block", step=k), *watch], seed=0, **SD)
+    same = [torch.equal(a, b) for a, b in zip(rec["x"], clean["x"], strict=True)]
+    assert same == [s < k for s in range(3)]
+    assert not torch.equal(rec.output.images, clean.output.images)
+
+
+def test_seeds_make_each_image_depend_on_its_own_seed_only(ddim: object) -> None:
+    one = pl.generate(ddim, "a cat", [], seed=5, **SD).output.images
+    again = pl.generate(ddim, "a cat", [], seed=5, **SD).output.images
+    other = pl.generate(ddim, "a cat", [], seed=6, **SD).output.images
+    assert torch.equal(one, again) and not torch.equal(one, other)
+    batch = pl.generate(ddim, ["a dog", "a cat"], [], seed=4, **SD).output.images
+    # image 1 of seed 4 is image 0 of seed 5 (up to float error: the batches differ)
+    assert torch.allclose(batch[1], one[0], atol=1e-5)
+    assert not torch.allclose(batch[0], one[0], atol=1e-2)
+
+
+def test_three_images_per_prompt_all_differ_as_pil_images(ddim: object) -> None:
+    # nnsight's diffusion test: three images per prompt, all different, PIL images.
+    rec = pl.generate(ddim, "a cat", [], seed=0, num_inference_steps=2, num_images_per_prompt=3)
+    images = rec.output.images
+    assert len(images) == 3 and all(type(i).__module__.startswith("PIL") for i in images)
+    pixels = [torch.tensor(list(i.getdata()), dtype=torch.float32) for i in images]
+    assert all(not torch.equal(pixels[a], pixels[b]) for a, b in [(0, 1), (0, 2), (1, 2)])
+
+
+def test_rows_select_one_image_under_guidance(ddim: object) -> None:
+    kw = {**SD, "num_images_per_prompt": 2}
+    clean = pl.generate(ddim, ["a cat", "a dog"], [], seed=0, **kw).output.images
+    rows = pl.diffusion.rows(2, 2, prompt=1, image=1, cond=True)
+    assert rows == [7]
+    ablate = [pl.ablate("unet.mid_block", batch=rows)]
+    rec = pl.generate(ddim, ["a cat", "a dog"], ablate, seed=0, **kw)
+    changed = [not torch.equal(a, b) for a, b in zip(rec.output.images, clean, strict=True)]
+    assert changed == [False, False, False, True]
+
+
+@given(st.integers(1, 4), st.integers(1, 4), st.booleans())
+def test_the_row_layout_covers_the_batch_once(prompts: int, per: int, guidance: bool) -> None:
+    layout = pl.diffusion.layout(prompts, per, guidance=guidance)
+    assert [r.index for r in layout] == list(range(prompts * per * (2 if guidance else 1)))
+    conds = pl.diffusion.rows(prompts, per, guidance=guidance, cond=True)
+    assert conds == list(range(len(layout) - prompts * per, len(layout)))
+    by_prompt = [
+        pl.diffusion.rows(prompts, per, guidance=guidance, prompt=p) for p in range(prompts)
+    ]
+    assert sorted(i for r in by_prompt for i in r) == list(range(len(layout)))
+
+
+def test_the_diffusion_lens_last_layer_gives_the_clean_image(ddim: object) -> None:
+    clean = pl.generate(ddim, "a cat", [], seed=0, **SD).output.images
+    images = []
+    for layer in range(3):
+        lens = [
+            pl.save(f"text_encoder.encoder.layers.{layer}", name="h", call=0),
+            pl.patch("text_encoder.final_layer_norm:input", lambda v, s: s["h"], call=0),
+        ]
+        images.append(pl.generate(ddim, "a cat", lens, seed=0, **SD).output.images)
+    assert torch.equal(images[2], clean)
+    assert not torch.equal(images[0], clean) and not torch.equal(images[1], clean)
+
+
+def test_wan_steps_are_the_loop_index_and_records_align_to_steps(wan: object) -> None:
+    ivs = [
+        pl.save("transformer.blocks.0", name="high", call=slice(None)),
+        pl.save("transformer_2.blocks.0", name="low", call=slice(None)),
+    ]
+    rec = pl.generate(wan, "a cat", ivs, seed=0, **WAN)
+    # Wan calls each transformer twice a step (prompt, negative prompt); transformer_2
+    # takes over below the boundary: the last step here.
+    assert [None if v is None else len(v) for v in rec["high"]] == [2, 2, 2, None]
+    assert [None if v is None else len(v) for v in rec["low"]] == [None, None, None, 2]
+    clean = rec.output.frames
+    late = [pl.ablate("transformer_2.blocks.0", step=3)]
+    ablated = pl.generate(wan, "a cat", late, seed=0, **WAN)
+    assert not torch.equal(ablated.output.frames, clean)
+    with pytest.raises(pl.PurelensError, match="not at the selected step=3"):
+        pl.generate(wan, "a cat", [pl.ablate("transformer.blocks.0", step=3)], seed=0, **WAN)
+
+
+def test_what_a_pipeline_call_cannot_do_is_a_clear_error(ddim: object) -> None:
+    cases = [
+        ([pl.save("text_encoder.encoder.layers.1", step=0)], {}, "outside the denoising loop"),
+        ([pl.save_grad("unet.mid_block")], {}, "no gradients"),
+        ([pl.stop("unet.mid_block")], {}, "no meaning in pl.generate"),
+        ([], {"max_new_tokens": 3}, "num_inference_steps"),
+        ([], {"generator": generators(0)}, "both given"),
+    ]
+    for ivs, extra, match in cases:
+        kw = {"seed": 0, **SD, **extra}
+        with pytest.raises(pl.PurelensError, match=match):
+            pl.generate(ddim, "a cat", ivs, **kw)
+    hint = r"calls its methods, e\.g\. vae\.decode.*'vae\.decoder'"
+    with pytest.raises(pl.PurelensError, match=hint):
+        pl.generate(ddim, "a cat", [pl.save("vae")], seed=0, **SD)
+    with pytest.raises(pl.PurelensError, match=r"pl\.run\(pipe\.unet"):
+        pl.run(ddim, "a cat")
+    with pytest.raises(pl.PurelensError, match="call=0 for the first"):
+        pl.generate(ddim, "a cat", [pl.save("text_encoder.encoder.layers.1")], seed=0, **SD)
+
+
+def test_a_step_past_the_last_one_ends_with_the_record(ddim: object) -> None:
+    with pytest.raises(pl.PurelensError, match="3 denoising steps") as caught:
+        pl.generate(ddim, "a cat", [pl.save("unet.mid_block", step=5)], seed=0, **SD)
+    assert caught.value.record.output.images.shape == (1, 3, 32, 32)
+
+
+def test_sites_are_named_by_component(ddim: object) -> None:
+    sites = pl.sites(ddim)
+    assert "unet.mid_block" in sites and "text_encoder.encoder.layers.1" in sites
+    assert "vae.decoder" in sites and "" not in sites
+
+
+def test_calls_in_threads_do_not_share_the_scheduler_and_leave_the_pipeline_as_it_was(
+    ddim: object,
+) -> None:
+    want = {s: pl.generate(ddim, "a cat", [], seed=s, **SD).output.images for s in range(4)}
+    timesteps = ddim.scheduler.timesteps.clone()
+    got: dict[int, torch.Tensor] = {}
+
+    def work(s: int) -> None:
+        got[s] = pl.generate(ddim, "a cat", [pl.save("unet.mid_block")], seed=s, **SD).output.images
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(got[s], want[s]) for s in range(4))
+    assert torch.equal(ddim.scheduler.timesteps, timesteps)
+    assert not hasattr(ddim, "_guidance_scale")
+    assert not ddim.unet.mid_block._forward_hooks
+
+
+def test_a_users_callback_still_runs(ddim: object) -> None:
+    seen: list[int] = []
+
+    def callback(pipe: object, i: int, t: object, kwargs: dict) -> dict:
+        seen.append(i)
+        return {}
+
+    rec = pl.generate(ddim, "a cat", [pl.save("unet.mid_block", step=1)], seed=0,
+                      callback_on_step_end=callback, **SD)  # fmt: skip
+    assert seen == [0, 1, 2] and rec["unet.mid_block"].shape == (2, 16, 8, 8)
+
+
+def test_a_pipeline_without_a_step_callback_refuses_step_and_counts_calls(ddim: object) -> None:
+    from diffusers import DiffusionPipeline
+
+    class Plain(DiffusionPipeline):
+        def __init__(self, unet: torch.nn.Module) -> None:
+            super().__init__()
+            self.register_modules(unet=unet)
+
+        def __call__(self, prompt: str, generator: object = None) -> torch.Tensor:
+            x = torch.zeros(1, 4, 16, 16)
+            emb = torch.zeros(1, 16, 32)
+            for t in (10, 5):
+                x = self.unet(x, t, encoder_hidden_states=emb).sample
+            return x
+
+    plain = Plain(ddim.unet)
+    with pytest.raises(pl.PurelensError, match="no callback_on_step_end"):
+        pl.generate(plain, "x", [pl.save("unet.mid_block", step=0)])
+    rec = pl.generate(plain, "x", [pl.save("unet.mid_block", call=slice(None))])
+    assert len(rec["unet.mid_block"]) == 2
