@@ -35,6 +35,7 @@ image), so image i depends on its seed only.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import threading
 import weakref
@@ -259,10 +260,12 @@ def _check_step(iv: Intervention, name: str, in_loop: bool, pipe: Any, counted: 
         raise PurelensError(_OUTSIDE_LOOP.format(what=repr(iv), site=iv.site, component=component))
 
 
-def _counts_steps(pipe: Any) -> bool:
-    """Whether the pipeline's ``__call__`` takes ``callback_on_step_end``."""
+@functools.lru_cache(maxsize=256)
+def _counts_steps(kind: type) -> bool:
+    """Whether a pipeline class's ``__call__`` takes ``callback_on_step_end`` (the call
+    goes to the class's, whatever an instance holds)."""
     try:
-        return "callback_on_step_end" in inspect.signature(pipe.__call__).parameters
+        return "callback_on_step_end" in inspect.signature(kind.__call__).parameters
     except (TypeError, ValueError):
         return False
 
@@ -299,7 +302,7 @@ def generate_on(
         count = _images(prompt, kwargs)
         kwargs["generator"] = [torch.Generator().manual_seed(seed + i) for i in range(count)]
     root = root_of(pipe)
-    counted = _counts_steps(pipe)
+    counted = _counts_steps(type(pipe))
     in_loop = root.in_loop if counted else set()  # no steps: every site counts its calls
     plan = Plan.cached(root.module, ivs)
     _check(plan, in_loop, pipe, counted)

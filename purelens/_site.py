@@ -164,8 +164,12 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-# The tree version: bumped by torch whenever any module gains or replaces a child.
+# The tree version: bumped by torch whenever a module of a model purelens has listed
+# gains or replaces a child. Only those: a forward that slices a ModuleList
+# (``self.layers[:n]``, CLIP's text encoder) makes a new container each call, whose
+# children registering in it change no model's tree.
 _version = 0
+_listed: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # the modules of listed models
 
 
 def tree_version(model: nn.Module) -> object:
@@ -178,7 +182,8 @@ def tree_version(model: nn.Module) -> object:
 
 def _on_registration(module: nn.Module, name: str, submodule: Any) -> None:
     global _version
-    _version += 1
+    if module in _listed:
+        _version += 1
 
 
 register_module_module_registration_hook(_on_registration)
@@ -212,7 +217,10 @@ class _Table:
 
     def __init__(self, model: nn.Module) -> None:
         self.version = _version
-        self.names = [name for name, _ in model.named_modules(remove_duplicate=False)]
+        modules = list(model.named_modules(remove_duplicate=False))
+        self.names = [name for name, _ in modules]
+        for _, module in modules:
+            _listed.add(module)
         self.resolved: dict[str, _Resolved] = {}
         self.containers = tuple(
             (weakref.ref(m), len(m._modules)) for m in model.modules() if isinstance(m, _DIRECT)

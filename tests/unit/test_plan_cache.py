@@ -180,3 +180,43 @@ def test_a_structure_key_never_holds_a_method_bound_to_a_tensor() -> None:
     gc.collect()
     assert kept() is None
     assert structure([pl.patch("h.0", torch.tanh)]) is not None
+
+
+class _Sliced(nn.Module):
+    """Runs its first two layers through a slice, as CLIP's text encoder does: each
+    forward makes a new ModuleList, whose items register in it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(4, 4) for _ in range(3)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers[:2]:
+            x = layer(x)
+        return x
+
+
+def test_a_forward_that_slices_a_module_list_keeps_the_plan() -> None:
+    # Before: every container made anywhere counted as a change of every model's tree,
+    # so such a model (and every other) re-listed its modules and re-planned each call.
+    torch.manual_seed(0)
+    model, x = _Sliced(), torch.randn(2, 4)
+    builds = []
+    real = _plan.Plan.build.__func__  # type: ignore[attr-defined]
+
+    def counting(cls, *args, **kwargs):  # type: ignore[no-untyped-def]
+        builds.append(args[1])
+        return real(cls, *args, **kwargs)
+
+    _plan.Plan.build = classmethod(counting)  # type: ignore[method-assign, assignment]
+    try:
+        for _ in range(3):
+            rec = pl.run(model, x, [pl.save("layers.1")])
+            assert torch.equal(rec["layers.1"], model.layers[1](model.layers[0](x)))
+    finally:
+        _plan.Plan.build = classmethod(real)  # type: ignore[method-assign, assignment]
+    assert len(builds) == 1
+    # A child the model itself gains is still seen: the suffix "1" is now ambiguous.
+    model.extra = nn.Sequential(nn.Identity(), nn.Identity())
+    with pytest.raises(pl.SiteError, match="ambiguous"):
+        pl.run(model, x, [pl.save("1")])
