@@ -261,7 +261,7 @@ def _check_step(iv: Intervention, name: str, in_loop: bool, pipe: Any, counted: 
 
 
 @functools.lru_cache(maxsize=256)
-def _counts_steps(kind: type) -> bool:
+def _counts_steps(kind: Any) -> bool:
     """Whether a pipeline class's ``__call__`` takes ``callback_on_step_end`` (the call
     goes to the class's, whatever an instance holds)."""
     try:
