@@ -302,7 +302,8 @@ def generate_on(
         count = _images(prompt, kwargs)
         kwargs["generator"] = [torch.Generator().manual_seed(seed + i) for i in range(count)]
     root = root_of(pipe)
-    counted = _counts_steps(type(pipe))
+    kind: Any = type(pipe)
+    counted = _counts_steps(kind)
     in_loop = root.in_loop if counted else set()  # no steps: every site counts its calls
     plan = Plan.cached(root.module, ivs)
     _check(plan, in_loop, pipe, counted)
