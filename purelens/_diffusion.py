@@ -25,25 +25,29 @@ site did not run (Wan's ``transformer_2`` runs only at low noise).
 
 Each call runs on a shallow copy of the pipeline with a deep copy of its
 scheduler: diffusers keeps per-call state on the pipeline (``_guidance_scale``,
-``_num_timesteps``) and in its scheduler (``step_index``), so calls on one
-pipeline from several threads would race; this way they do not, and the
-user's pipeline is left as it was. `seed=` gives each image a fresh
+``_num_timesteps``) and in its scheduler (``step_index``), which this leaves
+as the user had it. That alone does not make diffusers' call thread-safe, so
+calls on one pipeline (or on pipelines sharing a component) from several
+threads run one at a time (`_one_at_a_time`). `seed=` gives each image a fresh
 ``torch.Generator`` seeded ``seed + i`` (a reused generator gives a different
 image), so image i depends on its seed only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
 import threading
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
+from ._backend import is_pipeline
 from ._errors import GenerationEnded, PurelensError
 from ._grads import PatchGrad, SaveGrad
 from ._hooks import installed
@@ -52,6 +56,7 @@ from ._pass import Pass, _calls_value
 from ._plan import Plan
 from ._record import Record
 from ._select import is_int, step_selected
+from ._site import tree_version
 
 __all__ = ["generate_on", "root_of", "run_refused", "sites_of"]
 
@@ -74,6 +79,17 @@ _NO_GRADS = (
 _NOT_CALLED = (
     "\n  The pipeline never calls {component!r} itself (it calls its methods, e.g. "
     "vae.decode): intervene on its submodules, e.g. {example!r}."
+)
+_UNCLOSED = (
+    "{kind} called its denoiser after the last callback_on_step_end (or never called the "
+    "callback), so purelens cannot tell which denoising step those calls belong to; the "
+    "result is not returned.\n"
+    "  Interventions with step= or on denoiser sites need a pipeline that calls "
+    "callback_on_step_end at the end of every step."
+)
+_NESTED = (
+    "{kind} runs other pipelines ({names}), whose steps and schedulers purelens does not "
+    "see.\n  Run its parts with pl.generate one by one, e.g. pl.generate(pipe.{first}, ...)."
 )
 _BAD_SEED = "`seed` must be an int, got {got!r}."
 _SEED_AND_GENERATOR = (
@@ -120,7 +136,19 @@ class _Root:
         self.key = tuple((name, id(m)) for name, m in modules.items())
         # Named as the pipeline, for messages ("ambiguous in StableDiffusionPipeline").
         self.module = type(kind, (_Components,), {"__module__": __name__})(modules)
-        self.in_loop = {id(m) for c in modules.values() if _in_loop(c) for m in c.modules()}
+        self.modules = modules
+        self.version: object = None
+        self.in_loop: set[int] = set()
+
+    def current(self) -> _Root:
+        """This root with `in_loop` as the components' trees are now (a module replaced
+        inside the unet, fused projections, LoRA layers: new modules, in the loop too)."""
+        version = tree_version(self.module)
+        if version is not self.version:
+            loop = [c for c in self.modules.values() if _in_loop(c)]
+            self.in_loop = {id(m) for c in loop for m in c.modules()}
+            self.version = version
+        return self
 
 
 _roots: weakref.WeakKeyDictionary[Any, _Root] = weakref.WeakKeyDictionary()
@@ -135,7 +163,7 @@ def root_of(pipe: Any) -> _Root:
         root = _roots.get(pipe)
         if root is None or root.key != key:
             root = _roots[pipe] = _Root(type(pipe).__name__, modules)
-        return root
+        return root.current()
 
 
 def _modules_of(pipe: Any) -> dict[str, nn.Module]:
@@ -172,12 +200,14 @@ class _PipelinePass(Pass):
         self.loop_step = 0  # the denoising loop's iteration now
         self.steps_run = 0  # the iterations that ended (callbacks)
         self._outside_calls: dict[int, int] = {}
+        self.open_step = False  # a denoiser site ran since the last callback
         self._save_steps: dict[str, list[int]] = {}
 
     def end_step(self, i: int) -> None:
         """The pipeline's callback: iteration `i` of the loop ended."""
         self.loop_step = self.steps_run = i + 1
         self.calls.clear()
+        self.open_step = False
 
     def finish(self) -> None:
         """After the pipeline call: the last step, as `check_finished` reads it."""
@@ -188,6 +218,7 @@ class _PipelinePass(Pass):
         # call first: so this is where it learns which step it is at.
         if key in self.loop_keys:
             self.step = self.loop_step
+            self.open_step = True  # until the loop's callback ends the step
             return super()._count(key)
         self.step = 0  # outside the loop: one step, the whole call
         call = self._outside_calls.get(key, 0)
@@ -202,7 +233,7 @@ class _PipelinePass(Pass):
             self._save_steps.setdefault(iv.name, []).append(self.step)
 
     def _ended(self) -> str:
-        return f"{self.steps_run} denoising steps (num_inference_steps)"
+        return f"{self.steps_run} iterations of the denoising loop"
 
     def record_saved(self) -> dict[str, Any]:
         saves = {iv.name: (i, iv) for i, iv in self.plan.nodes if isinstance(iv, Save)}
@@ -301,6 +332,11 @@ def generate_on(
             raise PurelensError(_SEED_AND_GENERATOR)
         count = _images(prompt, kwargs)
         kwargs["generator"] = [torch.Generator().manual_seed(seed + i) for i in range(count)]
+    nested = [n for n, v in vars(pipe).items() if is_pipeline(v)]
+    if nested:
+        raise PurelensError(
+            _NESTED.format(kind=type(pipe).__name__, names=", ".join(nested), first=nested[0])
+        )
     root = root_of(pipe)
     kind: Any = type(pipe)
     counted = _counts_steps(kind)
@@ -314,8 +350,10 @@ def generate_on(
         call.__dict__["scheduler"] = copy.deepcopy(scheduler)
     if counted:
         kwargs["callback_on_step_end"] = _counting(pass_, kwargs)
-    with installed(pass_):
+    with _one_at_a_time(root.modules.values()), installed(pass_):
         output = call(prompt, **kwargs)
+    if pass_.open_step:
+        raise PurelensError(_UNCLOSED.format(kind=type(pipe).__name__))
     pass_.finish()
     try:
         pass_.check_finished()
@@ -327,11 +365,29 @@ def generate_on(
     return Record(pass_.record_saved(), output)
 
 
+_locks: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def _one_at_a_time(components: Any) -> Iterator[None]:
+    """Hold the locks of a call's components (in one order: no deadlock between pipelines
+    sharing some): diffusers' own call is not thread-safe even on a copy of the pipeline
+    with its own scheduler (measured: one image in 16 wrong with 4 threads), so calls on
+    one pipeline, or on pipelines sharing a component, run one at a time. Re-entrant: a
+    function of an intervention may call the pipeline again."""
+    with _roots_lock:
+        locks = [_locks.setdefault(m, threading.RLock()) for m in components]
+    with contextlib.ExitStack() as stack:
+        for lock in sorted(locks, key=id):
+            stack.enter_context(lock)
+        yield
+
+
 def _counting(pass_: _PipelinePass, kwargs: dict[str, Any]) -> Any:
     """A ``callback_on_step_end`` that runs the caller's, then ends the pass's step."""
     theirs = kwargs.get("callback_on_step_end")
-    inputs = getattr(theirs, "tensor_inputs", None)  # a diffusers PipelineCallback's
-    if inputs is not None and "callback_on_step_end_tensor_inputs" not in kwargs:
+    inputs = getattr(theirs, "tensor_inputs", None)  # a diffusers PipelineCallback's:
+    if inputs is not None:  # diffusers takes its list over the caller's, so purelens does
         kwargs["callback_on_step_end_tensor_inputs"] = list(inputs)
 
     def callback(pipe: Any, i: int, t: Any, callback_kwargs: dict[str, Any]) -> Any:

@@ -70,7 +70,7 @@ def sites(
             raise PurelensError(
                 "pl.sites(pipe) lists the module paths of a pipeline's components and takes "
                 "no inputs or ops=.\n  For op sites, list one component's: "
-                "pl.sites(pipe.unet, (latents, t), ops=True)."
+                "pl.sites(pipe.unet, (latents, t, text_embeddings), ops=True)."
             )
         return of_pipeline(model)
     model = unwrapped(model)

@@ -177,7 +177,7 @@ def test_what_a_pipeline_call_cannot_do_is_a_clear_error(ddim: object) -> None:
 
 
 def test_a_step_past_the_last_one_ends_with_the_record(ddim: object) -> None:
-    with pytest.raises(pl.PurelensError, match="3 denoising steps") as caught:
+    with pytest.raises(pl.PurelensError, match="3 iterations of the denoising loop") as caught:
         pl.generate(ddim, "a cat", [pl.save("unet.mid_block", step=5)], seed=0, **SD)
     assert caught.value.record.output.images.shape == (1, 3, 32, 32)
 
@@ -241,3 +241,65 @@ def test_a_pipeline_without_a_step_callback_refuses_step_and_counts_calls(ddim: 
         pl.generate(plain, "x", [pl.save("unet.mid_block", step=0)])
     rec = pl.generate(plain, "x", [pl.save("unet.mid_block", call=slice(None))])
     assert len(rec["unet.mid_block"]) == 2
+
+
+def test_a_module_replaced_inside_the_unet_still_counts_steps() -> None:
+    import copy
+
+    pipe = tiny_stable_diffusion()
+    pl.generate(pipe, "a cat", [pl.save("unet.mid_block")], seed=0, **SD)
+    pipe.unet.mid_block = copy.deepcopy(pipe.unet.mid_block)
+    rec = pl.generate(pipe, "a cat", [pl.save("unet.mid_block", call=slice(None))], seed=0, **SD)
+    assert len(rec["unet.mid_block"]) == 3 and all(len(v) == 1 for v in rec["unet.mid_block"])
+    assert pl.generate(pipe, "a cat", [pl.save("unet.mid_block", step=1)], seed=0, **SD)
+
+
+def test_denoiser_calls_no_step_callback_ends_are_an_error(ddim: object) -> None:
+    from diffusers import DiffusionPipeline
+
+    class Ignores(DiffusionPipeline):  # takes the callback, never calls it
+        def __init__(self, unet: torch.nn.Module) -> None:
+            super().__init__()
+            self.register_modules(unet=unet)
+
+        def __call__(self, prompt: str, callback_on_step_end: object = None) -> torch.Tensor:
+            x, emb = torch.zeros(1, 4, 16, 16), torch.zeros(1, 16, 32)
+            for t in (10, 5, 1):
+                x = self.unet(x, t, encoder_hidden_states=emb).sample
+            return x
+
+    with pytest.raises(pl.PurelensError, match="cannot tell which denoising step"):
+        pl.generate(Ignores(ddim.unet), "x", [pl.patch("unet.mid_block", lambda v: v, step=0)])
+
+
+def test_a_diffusers_callback_object_gets_its_own_tensor_inputs(ddim: object) -> None:
+    from diffusers.callbacks import SDCFGCutoffCallback
+
+    kw = {**SD, "callback_on_step_end_tensor_inputs": ["latents"]}
+    want = ddim("a cat", generator=generators(0), callback_on_step_end=SDCFGCutoffCallback(
+        cutoff_step_ratio=0.5), **kw).images  # fmt: skip
+    got = pl.generate(
+        ddim,
+        "a cat",
+        [pl.save("unet.mid_block")],
+        seed=0,
+        callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=0.5),
+        **kw,
+    )
+    assert torch.equal(got.output.images, want)
+    assert [v.shape[0] for v in got["unet.mid_block"]] == [2, 2, 1]  # guidance cut off
+
+
+def test_a_pipeline_that_runs_other_pipelines_is_refused(ddim: object) -> None:
+    from diffusers import DiffusionPipeline
+
+    class Combined(DiffusionPipeline):
+        def __init__(self, inner: object) -> None:
+            super().__init__()
+            self.inner_pipe = inner
+
+        def __call__(self, prompt: str, callback_on_step_end: object = None) -> object:
+            return self.inner_pipe(prompt, callback_on_step_end=callback_on_step_end, **SD)
+
+    with pytest.raises(pl.PurelensError, match=r"runs other pipelines \(inner_pipe\)"):
+        pl.generate(Combined(ddim), "a cat", [])
