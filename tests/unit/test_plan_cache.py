@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import threading
 import weakref
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -29,9 +31,10 @@ def manual(model: nn.Sequential, x: torch.Tensor, index: int) -> torch.Tensor:
     return out
 
 
-def test_a_structure_is_planned_once_and_bound_to_each_calls_leaves() -> None:
-    model, x = mlp(), torch.randn(5, 3)
-    builds = []
+@contextlib.contextmanager
+def counted_builds() -> Iterator[list[object]]:
+    """The plans `Plan.build` makes inside the block (their interventions)."""
+    builds: list[object] = []
     real = _plan.Plan.build.__func__  # type: ignore[attr-defined]
 
     def counting(cls, *args, **kwargs):  # type: ignore[no-untyped-def]
@@ -40,12 +43,18 @@ def test_a_structure_is_planned_once_and_bound_to_each_calls_leaves() -> None:
 
     _plan.Plan.build = classmethod(counting)  # type: ignore[method-assign, assignment]
     try:
+        yield builds
+    finally:
+        _plan.Plan.build = classmethod(real)  # type: ignore[method-assign, assignment]
+
+
+def test_a_structure_is_planned_once_and_bound_to_each_calls_leaves() -> None:
+    model, x = mlp(), torch.randn(5, 3)
+    with counted_builds() as builds:
         for scale in (0.0, 1.0, 2.0, 3.0):
             vector = torch.full((4,), scale)
             rec = pl.run(model, x, [pl.add("2", vector), pl.save("2")])
             assert torch.allclose(rec["2"], manual(model, x, 2) + vector)
-    finally:
-        _plan.Plan.build = classmethod(real)  # type: ignore[method-assign, assignment]
     assert len(builds) == 1  # the first call builds it; the others bind
 
 
@@ -201,20 +210,10 @@ def test_a_forward_that_slices_a_module_list_keeps_the_plan() -> None:
     # so such a model (and every other) re-listed its modules and re-planned each call.
     torch.manual_seed(0)
     model, x = _Sliced(), torch.randn(2, 4)
-    builds = []
-    real = _plan.Plan.build.__func__  # type: ignore[attr-defined]
-
-    def counting(cls, *args, **kwargs):  # type: ignore[no-untyped-def]
-        builds.append(args[1])
-        return real(cls, *args, **kwargs)
-
-    _plan.Plan.build = classmethod(counting)  # type: ignore[method-assign, assignment]
-    try:
+    with counted_builds() as builds:
         for _ in range(3):
             rec = pl.run(model, x, [pl.save("layers.1")])
             assert torch.equal(rec["layers.1"], model.layers[1](model.layers[0](x)))
-    finally:
-        _plan.Plan.build = classmethod(real)  # type: ignore[method-assign, assignment]
     assert len(builds) == 1
     # A child the model itself gains is still seen: the suffix "1" is now ambiguous.
     model.extra = nn.Sequential(nn.Identity(), nn.Identity())
