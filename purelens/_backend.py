@@ -1,7 +1,7 @@
 """Which kind of model a call was given, for the entry points that dispatch on it.
 
 `pl.run`, `pl.generate` and `pl.sites` take a module, a remote model
-(`pl.remote`) a vLLM engine (`pl.vllm.load`) or (`pl.generate`, `pl.sites`) a diffusers
+(`pl.remote`), a vLLM engine (`pl.vllm.load`) or (`pl.generate`, `pl.sites`) a diffusers
 pipeline; vLLM and diffusers are recognised without importing them, so that purelens
 loads where they are not installed.
 """

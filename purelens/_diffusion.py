@@ -1,10 +1,7 @@
 """`pl.generate` on a diffusers pipeline: interventions across the whole pipeline call.
 
-A pipeline is not an `nn.Module`; its components are (``pipe.components``:
-``unet``, ``text_encoder``, ``vae``, ...). Sites are named from a root module
-that holds the components as children (`_Components`, never called; nothing
-is copied), so ``"unet.mid_block"`` and ``"text_encoder.encoder.layers.1"``
-are sites, and purelens's own per-call hooks go on the real modules.
+Sites are named from the pipeline's components (`_pipeline`), and purelens's
+own per-call hooks go on the real modules.
 
 Steps. The pipeline's denoisers (its diffusers models other than autoencoders:
 ``unet``, ``transformer``, ``transformer_2``, ``controlnet``) run inside its
@@ -53,12 +50,12 @@ from ._grads import PatchGrad, SaveGrad
 from ._hooks import installed
 from ._interventions import Intervention, Save
 from ._pass import Pass, _calls_value
+from ._pipeline import Root, root_of
 from ._plan import Plan
 from ._record import Record
 from ._select import is_int, step_selected
-from ._site import tree_version
 
-__all__ = ["generate_on", "root_of", "run_refused", "sites_of"]
+__all__ = ["generate_on"]
 
 _NO_STEPS = (
     "{what}: {kind} has no callback_on_step_end, through which purelens counts its "
@@ -104,89 +101,6 @@ _WHY = {
     "loss": "the pipeline runs under torch.no_grad(); use pl.run(pipe.unet, ..., loss=...).",
     "params": "use pl.run on a component for params=.",
 }
-_RUN_REFUSED = (
-    "`model` is a diffusers pipeline ({kind}), which is not a torch.nn.Module.\n"
-    "  Use pl.generate(pipe, prompt, interventions, seed=...) for a whole pipeline call, "
-    "or pl.run(pipe.{example}, ...) for one component."
-)
-
-
-def run_refused(model: Any) -> PurelensError:
-    """The error for `pl.run` on a pipeline."""
-    names = [n for n, c in _modules_of(model).items() if _in_loop(c)] or ["unet"]
-    return PurelensError(_RUN_REFUSED.format(kind=type(model).__name__, example=names[0]))
-
-
-class _Components(nn.Module):
-    """A pipeline's modules as children, for naming sites; never called."""
-
-    def __init__(self, modules: dict[str, nn.Module]) -> None:
-        super().__init__()
-        for name, module in modules.items():
-            self.add_module(name, module)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        raise PurelensError("the components of a pipeline are called by the pipeline.")
-
-
-class _Root:
-    """A pipeline's `_Components`, and the ids of the modules inside its denoising loop."""
-
-    def __init__(self, kind: str, modules: dict[str, nn.Module]) -> None:
-        self.key = tuple((name, id(m)) for name, m in modules.items())
-        # Named as the pipeline, for messages ("ambiguous in StableDiffusionPipeline").
-        self.module = type(kind, (_Components,), {"__module__": __name__})(modules)
-        self.modules = modules
-        self.version: object = None
-        self.in_loop: set[int] = set()
-
-    def current(self) -> _Root:
-        """This root with `in_loop` as the components' trees are now (a module replaced
-        inside the unet, fused projections, LoRA layers: new modules, in the loop too)."""
-        version = tree_version(self.module)
-        if version is not self.version:
-            loop = [c for c in self.modules.values() if _in_loop(c)]
-            self.in_loop = {id(m) for c in loop for m in c.modules()}
-            self.version = version
-        return self
-
-
-_roots: weakref.WeakKeyDictionary[Any, _Root] = weakref.WeakKeyDictionary()
-_roots_lock = threading.Lock()
-
-
-def root_of(pipe: Any) -> _Root:
-    """The root of `pipe`'s components, made anew when a component was replaced."""
-    modules = _modules_of(pipe)
-    key = tuple((name, id(m)) for name, m in modules.items())
-    with _roots_lock:
-        root = _roots.get(pipe)
-        if root is None or root.key != key:
-            root = _roots[pipe] = _Root(type(pipe).__name__, modules)
-        return root.current()
-
-
-def _modules_of(pipe: Any) -> dict[str, nn.Module]:
-    components = getattr(pipe, "components", {}) or {}
-    return {name: c for name, c in components.items() if isinstance(c, nn.Module)}
-
-
-def _in_loop(module: nn.Module) -> bool:
-    """Whether a component is a denoiser: a diffusers model that is no autoencoder (those
-    have ``encode`` and ``decode``)."""
-    diffusers_model = any(c.__name__ == "ModelMixin" for c in type(module).__mro__)
-    autoencoder = callable(getattr(module, "encode", None)) and callable(
-        getattr(module, "decode", None)
-    )
-    return diffusers_model and not autoencoder
-
-
-def sites_of(pipe: Any) -> list[str]:
-    """`pl.sites` of a pipeline: ``"<component>.<path>"`` for every module of every
-    component (and the attention ports of its attention modules)."""
-    from ._listing import sites
-
-    return [name for name in sites(root_of(pipe).module) if name]
 
 
 class _PipelinePass(Pass):
@@ -366,6 +280,7 @@ def generate_on(
 
 
 _locks: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_locks_lock = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -375,7 +290,7 @@ def _one_at_a_time(components: Any) -> Iterator[None]:
     with its own scheduler (measured: one image in 16 wrong with 4 threads), so calls on
     one pipeline, or on pipelines sharing a component, run one at a time. Re-entrant: a
     function of an intervention may call the pipeline again."""
-    with _roots_lock:
+    with _locks_lock:
         locks = [_locks.setdefault(m, threading.RLock()) for m in components]
     with contextlib.ExitStack() as stack:
         for lock in sorted(locks, key=id):
@@ -398,7 +313,7 @@ def _counting(pass_: _PipelinePass, kwargs: dict[str, Any]) -> Any:
     return callback
 
 
-def _with_hint(error: PurelensError, pass_: Pass, root: _Root) -> PurelensError:
+def _with_hint(error: PurelensError, pass_: Pass, root: Root) -> PurelensError:
     """`error`, with a hint when an intervention is on a component the pipeline never
     calls itself (``vae``: the pipeline calls ``vae.decode``)."""
     names = dict(root.module.named_children())

@@ -64,7 +64,7 @@ def sites(
 
         return sites_of(model)
     if is_pipeline(model):
-        from ._diffusion import sites_of as of_pipeline
+        from ._pipeline import sites_of as of_pipeline
 
         if inputs is not None or ops:
             raise PurelensError(

@@ -132,7 +132,7 @@ def run(
     model = unwrapped(model)
     if not isinstance(model, nn.Module):
         if is_pipeline(model):
-            from ._diffusion import run_refused
+            from ._pipeline import run_refused
 
             raise run_refused(model)
         raise PurelensError(_NOT_A_MODULE.format(kind=type(model).__name__))

@@ -1,0 +1,105 @@
+"""A diffusers pipeline's sites: its components as the children of one root module.
+
+A pipeline is not an `nn.Module`; its components are (``pipe.components``:
+``unet``, ``text_encoder``, ``vae``, ...). Sites are named from a root module
+that holds the components as children (`_Components`, never called; nothing
+is copied), so ``"unet.mid_block"`` and ``"text_encoder.encoder.layers.1"``
+are sites. The root also knows which modules run inside the denoising loop
+(`Root.in_loop`: the modules of the denoisers, see `_in_loop`), which
+`_diffusion` counts steps for.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any
+
+from torch import nn
+
+from ._errors import PurelensError
+from ._site import tree_version
+
+__all__ = ["Root", "root_of", "run_refused", "sites_of"]
+
+_RUN_REFUSED = (
+    "`model` is a diffusers pipeline ({kind}), which is not a torch.nn.Module.\n"
+    "  Use pl.generate(pipe, prompt, interventions, seed=...) for a whole pipeline call, "
+    "or pl.run(pipe.{example}, ...) for one component."
+)
+
+
+def run_refused(model: Any) -> PurelensError:
+    """The error for `pl.run` on a pipeline."""
+    names = [n for n, c in _modules_of(model).items() if _in_loop(c)] or ["unet"]
+    return PurelensError(_RUN_REFUSED.format(kind=type(model).__name__, example=names[0]))
+
+
+class _Components(nn.Module):
+    """A pipeline's modules as children, for naming sites; never called."""
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        super().__init__()
+        for name, module in modules.items():
+            self.add_module(name, module)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise PurelensError("the components of a pipeline are called by the pipeline.")
+
+
+class Root:
+    """A pipeline's `_Components`, and the ids of the modules inside its denoising loop."""
+
+    def __init__(self, kind: str, modules: dict[str, nn.Module]) -> None:
+        # Named as the pipeline, for messages ("ambiguous in StableDiffusionPipeline").
+        self.module = type(kind, (_Components,), {"__module__": __name__})(modules)
+        self.modules = modules
+        self.version: object = None
+        self.in_loop: set[int] = set()
+
+    def current(self) -> Root:
+        """This root with `in_loop` as the components' trees are now (a module replaced
+        inside the unet, fused projections, LoRA layers: new modules, in the loop too)."""
+        version = tree_version(self.module)
+        if version is not self.version:
+            loop = [c for c in self.modules.values() if _in_loop(c)]
+            self.in_loop = {id(m) for c in loop for m in c.modules()}
+            self.version = version
+        return self
+
+
+_roots: weakref.WeakKeyDictionary[Any, Root] = weakref.WeakKeyDictionary()
+_roots_lock = threading.Lock()
+
+
+def root_of(pipe: Any) -> Root:
+    """The root of `pipe`'s components, made anew when a component was replaced."""
+    modules = _modules_of(pipe)
+    with _roots_lock:
+        root = _roots.get(pipe)
+        if root is None or root.modules != modules:  # (modules compare by identity)
+            root = _roots[pipe] = Root(type(pipe).__name__, modules)
+        return root.current()
+
+
+def _modules_of(pipe: Any) -> dict[str, nn.Module]:
+    components = getattr(pipe, "components", {}) or {}
+    return {name: c for name, c in components.items() if isinstance(c, nn.Module)}
+
+
+def _in_loop(module: nn.Module) -> bool:
+    """Whether a component is a denoiser: a diffusers model that is no autoencoder (those
+    have ``encode`` and ``decode``)."""
+    diffusers_model = any(c.__name__ == "ModelMixin" for c in type(module).__mro__)
+    autoencoder = callable(getattr(module, "encode", None)) and callable(
+        getattr(module, "decode", None)
+    )
+    return diffusers_model and not autoencoder
+
+
+def sites_of(pipe: Any) -> list[str]:
+    """`pl.sites` of a pipeline: ``"<component>.<path>"`` for every module of every
+    component (and the attention ports of its attention modules)."""
+    from ._listing import sites
+
+    return [name for name in sites(root_of(pipe).module) if name]
