@@ -27,6 +27,7 @@ import threading
 import weakref
 from typing import Any, Literal, NamedTuple
 
+import torch
 from torch import nn
 from torch.nn.modules.module import register_module_module_registration_hook
 
@@ -182,7 +183,9 @@ def tree_version(model: nn.Module) -> object:
 
 def _on_registration(module: nn.Module, name: str, submodule: Any) -> None:
     global _version
-    if module in _listed:
+    # Under dynamo every registration bumps: tracing ``in _listed`` would guard on each
+    # listed module, and a compile fails when one is freed before its guards are built.
+    if torch.compiler.is_compiling() or module in _listed:
         _version += 1
 
 

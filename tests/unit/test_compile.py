@@ -7,6 +7,7 @@ with inductor, the default.
 
 from __future__ import annotations
 
+import gc
 import threading
 import warnings
 from collections.abc import Callable
@@ -555,22 +556,45 @@ def test_transformers_recorders_do_not_keep_a_model_eager() -> None:
     assert backend.graphs >= 1
 
 
+class Part(nn.Module):
+    """Slices its blocks each call (a new ModuleList), and never runs the third."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(8, 8) for _ in range(3)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks[:2]:
+            x = block(x)
+        return x
+
+
 def test_wildcard_matches_that_never_run_are_skipped_as_in_eager() -> None:
-    class Part(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.blocks = nn.ModuleList([nn.Linear(8, 8) for _ in range(3)])
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            for block in self.blocks[:2]:  # the third never runs
-                x = block(x)
-            return x
-
     model = Part()
     cm = pl.compile(model, backend="eager")
     for ivs in ([pl.save("blocks.*")], [pl.add("blocks.*", torch.ones(8))]):
         for _ in range(3):
             assert_same(pl.run(cm, X, ivs), pl.run(model, X, ivs))
+
+
+def test_models_freed_while_a_forward_that_makes_modules_compiles_break_nothing() -> None:
+    # A forward that slices a ModuleList registers children in a new container; dynamo
+    # traced purelens's registration hook and guarded on the set of listed modules, item
+    # by item, so a listed model freed before the guards were built failed the compile.
+    doomed = [nn.Linear(2, 2) for _ in range(20)]
+    for module in doomed:
+        pl.sites(module)  # listed
+
+    def freeing(gm: torch.fx.GraphModule, inputs: Any) -> Callable[..., Any]:
+        doomed.clear()  # dynamo calls its backend between tracing and building guards
+        gc.collect()
+        return gm.forward
+
+    model = Part()
+    cm = pl.compile(model, backend=freeing)
+    ivs = [pl.save("blocks.*")]
+    for _ in range(3):
+        assert_same(pl.run(cm, X, ivs), pl.run(model, X, ivs))
 
 
 def test_a_patch_cannot_write_into_the_saved_values() -> None:
