@@ -129,12 +129,24 @@ def uses_interface(module: nn.Module) -> bool:
     return found and getattr(module, "config", None) is not None
 
 
+_SDPA_NAMES = {"scaled_dot_product_attention", "dispatch_attention_fn"}
+
+
 def has_attention(module: nn.Module) -> bool:
     """Whether `module` has attention ports (statically: what its forward calls)."""
     if uses_interface(module):
         return True
-    code = getattr(inspect.unwrap(type(module).forward), "__code__", None)
-    return code is not None and "scaled_dot_product_attention" in code.co_names
+    # diffusers' attention modules hand their work to a processor, which calls sdpa
+    # directly or through diffusers' attention dispatch (its native backend is sdpa).
+    processor = getattr(module, "processor", None)
+    calls = [type(module).forward]
+    if callable(processor):
+        calls.append(type(processor).__call__)
+    for fn in calls:
+        code = getattr(inspect.unwrap(fn), "__code__", None)
+        if code is not None and _SDPA_NAMES & set(code.co_names):
+            return True
+    return False
 
 
 def _eager_of(module: nn.Module) -> Callable[..., Any]:

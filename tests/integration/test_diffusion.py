@@ -4,6 +4,7 @@ built from configs (random weights) by `purelens.models.pipelines`."""
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import pytest
 import torch
@@ -186,6 +187,33 @@ def test_sites_are_named_by_component(ddim: object) -> None:
     sites = pl.sites(ddim)
     assert "unet.mid_block" in sites and "text_encoder.encoder.layers.1" in sites
     assert "vae.decoder" in sites and "" not in sites
+
+
+@pytest.mark.parametrize("make", [lambda: tiny_stable_diffusion("ddim"), tiny_wan])
+def test_every_attention_port_listed_runs(make: Any) -> None:
+    # diffusers' attention modules call sdpa in their processor: their ports were not listed.
+    pipe = make()
+    listed = [s for s in pl.sites(pipe) if s.endswith(":pattern")]
+    listed = [s for s in listed if not s.startswith("vae.encoder.")]  # image-to-image only
+    components = {s.split(".")[0] for s in listed}
+    assert components >= (
+        {"unet", "vae", "text_encoder"}
+        if hasattr(pipe, "unet")
+        else {"transformer", "transformer_2"}
+    )
+    rec = pl.generate(
+        pipe,
+        "a cat",
+        [pl.save(s, call=0) for s in listed],
+        seed=0,
+        **(SD if hasattr(pipe, "unet") else WAN),
+    )
+    for site in listed:
+        values = [v for v in torch.utils._pytree.tree_leaves(rec[site]) if v is not None]
+        assert values, site
+        for pattern in values:  # (batch, heads, q_pos, k_pos), each row a distribution
+            assert pattern.ndim == 4, site
+            torch.testing.assert_close(pattern.sum(-1), torch.ones(pattern.shape[:-1]))
 
 
 def test_calls_in_threads_do_not_share_the_scheduler_and_leave_the_pipeline_as_it_was(
