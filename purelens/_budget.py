@@ -20,7 +20,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from ._errors import PurelensError
 
-__all__ = ["SavedBytesError", "bounded", "check", "left", "spend", "stopped"]
+__all__ = ["SavedBytesError", "as_stop", "bounded", "check", "left", "spend", "stopped"]
 
 _CHECK: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar(
     "purelens_check", default=None
@@ -66,11 +66,16 @@ def check() -> None:
     """Call the context's check (it raises when the work must stop; see `stopped`)."""
     fn = _CHECK.get()
     if fn is not None:
-        try:
-            fn()
-        except Exception as error:
-            error._purelens_stopped = True  # type: ignore[attr-defined]
-            raise
+        as_stop(fn)
+
+
+def as_stop(fn: Callable[[], None]) -> None:
+    """Call `fn`, a check, marking what it raises as a stop (see `stopped`)."""
+    try:
+        fn()
+    except Exception as error:
+        error._purelens_stopped = True  # type: ignore[attr-defined]
+        raise
 
 
 def stopped(error: BaseException) -> bool:

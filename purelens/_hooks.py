@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from ._attention import SdpaTaps, switched, uses_interface
+from ._budget import as_stop
 from ._errors import PurelensError
 from ._opsites import OWNER, OpTaps
 from ._pass import ACTIVE, Pass
@@ -411,7 +412,7 @@ def check_before_every_module(model: nn.Module, check: Callable[[], None]) -> No
     """
 
     def hook(module: nn.Module, args: Any) -> None:
-        check()
+        as_stop(check)  # a stop, which no handler takes for the model's own error
 
     for module in model.modules():
         module.register_forward_pre_hook(hook)

@@ -138,6 +138,25 @@ def test_a_deadline_during_validation_is_a_deadline(local: Any) -> None:
     assert answer.status_code == 408 and answer.json()["limit"] == "seconds", answer.text[:300]
 
 
+@pl.functions.register("tests.remote_safety.slow")
+def slow(v: torch.Tensor) -> torch.Tensor:
+    """A patch that outlasts a short deadline (which passes inside it)."""
+    time.sleep(0.3)
+    return v
+
+
+def test_a_deadline_met_before_a_module_during_validation_is_a_deadline(local: Any) -> None:
+    # The check before every module raised an unmarked Timeout, which validation wrapped
+    # as a 422; it met the deadline there whenever a patch outlasted it (the test above,
+    # now and then).
+    _, tokenizer = local
+    ids = pl.tokenize(tokenizer, PROMPTS)["input_ids"]
+    body = encode_request(Request("run", ids, [pl.patch("h.0", slow)], validate=True))
+    with serving(create_app(tokens=TOKENS, limits=Limits(seconds=0.1))) as url:
+        answer = post(url, body, timeout=60)
+    assert answer.status_code == 408 and answer.json()["limit"] == "seconds", answer.text[:300]
+
+
 REACHED: list[int] = []
 
 
