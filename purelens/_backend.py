@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["is_pipeline", "is_vllm"]
+from ._errors import PurelensError
+
+__all__ = ["is_pipeline", "is_vllm", "not_a_module"]
 
 
 def is_vllm(model: Any) -> bool:
@@ -24,3 +26,14 @@ def is_pipeline(model: Any) -> bool:
         c.__name__ == "DiffusionPipeline" and c.__module__.startswith("diffusers")
         for c in type(model).__mro__
     )
+
+
+def not_a_module(model: Any, what: str) -> PurelensError:
+    """The error for `what` (``"pl.run"``, ...) given `model`, which is not a torch.nn.Module:
+    for a pipeline, with the component to give it instead."""
+    kind = type(model).__name__
+    if is_pipeline(model):
+        from ._pipeline import refused
+
+        return refused(model, what)
+    return PurelensError(f"{what} takes a torch.nn.Module as `model`, got {kind}.")

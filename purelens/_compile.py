@@ -53,6 +53,7 @@ import torch.utils._pytree as torch_pytree
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from ._backend import not_a_module
 from ._clone import has_hooks, path_clone, unclonable
 from ._errors import PurelensError, PurelensWarning
 from ._grads import PatchGrad, SaveGrad
@@ -72,7 +73,6 @@ _NEW_FUNCTIONS = 4  # structures that differ in function objects only, before a 
 _MAX_REBUILDS = 4  # clones of one structure made anew because the model changed
 
 _FALLBACK = "pl.compile: {why}, so pl.run runs such calls eagerly (as pl.run on the model)."
-_NOT_A_MODULE = "pl.compile takes a torch.nn.Module, got {kind}."
 _BAD_ARGUMENTS = (
     "pl.compile: torch.compile refused its arguments ({error}).\n"
     "  pl.compile(model, **kwargs) passes kwargs to torch.compile (backend=, mode=, ...)."
@@ -131,7 +131,7 @@ class Compiled:
 
         model = unwrapped(model)
         if not isinstance(model, nn.Module):
-            raise PurelensError(_NOT_A_MODULE.format(kind=type(model).__name__))
+            raise not_a_module(model, "pl.compile")
         self.model = model
         try:  # torch.compile checks its arguments (and finds the backend) when called
             torch.compile(_probe, **compile_kwargs)

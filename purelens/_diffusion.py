@@ -234,6 +234,8 @@ def generate_on(
 ) -> Record:
     """`pl.generate` on a pipeline (see the module docstring and `pl.generate`)."""
     kwargs = dict(options)
+    if isinstance(prompt, tuple):  # as purelens takes prompts elsewhere; diffusers wants a list
+        prompt = list(prompt)
     seed = kwargs.pop("seed", None)
     for name, why in _WHY.items():
         if kwargs.get(name) not in (None, False):

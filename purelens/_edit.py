@@ -25,6 +25,7 @@ from typing import Any
 
 from torch import nn
 
+from ._backend import not_a_module
 from ._eager import unwrapped
 from ._errors import PurelensError
 from ._grads import SaveGrad
@@ -189,7 +190,7 @@ def edit(model: nn.Module, interventions: Any) -> nn.Module:
     check_local(model, "pl.edit")
     model = unwrapped(model)
     if not isinstance(model, nn.Module):
-        raise PurelensError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+        raise not_a_module(model, "pl.edit")
     edits = flatten_interventions(interventions)
     for iv in edits:
         _check(iv)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._backend import is_pipeline, is_vllm
+from ._backend import is_pipeline, is_vllm, not_a_module
 from ._eager import eager_under_compile, unwrapped
 from ._errors import GenerationEnded, PurelensError
 from ._grads import check_loss_allowed
@@ -134,7 +134,7 @@ def generate(
         )
     model = unwrapped(model)
     if not isinstance(model, nn.Module):
-        raise PurelensError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+        raise not_a_module(model, "pl.generate")
     if "params" in generate_kwargs:
         raise PurelensError(_NO_PARAMS)
     if max_new_tokens is not None and (

@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 
 from ._attention import has_attention
-from ._backend import is_pipeline, is_vllm
+from ._backend import is_pipeline, is_vllm, not_a_module
 from ._eager import unwrapped
 from ._errors import PurelensError
 from ._hooks import calling
@@ -75,7 +75,7 @@ def sites(
         return of_pipeline(model)
     model = unwrapped(model)
     if not isinstance(model, nn.Module):
-        raise PurelensError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+        raise not_a_module(model, "pl.sites")
     example = inputs is not None
     if not example:  # the same answer until the module tree changes
         cached = _listed.get(model)

@@ -20,19 +20,19 @@ from torch import nn
 from ._errors import PurelensError
 from ._site import tree_version
 
-__all__ = ["Root", "root_of", "run_refused", "sites_of"]
+__all__ = ["Root", "refused", "root_of", "sites_of"]
 
-_RUN_REFUSED = (
-    "`model` is a diffusers pipeline ({kind}), which is not a torch.nn.Module.\n"
-    "  Use pl.generate(pipe, prompt, interventions, seed=...) for a whole pipeline call, "
-    "or pl.run(pipe.{example}, ...) for one component."
+_REFUSED = (
+    "`model` is a diffusers pipeline ({kind}), which is not a torch.nn.Module: {what} takes "
+    "one of its components, e.g. {what}(pipe.{example}, ...).\n"
+    "  A whole pipeline call is pl.generate(pipe, prompt, interventions, seed=...)."
 )
 
 
-def run_refused(model: Any) -> PurelensError:
-    """The error for `pl.run` on a pipeline."""
+def refused(model: Any, what: str) -> PurelensError:
+    """The error for `what` (``"pl.run"``, ...), which takes a module, given a pipeline."""
     names = [n for n, c in _modules_of(model).items() if _in_loop(c)] or ["unet"]
-    return PurelensError(_RUN_REFUSED.format(kind=type(model).__name__, example=names[0]))
+    return PurelensError(_REFUSED.format(kind=type(model).__name__, what=what, example=names[0]))
 
 
 class _Components(nn.Module):

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._backend import is_pipeline, is_vllm
+from ._backend import is_vllm, not_a_module
 from ._compile import Compiled
 from ._eager import eager_under_compile, unwrapped
 from ._errors import PurelensError
@@ -25,7 +25,6 @@ from ._validate import fake_pass
 
 __all__ = ["forward_pass", "run"]
 
-_NOT_A_MODULE = "`model` must be a torch.nn.Module, got {kind}."
 _OFFLOADED = (
     "`params` replaces {name!r}, which accelerate loads onto its module as the module runs "
     "(CPU or disk offload), over any replacement.\n"
@@ -131,11 +130,7 @@ def run(
         )
     model = unwrapped(model)
     if not isinstance(model, nn.Module):
-        if is_pipeline(model):
-            from ._pipeline import run_refused
-
-            raise run_refused(model)
-        raise PurelensError(_NOT_A_MODULE.format(kind=type(model).__name__))
+        raise not_a_module(model, "pl.run")
     plan = Plan.cached(model, flatten_interventions(interventions))
     check_loss_allowed(loss, list(plan.save_grads))
     args, kwargs = call_arguments(inputs, tokenizer, model_kwargs, model)

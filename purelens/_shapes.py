@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._backend import not_a_module
 from ._eager import eager_under_compile, unwrapped
 from ._errors import MissingSaveError, PurelensError, SiteError
 from ._inputs import call_arguments
@@ -143,7 +144,7 @@ def shapes(
     check_local(model, "pl.shapes")
     model = unwrapped(model)
     if not isinstance(model, nn.Module):
-        raise PurelensError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+        raise not_a_module(model, "pl.shapes")
     survey = sites is None
     if sites is None:  # every module that can run, at its output
         names = [s for s in all_sites(model) if hookable(model.get_submodule(s))]

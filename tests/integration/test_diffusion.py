@@ -171,10 +171,25 @@ def test_what_a_pipeline_call_cannot_do_is_a_clear_error(ddim: object) -> None:
     hint = r"calls its methods, e\.g\. vae\.decode.*'vae\.decoder'"
     with pytest.raises(pl.PurelensError, match=hint):
         pl.generate(ddim, "a cat", [pl.save("vae")], seed=0, **SD)
-    with pytest.raises(pl.PurelensError, match=r"pl\.run\(pipe\.unet"):
-        pl.run(ddim, "a cat")
+    for name in ("run", "sweep", "shapes", "edit", "compile"):
+        args = {"edit": ([],), "compile": (), "sweep": ("a cat", [[]])}.get(name, ("a cat",))
+        with pytest.raises(pl.PurelensError, match=rf"pl\.{name}\(pipe\.unet, \.\.\.\)"):
+            getattr(pl, name)(ddim, *args)
     with pytest.raises(pl.PurelensError, match="call=0 for the first"):
         pl.generate(ddim, "a cat", [pl.save("text_encoder.encoder.layers.1")], seed=0, **SD)
+
+
+def test_prompts_as_a_tuple_or_as_embeddings_are_the_pipelines(ddim: object) -> None:
+    ivs = [pl.save("unet.mid_block", step=0)]
+    listed = pl.generate(ddim, ["a cat", "a dog"], ivs, seed=0, **SD)
+    paired = pl.generate(ddim, ("a cat", "a dog"), ivs, seed=0, **SD)
+    assert torch.equal(paired.output.images, listed.output.images)
+    emb, neg = ddim.encode_prompt(["a cat", "a dog"], "cpu", 1, True)
+    embedded = {"prompt_embeds": emb, "negative_prompt_embeds": neg}
+    got = pl.generate(ddim, None, ivs, seed=0, **embedded, **SD)
+    want = ddim(**embedded, generator=generators(0, 1), **SD).images
+    assert torch.equal(got.output.images, want)
+    torch.testing.assert_close(got["unet.mid_block"], listed["unet.mid_block"])
 
 
 def test_a_step_past_the_last_one_ends_with_the_record(ddim: object) -> None:
