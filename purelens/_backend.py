@@ -36,4 +36,4 @@ def not_a_module(model: Any, what: str) -> PurelensError:
         from ._pipeline import refused
 
         return refused(model, what)
-    return PurelensError(f"{what} takes a torch.nn.Module as `model`, got {kind}.")
+    return PurelensError(f"{what}: `model` must be a torch.nn.Module, got {kind}.")

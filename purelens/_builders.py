@@ -303,8 +303,11 @@ def skip(
     """Do not run the module at `site`; its output is `fn(input)` (default: the input).
 
     `input` is the module's first positional tensor argument. When the module
-    returns a tuple or a ``ModelOutput``, `fn` must return what the callers
-    of the module expect.
+    returns a tuple or a ``ModelOutput`` (transformers' attention modules return
+    ``(output, weights)``), `fn` must return the same structure, e.g.
+    ``lambda x: (x, None)``: the module's callers would read a lone tensor's rows
+    as the tuple's items. The structure is checked (the module runs once on
+    fake tensors for each kind of call), and a mismatch is an error.
 
     Example:
         >>> import torch, purelens as pl

@@ -46,6 +46,7 @@ from ._opsites import OWNER, OpTaps
 from ._pass import ACTIVE, Pass
 from ._plan import SitePlan
 from ._primary import primary_input, primary_output
+from ._skipped import check as check_skip
 
 __all__ = [
     "ACTIVE",
@@ -177,7 +178,11 @@ def skip_of(
         raise PurelensError(
             _SKIPPED_TWICE.format(sites=[p.plan.skips[id(module)][1].site for p, _ in skipping])
         )
-    return (True, skipping[0][1]) if skipping else (False, None)
+    if not skipping:
+        return False, None
+    pass_, output = skipping[0]
+    check_skip(module, args, kwargs, output, pass_.plan.skips[id(module)][1])
+    return True, output
 
 
 class _Swap:

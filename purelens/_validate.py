@@ -62,6 +62,7 @@ _ADVICE = {
         "A model that reads tensor values cannot run on fake tensors; pl.sites(model) "
         "without inputs lists every module instead."
     ),
+    "pl.skip": "A skip's value then goes through unchecked (see purelens._skipped).",
     "pl.shapes": (
         "A model that reads tensor values (.item(), data-dependent indexing, a Python branch "
         "on a tensor) cannot be surveyed without running it; use pl.run with pl.save on "
@@ -80,8 +81,13 @@ def fake_pass(
     *,
     check: bool = True,
     what: str = "validate=True",
+    undo_all: bool = False,
 ) -> Any:
     """Run `forward` for `pass_` on fake copies of the inputs, and of `params`.
+
+    What the model stores on its modules that holds fakes is put back after (see
+    `_undo_fakes`); with `undo_all`, everything it stores (a counter, for a module that
+    a skip keeps from running).
 
     Returns:
         The fake output.
@@ -147,7 +153,7 @@ def fake_pass(
         )
         raise PurelensError(message) from error
     finally:
-        _undo_fakes(before)
+        _undo_fakes(before, undo_all)
 
 
 def _tensors_in(value: Any, depth: int = 0) -> list[Tensor]:
@@ -203,8 +209,9 @@ def _snapshot(model: nn.Module) -> _State:
     return state
 
 
-def _undo_fakes(state: _State) -> None:
-    """Put back what the model stored during the fake pass that holds fake tensors.
+def _undo_fakes(state: _State, everything: bool = False) -> None:
+    """Put back what the model stored during the fake pass that holds fake tensors (or,
+    with `everything`, all it stored).
 
     Models cache what they compute in their first forward (rotary tables,
     ``long_inv_freq``, a dict of tensors); cached in a fake pass, it would be
@@ -212,11 +219,11 @@ def _undo_fakes(state: _State) -> None:
     """
     for store, before in state:
         if isinstance(store, list):
-            if any(_holds_fake(v) for v in store):
+            if everything or any(_holds_fake(v) for v in store):
                 store[:] = before  # type: ignore[assignment]
             continue
         for key, value in list(dict.items(store)):
-            if _holds_fake(value) and value is not before.get(key):
+            if (everything or _holds_fake(value)) and value is not before.get(key):
                 if key in before:
                     dict.__setitem__(store, key, before[key])
                 else:

@@ -167,6 +167,56 @@ def test_skip_actually_avoids_the_computation() -> None:
         model(torch.ones(2))
 
 
+class Pair(nn.Module):
+    """Returns a tuple, as transformers' attention modules do; counts its calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        self.calls += 1
+        return x * 2, None
+
+
+class UnpacksPair(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pair = Pair()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.pair(x)
+        return out + x
+
+
+def test_a_skip_whose_value_is_not_shaped_as_the_output_is_an_error() -> None:
+    # A tensor where the module returns a pair was unpacked into its two rows: for a batch
+    # of two the model ran on, silently wrong (pl.skip on a GPT-2 attention module).
+    model, x = UnpacksPair(), torch.randn(2, 3)
+    for skip in (pl.skip("pair"), pl.skip("pair", lambda v: v * 0)):
+        with pytest.raises(
+            pl.PurelensError, match=r"(?s)returns a tuple of 2.*lambda x: \(x, None\)"
+        ):
+            pl.run(model, x, [skip])
+    rec = pl.run(model, x, [pl.skip("pair", lambda v: (v * 0, None))])
+    assert torch.equal(rec.output, x)
+    assert model.pair.calls == 0  # the check ran it on fake tensors, and left it as it was
+
+
+def test_a_skip_of_an_hf_attention_module_must_give_its_tuple(gpt2: nn.Module) -> None:
+    ids = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(pl.PurelensError, match="GPT2Attention returns a tuple of 2"):
+        pl.run(gpt2, ids, [pl.skip("h.0.attn")])
+    zeroed = [pl.skip("h.0.attn", lambda v: (torch.zeros_like(v), None))]
+    want = pl.run(gpt2, ids, [pl.ablate("h.0.attn")]).output.logits
+    torch.testing.assert_close(pl.run(gpt2, ids, zeroed).output.logits, want)
+    generated = pl.generate(gpt2, ids, zeroed, max_new_tokens=3, do_sample=False)
+    ablated = pl.generate(gpt2, ids, [pl.ablate("h.0.attn")], max_new_tokens=3, do_sample=False)
+    assert torch.equal(generated.output, ablated.output)
+    batched = torch.func.vmap(lambda row: pl.run(gpt2, row[None], zeroed).output.logits[0])(ids)
+    torch.testing.assert_close(batched, want)
+
+
 def test_tuple_and_dict_inputs() -> None:
     class TwoInputs(nn.Module):
         def __init__(self) -> None:
