@@ -116,6 +116,14 @@ class _PipelinePass(Pass):
         self._outside_calls: dict[int, int] = {}
         self.open_step = False  # a denoiser site ran since the last callback
         self._save_steps: dict[str, list[int]] = {}
+        # Each save by name (a wildcard's matches share a position, not a name): whether
+        # its site is a denoiser's, whose values are laid out by step.
+        self.loop_saves = {
+            iv.name: id(site) in self.loop_keys
+            for site in plan.sites
+            for _, iv in site.entries
+            if isinstance(iv, Save)
+        }
 
     def end_step(self, i: int) -> None:
         """The pipeline's callback: iteration `i` of the loop ended."""
@@ -150,9 +158,9 @@ class _PipelinePass(Pass):
         return f"{self.steps_run} iterations of the denoising loop"
 
     def record_saved(self) -> dict[str, Any]:
-        saves = {iv.name: (i, iv) for i, iv in self.plan.nodes if isinstance(iv, Save)}
+        saves = {iv.name: iv for _, iv in self.plan.nodes if isinstance(iv, Save)}
         out: dict[str, Any] = {}
-        for name, (position, iv) in saves.items():
+        for name, iv in saves.items():
             if iv.call is None:
                 values = self.history.get(name)
                 if values is None:
@@ -163,7 +171,7 @@ class _PipelinePass(Pass):
                 if calls is None:
                     continue
                 by_step = {step: _calls_value(iv, vs) for step, vs in calls.items()}
-            if not self._at_loop_site(position):
+            if not self.loop_saves.get(name, False):
                 out[name] = by_step[0]
             elif is_int(iv.step):
                 if iv.step in by_step:  # (not when the pipeline ended before it)
@@ -174,12 +182,6 @@ class _PipelinePass(Pass):
                     steps = [s for s in steps if step_selected(iv.step, s)]  # type: ignore[assignment]
                 out[name] = tuple(by_step.get(s) for s in steps)
         return out
-
-    def _at_loop_site(self, position: int) -> bool:
-        return any(
-            id(site) in self.loop_keys and any(p == position for p, _ in site.entries)
-            for site in self.plan.sites
-        )
 
 
 def _check(plan: Plan, in_loop: set[int], pipe: Any, counted: bool) -> None:
@@ -225,7 +227,9 @@ def _images(prompt: Any, kwargs: dict[str, Any]) -> int:
         prompts = kwargs["prompt_embeds"].shape[0]
     else:
         prompts = 1
-    per = kwargs.get("num_images_per_prompt", kwargs.get("num_videos_per_prompt")) or 1
+    # num_images_per_prompt, num_videos_per_prompt, num_waveforms_per_prompt, ...
+    pers = [v for k, v in kwargs.items() if k.startswith("num_") and k.endswith("_per_prompt")]
+    per = pers[0] if pers and pers[0] is not None else 1
     return prompts * int(per)
 
 

@@ -87,14 +87,27 @@ def _modules_of(pipe: Any) -> dict[str, nn.Module]:
     return {name: c for name, c in components.items() if isinstance(c, nn.Module)}
 
 
+# Where diffusers keeps its denoisers (and controlnets, called at every step), and the
+# names of those it keeps with their pipelines (AudioLDM2's UNet, Wuerstchen's prior).
+_DENOISER_PACKAGES = tuple(
+    f"diffusers.models.{p}" for p in ("unets", "transformers", "controlnets")
+)
+_DENOISER_NAMES = ("UNet", "Transformer", "Prior", "DiffNeXt", "UniDiffuserModel")
+
+
 def _in_loop(module: nn.Module) -> bool:
-    """Whether a component is a denoiser: a diffusers model that is no autoencoder (those
-    have ``encode`` and ``decode``)."""
-    diffusers_model = any(c.__name__ == "ModelMixin" for c in type(module).__mro__)
-    autoencoder = callable(getattr(module, "encode", None)) and callable(
-        getattr(module, "decode", None)
+    """Whether a component is a denoiser: a diffusers model of its denoiser families (not
+    an autoencoder, a vocoder, LTX2's text connectors, a condition encoder or an adapter,
+    which run before or after the loop), also under ``torch.compile``'s wrapper."""
+    module = getattr(module, "_orig_mod", module)
+    kind = type(module)
+    if not any(c.__name__ == "ModelMixin" for c in kind.__mro__):
+        return False
+    if callable(getattr(module, "encode", None)) and callable(getattr(module, "decode", None)):
+        return False  # an autoencoder
+    return kind.__module__.startswith(_DENOISER_PACKAGES) or any(
+        name in kind.__name__ for name in _DENOISER_NAMES
     )
-    return diffusers_model and not autoencoder
 
 
 def sites_of(pipe: Any) -> list[str]:

@@ -193,6 +193,86 @@ def test_prompts_as_a_tuple_or_as_embeddings_are_the_pipelines(ddim: object) -> 
     torch.testing.assert_close(got["unet.mid_block"], listed["unet.mid_block"])
 
 
+def test_a_wildcard_over_components_lays_each_match_out_as_its_own_site(ddim: object) -> None:
+    # Matches share one position: a denoiser among them filed the text encoder's and the
+    # VAE's values under denoising step 0 as well.
+    rec = pl.generate(ddim, "a cat", [pl.save("*", call=0)], seed=0, **SD)
+    alone = pl.generate(ddim, "a cat", [pl.save("text_encoder", call=0)], seed=0, **SD)
+    assert isinstance(rec["text_encoder"], torch.Tensor)
+    assert torch.equal(rec["text_encoder"], alone["text_encoder"])
+    assert isinstance(rec["unet"], tuple) and len(rec["unet"]) == 3
+
+
+def ltx_like() -> Any:
+    """A pipeline shaped like LTX2: diffusers models that are no denoisers run before the
+    loop (its text connectors) and after it (its vocoder), one waveform per generator."""
+    import diffusers
+    from diffusers.configuration_utils import register_to_config
+
+    class Lin(diffusers.ModelMixin, diffusers.ConfigMixin):
+        @register_to_config
+        def __init__(self, d: int = 32) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(d, d)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.proj(x)
+
+    class LTXLike(diffusers.DiffusionPipeline):
+        def __init__(self, unet: Any, scheduler: Any, connectors: Any, vocoder: Any) -> None:
+            super().__init__()
+            self.register_modules(
+                unet=unet, scheduler=scheduler, connectors=connectors, vocoder=vocoder
+            )
+
+        @torch.no_grad()
+        def __call__(  # type: ignore[no-untyped-def]
+            self,
+            prompt,
+            num_inference_steps=3,
+            num_waveforms_per_prompt=1,
+            generator=None,
+            callback_on_step_end=None,
+            callback_on_step_end_tensor_inputs=("latents",),
+        ):
+            n = num_waveforms_per_prompt
+            assert isinstance(generator, list) and len(generator) == n, "one per waveform"
+            emb = self.connectors(torch.ones(n, 16, 32))
+            x = torch.cat([torch.randn(1, 4, 8, 8, generator=g) for g in generator])
+            self.scheduler.set_timesteps(num_inference_steps)
+            for i, t in enumerate(self.scheduler.timesteps):
+                eps = self.unet(x, t, encoder_hidden_states=emb).sample
+                x = self.scheduler.step(eps, t, x).prev_sample
+                if callback_on_step_end is not None:
+                    callback_on_step_end(self, i, t, {"latents": x})
+            return self.vocoder(x.flatten(1)[:, :32])
+
+    sd = tiny_stable_diffusion("ddim")
+    return LTXLike(sd.unet, sd.scheduler, Lin(), Lin())
+
+
+def test_diffusers_models_that_are_no_denoisers_run_outside_the_loop() -> None:
+    # Every diffusers model but an autoencoder counted as a denoiser: the connectors' value
+    # was filed as step 0, and any intervention on the vocoder was an error.
+    pipe = ltx_like()
+    ivs = [pl.save("connectors.proj"), pl.save("vocoder.proj"), pl.save("unet.mid_block")]
+    rec = pl.generate(pipe, "x", ivs, seed=0, num_waveforms_per_prompt=2)
+    assert rec["connectors.proj"].shape == (2, 16, 32)
+    assert rec["vocoder.proj"].shape == (2, 32)
+    assert len(rec["unet.mid_block"]) == 3
+    ablated = pl.generate(pipe, "x", [pl.ablate("vocoder")], seed=0, num_waveforms_per_prompt=2)
+    assert torch.equal(ablated.output, torch.zeros(2, 32))
+    with pytest.raises(pl.PurelensError, match="outside the denoising loop"):
+        pl.generate(pipe, "x", [pl.ablate("connectors", step=0)], seed=0)
+
+
+def test_a_compiled_denoiser_still_counts_steps() -> None:
+    pipe = tiny_stable_diffusion("ddim")
+    pipe.unet = torch.compile(pipe.unet, backend="eager")
+    rec = pl.generate(pipe, "a cat", [pl.save("unet._orig_mod.mid_block", step=1)], seed=0, **SD)
+    assert rec["unet._orig_mod.mid_block"].shape == (2, 16, 8, 8)
+
+
 def test_a_step_past_the_last_one_ends_with_the_record(ddim: object) -> None:
     with pytest.raises(pl.PurelensError, match="3 iterations of the denoising loop") as caught:
         pl.generate(ddim, "a cat", [pl.save("unet.mid_block", step=5)], seed=0, **SD)
