@@ -36,6 +36,7 @@ import contextlib
 import copy
 import functools
 import inspect
+import numbers
 import threading
 import weakref
 from collections.abc import Iterator
@@ -238,6 +239,11 @@ def generate_on(
 ) -> Record:
     """`pl.generate` on a pipeline (see the module docstring and `pl.generate`)."""
     kwargs = dict(options)
+    if "prompt" in kwargs:
+        raise PurelensError(
+            "the prompt is pl.generate's second argument: pl.generate(pipe, prompt, "
+            "interventions, ...), not prompt=."
+        )
     if isinstance(prompt, tuple):  # as purelens takes prompts elsewhere; diffusers wants a list
         prompt = list(prompt)
     seed = kwargs.pop("seed", None)
@@ -246,8 +252,9 @@ def generate_on(
             raise PurelensError(_NOT_FOR_PIPELINES.format(name=name, why=why))
         kwargs.pop(name, None)
     if seed is not None:
-        if not is_int(seed):
+        if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
             raise PurelensError(_BAD_SEED.format(got=seed))
+        seed = int(seed)  # a numpy integer too
         if kwargs.get("generator") is not None:
             raise PurelensError(_SEED_AND_GENERATOR)
         count = _images(prompt, kwargs)

@@ -50,7 +50,8 @@ ACTIVE: contextvars.ContextVar[tuple[Pass, ...]] = contextvars.ContextVar(
 _RAN_TWICE = (
     "site {site!r} ran more than once in one pass (the model calls the module again), "
     "and without `call=` a save keeps one value per pass.\n"
-    "  Select calls, counted from 0 within the pass (a generation step): "
+    "  Select calls, counted from 0 within the pass (a generation step, or a pipeline's "
+    "denoising step): "
     "call=0 for the first, call=slice(None) for a tuple of every call."
 )
 _NO_SUCH_CALL = (

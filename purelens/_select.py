@@ -41,7 +41,8 @@ _BAD_ROWS = (
 )
 _BAD_STEPS = (
     "`step` must be an int, a slice or an iterable of ints, got {value!r}.\n"
-    "  Example: step=0 (the prompt pass), step=slice(3, None) or step=[1, 2]."
+    "  Example: step=0 (the prompt pass; in a pipeline, the first denoising step), "
+    "step=slice(3, None) or step=[1, 2]."
 )
 _BAD_CALLS = (
     "`call` must be an int, a slice or an iterable of ints, got {value!r}.\n"
@@ -56,7 +57,10 @@ _NO_ROWS = (
     "`batch=[]` selects no rows, so the intervention would never act.\n"
     "  Leave `batch` out to act on every row, or list at least one."
 )
-_FROM_ZERO = "\n  Steps are generation steps counted from 0 (the prompt pass); select at least one."
+_FROM_ZERO = (
+    "\n  Steps are generation steps counted from 0 (the prompt pass), or a pipeline's "
+    "denoising steps from 0; select at least one."
+)
 _ROWS_OUT_OF_RANGE = (
     "`batch={rows!r}` at site {site!r} selects rows outside the batch of size {size} "
     "(or none of its rows)."

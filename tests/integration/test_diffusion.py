@@ -163,6 +163,7 @@ def test_what_a_pipeline_call_cannot_do_is_a_clear_error(ddim: object) -> None:
         ([pl.stop("unet.mid_block")], {}, "no meaning in pl.generate"),
         ([], {"max_new_tokens": 3}, "num_inference_steps"),
         ([], {"generator": generators(0)}, "both given"),
+        ([], {"prompt": "a dog"}, "second argument"),
     ]
     for ivs, extra, match in cases:
         kw = {"seed": 0, **SD, **extra}
@@ -271,6 +272,12 @@ def test_a_compiled_denoiser_still_counts_steps() -> None:
     pipe.unet = torch.compile(pipe.unet, backend="eager")
     rec = pl.generate(pipe, "a cat", [pl.save("unet._orig_mod.mid_block", step=1)], seed=0, **SD)
     assert rec["unet._orig_mod.mid_block"].shape == (2, 16, 8, 8)
+
+
+def test_a_numpy_seed_is_a_seed(ddim: object) -> None:
+    np = pytest.importorskip("numpy")
+    got = pl.generate(ddim, "a cat", [], seed=np.int64(3), **SD).output.images
+    assert torch.equal(got, pl.generate(ddim, "a cat", [], seed=3, **SD).output.images)
 
 
 def test_a_step_past_the_last_one_ends_with_the_record(ddim: object) -> None:
