@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import nn
+
+from ._eager import unwrapped
 from ._errors import PurelensError
 
-__all__ = ["is_pipeline", "is_vllm", "not_a_module"]
+__all__ = ["is_pipeline", "is_vllm", "module_of"]
 
 
 def is_vllm(model: Any) -> bool:
@@ -28,12 +31,15 @@ def is_pipeline(model: Any) -> bool:
     )
 
 
-def not_a_module(model: Any, what: str) -> PurelensError:
-    """The error for `what` (``"pl.run"``, ...) given `model`, which is not a torch.nn.Module:
-    for a pipeline, with the component to give it instead."""
-    kind = type(model).__name__
-    if is_pipeline(model):
+def module_of(model: Any, what: str) -> nn.Module:
+    """The eager module `what` (``"pl.run"``, ...) works on: `model` out of a compile
+    wrapper (`unwrapped`); anything else than a module is an error, which for a pipeline
+    names the component to give instead."""
+    module = unwrapped(model)
+    if isinstance(module, nn.Module):
+        return module
+    if is_pipeline(module):
         from ._pipeline import refused
 
-        return refused(model, what)
-    return PurelensError(f"{what}: `model` must be a torch.nn.Module, got {kind}.")
+        raise refused(module, what)
+    raise PurelensError(f"{what}: `model` must be a torch.nn.Module, got {type(module).__name__}.")

@@ -53,7 +53,7 @@ import torch.utils._pytree as torch_pytree
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ._backend import not_a_module
+from ._backend import module_of
 from ._clone import has_hooks, path_clone, unclonable
 from ._errors import PurelensError, PurelensWarning
 from ._grads import PatchGrad, SaveGrad
@@ -127,11 +127,7 @@ class Compiled:
     docstring). Thread-safe; it holds at most 64 structures."""
 
     def __init__(self, model: nn.Module, **compile_kwargs: Any) -> None:
-        from ._eager import unwrapped
-
-        model = unwrapped(model)
-        if not isinstance(model, nn.Module):
-            raise not_a_module(model, "pl.compile")
+        model = module_of(model, "pl.compile")
         self.model = model
         try:  # torch.compile checks its arguments (and finds the backend) when called
             torch.compile(_probe, **compile_kwargs)

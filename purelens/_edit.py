@@ -25,8 +25,7 @@ from typing import Any
 
 from torch import nn
 
-from ._backend import not_a_module
-from ._eager import unwrapped
+from ._backend import module_of
 from ._errors import PurelensError
 from ._grads import SaveGrad
 from ._hooks import installed, skip_of
@@ -188,9 +187,7 @@ def edit(model: nn.Module, interventions: Any) -> nn.Module:
         True
     """
     check_local(model, "pl.edit")
-    model = unwrapped(model)
-    if not isinstance(model, nn.Module):
-        raise not_a_module(model, "pl.edit")
+    model = module_of(model, "pl.edit")
     edits = flatten_interventions(interventions)
     for iv in edits:
         _check(iv)

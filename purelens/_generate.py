@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._backend import is_pipeline, is_vllm, not_a_module
-from ._eager import eager_under_compile, unwrapped
+from ._backend import is_pipeline, is_vllm, module_of
+from ._eager import eager_under_compile
 from ._errors import GenerationEnded, PurelensError
 from ._grads import check_loss_allowed
 from ._hooks import around_forwards, installed
@@ -132,9 +132,7 @@ def generate(
             validate=validate,
             **generate_kwargs,
         )
-    model = unwrapped(model)
-    if not isinstance(model, nn.Module):
-        raise not_a_module(model, "pl.generate")
+    model = module_of(model, "pl.generate")
     if "params" in generate_kwargs:
         raise PurelensError(_NO_PARAMS)
     if max_new_tokens is not None and (

@@ -15,8 +15,7 @@ from typing import Any
 from torch import nn
 
 from ._attention import has_attention
-from ._backend import is_pipeline, is_vllm, not_a_module
-from ._eager import unwrapped
+from ._backend import is_pipeline, is_vllm, module_of
 from ._errors import PurelensError
 from ._hooks import calling
 from ._inputs import call_arguments
@@ -73,9 +72,7 @@ def sites(
                 "pl.sites(pipe.unet, (latents, t, text_embeddings), ops=True)."
             )
         return of_pipeline(model)
-    model = unwrapped(model)
-    if not isinstance(model, nn.Module):
-        raise not_a_module(model, "pl.sites")
+    model = module_of(model, "pl.sites")
     example = inputs is not None
     if not example:  # the same answer until the module tree changes
         cached = _listed.get(model)

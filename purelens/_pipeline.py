@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import nn
 
+from ._eager import unwrapped
 from ._errors import PurelensError
 from ._site import tree_version
 
@@ -99,7 +100,7 @@ def _in_loop(module: nn.Module) -> bool:
     """Whether a component is a denoiser: a diffusers model of its denoiser families (not
     an autoencoder, a vocoder, LTX2's text connectors, a condition encoder or an adapter,
     which run before or after the loop), also under ``torch.compile``'s wrapper."""
-    module = getattr(module, "_orig_mod", module)
+    module = unwrapped(module)
     kind = type(module)
     if not any(c.__name__ == "ModelMixin" for c in kind.__mro__):
         return False

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._backend import is_vllm, not_a_module
+from ._backend import is_vllm, module_of
 from ._compile import Compiled
-from ._eager import eager_under_compile, unwrapped
+from ._eager import eager_under_compile
 from ._errors import PurelensError
 from ._grads import by_call, call_loss, check_loss_allowed, detached, gradients
 from ._hooks import installed
@@ -128,9 +128,7 @@ def run(
         return run_on(  # type: ignore[return-value]
             model, inputs, interventions, tokenizer=tokenizer, validate=validate, **model_kwargs
         )
-    model = unwrapped(model)
-    if not isinstance(model, nn.Module):
-        raise not_a_module(model, "pl.run")
+    model = module_of(model, "pl.run")
     plan = Plan.cached(model, flatten_interventions(interventions))
     check_loss_allowed(loss, list(plan.save_grads))
     args, kwargs = call_arguments(inputs, tokenizer, model_kwargs, model)

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._backend import not_a_module
-from ._eager import eager_under_compile, unwrapped
+from ._backend import module_of
+from ._eager import eager_under_compile
 from ._errors import MissingSaveError, PurelensError, SiteError
 from ._inputs import call_arguments
 from ._interventions import Save, describe
@@ -142,9 +142,7 @@ def shapes(
         {'0:input': torch.Size([2, 3]), '1': torch.Size([2, 5])}
     """
     check_local(model, "pl.shapes")
-    model = unwrapped(model)
-    if not isinstance(model, nn.Module):
-        raise not_a_module(model, "pl.shapes")
+    model = module_of(model, "pl.shapes")
     survey = sites is None
     if sites is None:  # every module that can run, at its output
         names = [s for s in all_sites(model) if hookable(model.get_submodule(s))]

@@ -30,8 +30,8 @@ import torch
 import torch.utils._pytree as torch_pytree
 from torch import Tensor, nn
 
-from ._backend import not_a_module
-from ._eager import eager_under_compile, unwrapped
+from ._backend import module_of
+from ._eager import eager_under_compile
 from ._errors import PurelensError
 from ._inputs import call_arguments
 from ._interventions import (
@@ -161,9 +161,7 @@ def sweep(
         True
     """
     check_local(model, "pl.sweep")
-    model = unwrapped(model)
-    if not isinstance(model, nn.Module):
-        raise not_a_module(model, "pl.sweep")
+    model = module_of(model, "pl.sweep")
     if method not in ("auto", "fold", "vmap"):
         raise PurelensError(_BAD_METHOD.format(value=method))
     if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
