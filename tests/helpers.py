@@ -23,6 +23,21 @@ class TinyMLP(nn.Module):
         return self.layers(x)
 
 
+class Sliced(nn.Module):
+    """Runs its first two of three layers through a slice, as CLIP's text encoder does:
+    each forward makes a new ModuleList (whose items register in it), and the third layer
+    never runs."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(width, width) for _ in range(3)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers[:2]:
+            x = layer(x)
+        return x
+
+
 def tiny_gpt2(n_layer: int = 3, attn: str = "sdpa", seed: int = 0, init: float = 0.02) -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 

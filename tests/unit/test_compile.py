@@ -19,6 +19,7 @@ from torch import nn
 
 import purelens as pl
 from purelens._errors import PurelensWarning
+from tests.helpers import Sliced
 
 
 def mlp() -> nn.Module:
@@ -556,23 +557,10 @@ def test_transformers_recorders_do_not_keep_a_model_eager() -> None:
     assert backend.graphs >= 1
 
 
-class Part(nn.Module):
-    """Slices its blocks each call (a new ModuleList), and never runs the third."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList([nn.Linear(8, 8) for _ in range(3)])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks[:2]:
-            x = block(x)
-        return x
-
-
 def test_wildcard_matches_that_never_run_are_skipped_as_in_eager() -> None:
-    model = Part()
+    model = Sliced(8)
     cm = pl.compile(model, backend="eager")
-    for ivs in ([pl.save("blocks.*")], [pl.add("blocks.*", torch.ones(8))]):
+    for ivs in ([pl.save("layers.*")], [pl.add("layers.*", torch.ones(8))]):
         for _ in range(3):
             assert_same(pl.run(cm, X, ivs), pl.run(model, X, ivs))
 
@@ -590,9 +578,9 @@ def test_models_freed_while_a_forward_that_makes_modules_compiles_break_nothing(
         gc.collect()
         return gm.forward
 
-    model = Part()
+    model = Sliced(8)
     cm = pl.compile(model, backend=freeing)
-    ivs = [pl.save("blocks.*")]
+    ivs = [pl.save("layers.*")]
     for _ in range(3):
         assert_same(pl.run(cm, X, ivs), pl.run(model, X, ivs))
 

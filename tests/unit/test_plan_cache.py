@@ -16,6 +16,7 @@ from torch import nn
 
 import purelens as pl
 from purelens import _plan
+from tests.helpers import Sliced
 
 
 def mlp() -> nn.Sequential:
@@ -191,25 +192,11 @@ def test_a_structure_key_never_holds_a_method_bound_to_a_tensor() -> None:
     assert structure([pl.patch("h.0", torch.tanh)]) is not None
 
 
-class _Sliced(nn.Module):
-    """Runs its first two layers through a slice, as CLIP's text encoder does: each
-    forward makes a new ModuleList, whose items register in it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList([nn.Linear(4, 4) for _ in range(3)])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers[:2]:
-            x = layer(x)
-        return x
-
-
 def test_a_forward_that_slices_a_module_list_keeps_the_plan() -> None:
     # Before: every container made anywhere counted as a change of every model's tree,
     # so such a model (and every other) re-listed its modules and re-planned each call.
     torch.manual_seed(0)
-    model, x = _Sliced(), torch.randn(2, 4)
+    model, x = Sliced(4), torch.randn(2, 4)
     with counted_builds() as builds:
         for _ in range(3):
             rec = pl.run(model, x, [pl.save("layers.1")])
