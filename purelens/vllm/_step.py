@@ -65,6 +65,16 @@ class Step:
         # norm whose input was patched:
         self.skip_inputs: dict[int, Tensor] = {}  # id(module) -> its input
         self.residuals: dict[int, Tensor] = {}  # id(norm) -> the sum it must pass on
+        self.sampling: list[Live] | None = None  # the requests with a site at the sampler
+
+    def again(self) -> None:
+        """Ready for the next engine step of the same requests: its hooks (`hooks`) are
+        this step's, laid out anew. (A request that failed or stopped meanwhile is passed
+        over by every hook, as `acting` says.)"""
+        self.laid_out = False
+        self.total = 0
+        self.skip_inputs.clear()
+        self.residuals.clear()
 
     def lay_out(self) -> None:
         """Find each request's tokens, and count its step: at the first hook of the step
@@ -248,13 +258,14 @@ class Step:
             if found is None:
                 raise PurelensError(f"site {site_name!r}: the module's value holds no tensor.")
             value, rebuild = found
+        pieces = _Pieces(value, tokens)
         across: dict[str, dict[int, tuple[int, Tensor]]] | None = None
         if any(live.across for live, _ in entries):  # values other prompts of a call read
             across = {}
             for live, _ in entries:
                 if live.pass_ is not None and live.acting:
                     group = across.setdefault(live.spec.group, {})
-                    group[live.spec.index] = (live.pass_.step, self._piece(live, value, tokens))
+                    group[live.spec.index] = (live.pass_.step, pieces.of(live))
         new: Tensor | None = None
         for live, site in entries:
             pass_ = live.pass_
@@ -262,7 +273,7 @@ class Step:
                 continue
             token = None
             if across is None:
-                piece = self._piece(live, value, tokens)
+                piece = pieces.of(live)
             else:
                 call = live.spec.group
                 piece = across[call][live.spec.index][1]
@@ -292,16 +303,6 @@ class Step:
                 new = value.clone()
             self._put(live, new, out, tokens)
         return None if new is None else rebuild(new)
-
-    @staticmethod
-    def _piece(live: Live, value: Tensor, tokens: bool) -> Tensor:
-        """A request's part of a value. vLLM reuses its buffers (the input ids) in place at
-        the next step, which must not reach a record: a piece of a tensor made outside
-        inference mode is a copy (inference tensors are copied when saved, see `Pass`)."""
-        piece = (
-            value[live.start : live.end].unsqueeze(0) if tokens else value[live.row : live.row + 1]
-        )
-        return piece if piece.is_inference() else piece.clone()
 
     @staticmethod
     def _put(live: Live, new: Tensor, out: Tensor, tokens: bool) -> None:
@@ -337,6 +338,30 @@ class Step:
         for live in self.live:
             if live.spec.run and live.steps == 1 and live.logits is None:
                 live.logits = logits[live.row : live.row + 1].clone()
+
+
+class _Pieces:
+    """The requests' parts of one value: ``[1, tokens, ...]`` (`tokens`) or a row.
+
+    vLLM reuses its buffers (the input ids) in place at the next step, which must
+    not reach a record: a part of a tensor made outside inference mode is a copy
+    (inference tensors are copied when saved, see `Pass`). Each part is one view
+    of the value made ``[1, ...]`` once (a torch op costs a few us here).
+    """
+
+    __slots__ = ("copy", "laid", "tokens")
+
+    def __init__(self, value: Tensor, tokens: bool) -> None:
+        self.tokens = tokens
+        self.laid = value.unsqueeze(0) if tokens else value
+        self.copy = not value.is_inference()
+
+    def of(self, live: Live) -> Tensor:
+        if self.tokens:
+            piece = self.laid[:, live.start : live.end]
+        else:
+            piece = self.laid[live.row : live.row + 1]
+        return piece.clone() if self.copy else piece
 
 
 def keeping_logits(step: Step, previous: Any) -> Any:

@@ -74,6 +74,9 @@ class Driver:
         self.tables = self._id_tables()
         self.shared = self._shared_modules()
         self.step: Step | None = None
+        # The last step and its hooks, for the next step if the same requests run in it
+        # (most decode steps): let go when a call is collected.
+        self.last: tuple[Step, dict[nn.Module, Any], dict[nn.Module, Any]] | None = None
         self.lock = threading.Lock()
         self._execute = runner.execute_model
         self._sample = runner.sample_tokens
@@ -182,13 +185,8 @@ class Driver:
         if not any(live.acting for live in present):
             return self._execute(scheduler_output, *args, **kwargs)
         self.engine_steps += 1
-        step = self.step = Step(self, present)
-        pre, post = step.hooks()
-        logits = self.extra.get("logits")
-        if logits is not None and any(live.spec.run for live in present):
-            previous = post.get(logits)
-            running = [live for live in present if live.spec.run]
-            post[logits] = step.guarded(keeping_logits(step, previous), running)
+        step, pre, post = self.step_of(present)
+        self.step = step
         try:
             with around_forwards(pre, post):
                 out = self._execute(scheduler_output, *args, **kwargs)
@@ -198,17 +196,43 @@ class Driver:
         step.finish()
         return out
 
+    def step_of(
+        self, present: list[Live]
+    ) -> tuple[Step, dict[nn.Module, Any], dict[nn.Module, Any]]:
+        """The step of `present` and its pre- and post-hooks: the last step's, again, when
+        the same requests run (building them is most of purelens's cost per step)."""
+        last = self.last
+        if (
+            last is not None
+            and len(last[0].live) == len(present)
+            and all(a is b for a, b in zip(last[0].live, present, strict=True))
+        ):
+            last[0].again()
+            return last
+        step = Step(self, present)
+        pre, post = step.hooks()
+        logits = self.extra.get("logits")
+        if logits is not None and any(live.spec.run for live in present):
+            previous = post.get(logits)
+            running = [live for live in present if live.spec.run]
+            post[logits] = step.guarded(keeping_logits(step, previous), running)
+        self.last = step, pre, post
+        return self.last
+
     def sample_tokens(self, *args: Any, **kwargs: Any) -> Any:
-        # The step's last use: held no longer, or an idle engine would keep the last step's
-        # requests (and all their interventions capture) alive.
         step, self.step = self.step, None
+        if step is None:
+            return self._sample(*args, **kwargs)
         sampler = self.runner.sampler
-        sampling = [
-            live
-            for live in (step.live if step is not None else [])
-            if live.pass_ is not None and any(s.module is sampler for s in live.pass_.plan.sites)
-        ]
-        if step is None or not sampling:
+        if step.sampling is None:
+            step.sampling = [
+                live
+                for live in step.live
+                if live.pass_ is not None
+                and any(s.module is sampler for s in live.pass_.plan.sites)
+            ]
+        sampling = step.sampling
+        if not sampling:
             return self._sample(*args, **kwargs)
         hook = step.guarded(lambda m, a, k, out: step.on_samples(out), sampling)
         with around_forwards({}, {sampler: hook}):
@@ -219,6 +243,9 @@ class Driver:
         call's plans); None for a request that purelens never saw."""
         out: list[Outcome | None] = []
         groups = {group}
+        # An idle engine would keep the last step's requests (and all their interventions
+        # capture) alive: the next step builds its hooks anew.
+        self.last = None
         with self.lock:
             for key in keys:
                 live = self.by_key.pop(key, None)

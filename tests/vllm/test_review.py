@@ -28,9 +28,13 @@ def test_ids_outside_the_vocabulary_fail_the_request_not_the_engine(
     assert_same(rec, alone(hf, PROMPTS[0], [pl.save("h.1")], 3))
 
 
-def test_one_prompts_failure_is_its_own(llm: Any, hf: Any) -> None:
-    def boom(v: torch.Tensor) -> torch.Tensor:
-        raise ValueError("boom")
+def boom(v: torch.Tensor) -> torch.Tensor:
+    raise ValueError("boom")
+
+
+# step=3: a request fails while the engine steps reuse their hooks (the same requests)
+@pytest.mark.parametrize("bad", [pl.patch("h.0", boom), pl.patch("h.0", boom, step=3)])
+def test_one_prompts_failure_is_its_own(llm: Any, hf: Any, bad: Any) -> None:
 
     with pytest.raises(pl.PurelensError, match=r"^prompt 1: boom"):
         pl.generate(llm, PROMPTS, [pl.patch("h.0", boom, batch=1)], max_new_tokens=2)
@@ -42,7 +46,7 @@ def test_one_prompts_failure_is_its_own(llm: Any, hf: Any) -> None:
 
     def bad() -> None:
         try:
-            pl.generate(llm, PROMPTS, [pl.patch("h.0", boom), pl.save("logits_processor:input")],
+            pl.generate(llm, PROMPTS, [bad, pl.save("logits_processor:input")],
                         max_new_tokens=12)  # fmt: skip
         except pl.PurelensError as error:
             results["bad"] = error
