@@ -237,25 +237,27 @@ def _unflattened(
             raise bad(f"the tensors of dtype {name!r} are not one flat {name} tensor")
     tensors: dict[str, Tensor] = {}
     taken = dict.fromkeys(blob, 0)  # elements read of each dtype: at most all of them
+    sizes = {name: flat.numel() for name, flat in blob.items()}
     for key, entry in index.items():
         if not (
-            isinstance(entry, list)
+            type(entry) is list
             and len(entry) == 3
             and entry[0] in blob
             and type(entry[1]) is int
-            and isinstance(entry[2], list)
-            and all(type(n) is int and 0 <= n <= _MAX_DIM for n in entry[2])
+            and type(entry[2]) is list
             and len(entry[2]) <= 64
+            and all(type(n) is int for n in entry[2])
+            and (not entry[2] or (min(entry[2]) >= 0 and max(entry[2]) <= _MAX_DIM))
         ):
             raise bad(f"the index entry of tensor {_short(key)} is not [dtype, offset, shape]")
         name, offset, shape = entry
         count = math.prod(shape)
-        flat = blob[name]
+        size = sizes[name]
         taken[name] += count
-        if offset < 0 or offset + count > flat.numel() or taken[name] > flat.numel():
+        if offset < 0 or offset + count > size or taken[name] > size:
             raise bad(f"tensor {_short(key)} lies outside the {name} tensors")
         try:
-            tensors[key] = flat[offset : offset + count].view(shape).clone()
+            tensors[key] = blob[name][offset : offset + count].view(shape).clone()
         except RuntimeError as error:  # a shape torch cannot make
             raise bad(f"tensor {_short(key)} has a shape torch cannot make ({error})") from None
     return tensors

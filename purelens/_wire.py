@@ -177,15 +177,15 @@ def saved_bytes(record: Record) -> int:
 
 
 def _encode_value(value: Any, tensors: dict[str, Tensor], where: str) -> Any:
+    if isinstance(value, Tensor):  # (first: a record is mostly tensors)
+        key = str(len(tensors))
+        tensors[key] = value
+        return {"tensor": key}
     if value is None or isinstance(value, bool | int | str):
         return value
     if isinstance(value, float):
         return {"float": repr(value)}
-    if isinstance(value, Tensor):
-        key = str(len(tensors))
-        tensors[key] = value
-        return {"tensor": key}
-    if isinstance(value, list | tuple) and not _is_model_output(value):
+    if isinstance(value, list | tuple):  # (a model output is a mapping, never one of these)
         tag = "list" if isinstance(value, list) else "tuple"
         return {tag: [_encode_value(v, tensors, where) for v in value]}
     if _is_model_output(value):
@@ -216,7 +216,11 @@ def _decode_value(
         raise PurelensError(f"bad value: nested deeper than {_MAX_DEPTH} levels.")
     if value is None or isinstance(value, bool | int | str):
         return value
-    if outputs and isinstance(value, dict) and set(value) == {"model_output", "fields"}:
+    if isinstance(value, dict) and len(value) == 1:  # a tagged value (the common case)
+        ((tag, body),) = value.items()
+        if tag == "tensor" and isinstance(body, str) and body in tensors:
+            return tensors[body]
+    if outputs and isinstance(value, dict) and value.keys() == {"model_output", "fields"}:
         if not isinstance(value["fields"], dict):
             raise PurelensError("bad value: a model output's fields are a mapping.")
         fields = {
@@ -249,8 +253,6 @@ def _decode_value(
             return float(body)
         except ValueError:
             pass
-    if tag == "tensor" and isinstance(body, str) and body in tensors:
-        return tensors[body]
     raise PurelensError(f"bad value: {tag!r} with {_serialize._short(body)} is not allowed.")
 
 
