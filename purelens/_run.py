@@ -140,7 +140,7 @@ def run(
     if loss is None:
         output = forward_pass(model, pass_, args, kwargs, params)
         pass_.check_finished()
-        return Record(pass_.saved, output)
+        return Record.owning(pass_.saved, output)
     with torch.enable_grad():
         output = forward_pass(model, pass_, args, kwargs, params)
         pass_.check_finished()

@@ -181,6 +181,12 @@ def tree_version(model: nn.Module) -> object:
     return _table(model)
 
 
+def tree_unchanged(token: object) -> bool:
+    """Whether the module tree that `tree_version` gave `token` for is unchanged: as
+    ``tree_version(model) is token``, without looking the model up."""
+    return token.current()  # type: ignore[attr-defined, no-any-return]
+
+
 def _on_registration(module: nn.Module, name: str, submodule: Any) -> None:
     global _version
     # Under dynamo every registration bumps: tracing ``in _listed`` would guard on each
