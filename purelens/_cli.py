@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from ._errors import PurelensError
+from ._extras import need
 
 __all__ = ["main"]
 
@@ -38,9 +39,7 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _console() -> Any:
-    from rich.console import Console
-
-    return Console()
+    return need("rich.console", "the purelens command's output").Console()
 
 
 def _demo_fact() -> tuple[str, str, str]:
@@ -76,8 +75,6 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _sites(args: argparse.Namespace) -> None:
-    from rich.table import Table
-
     from . import models
     from ._listing import sites
     from ._shapes import shapes
@@ -86,7 +83,9 @@ def _sites(args: argparse.Namespace) -> None:
     found = shapes(model, args.prompt, tokenizer=tokenizer)
     ports = [site for site in sites(model) if ":" in site]  # attention ports
     inside = shapes(model, args.prompt, ports, tokenizer=tokenizer) if ports else {}
-    table = Table(title=f"sites of {type(model).__name__} for {args.prompt!r}")
+    table = need("rich.table", "purelens sites").Table(
+        title=f"sites of {type(model).__name__} for {args.prompt!r}"
+    )
     for column in ("site", "dtype", "shape"):
         table.add_column(column)
     for survey in (found, inside):
@@ -277,7 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.run(args)
     except (PurelensError, OSError, ValueError, ImportError) as error:
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        message = str(error) or type(error).__name__
+        if not isinstance(error, PurelensError):  # (purelens's own say the fix on line two)
+            message = message.splitlines()[0]
         print(f"purelens {args.command}: error: {message}", file=sys.stderr)
         return 2
     return 0

@@ -13,6 +13,7 @@ from typing import Any
 
 from . import _wire
 from ._errors import PurelensError
+from ._extras import need
 from ._interventions import flatten_interventions
 from ._record import Record
 from ._tree import NAMESPACE
@@ -153,7 +154,7 @@ class Remote:
         return RemoteError(message, status)
 
     def _send(self, method: str, path: str, **kwargs: Any) -> Any:
-        import httpx
+        httpx = need("httpx", "pl.remote")
 
         try:
             response = self._client.request(method, path, **kwargs)
@@ -202,8 +203,7 @@ def remote(
         ...
         purelens._remote.RemoteError: cannot reach http://127.0.0.1:9: ConnectError: ...
     """
-    import httpx
-
+    httpx = need("httpx", "pl.remote")
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     client = httpx.Client(base_url=url, headers=headers, timeout=timeout)
     handle = Remote(url, name, token, timeout, (), client)

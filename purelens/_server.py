@@ -28,11 +28,10 @@ from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
-from fastapi import Request  # at module level: FastAPI reads the annotations by name
-
 from . import _wire, ops
 from ._budget import SavedBytesError, bounded
 from ._errors import PurelensError
+from ._extras import need
 from ._hooks import check_before_every_module
 from ._inputs import is_text
 from ._limits import (
@@ -48,6 +47,9 @@ from ._limits import (
     deadline,
     over,
 )
+
+need("fastapi", "purelens serve")  # a clear error where the `serve` extra is missing
+from fastapi import Request  # noqa: E402  (at module level: FastAPI reads annotations by name)
 
 __all__ = ["Limits", "announce", "create_app", "read_tokens", "require_tokens", "serve"]
 
@@ -114,6 +116,7 @@ def create_app(
     Raises:
         PurelensError: no tokens, no model at `path`, or an unknown engine.
     """
+    need("fastapi", "purelens serve")
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -387,7 +390,7 @@ def serve(
 
         serve_ray(path, host=host, port=port, tokens=tokens, limits=limits, replicas=replicas)
         return
-    import uvicorn
+    uvicorn = need("uvicorn", "purelens serve")
 
     app = create_app(
         path,

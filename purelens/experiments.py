@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from ._attention import has_attention
 from ._builders import patch, save
 from ._errors import PurelensError
+from ._extras import need
 from ._heads import head
 from ._inputs import tokenize
 from ._run import run
@@ -84,27 +85,47 @@ class PatchingResult:
     p_clean: float
     p_corrupt: float
 
-    def table(self) -> Any:
-        """A `rich` table, layers down and tokens across."""
-        from rich.table import Table
+    def _title(self) -> str:
+        return (
+            f"recovered P({self.answer!r}): clean {self.p_clean:.2f}, "
+            f"corrupted {self.p_corrupt:.2f}"
+        )
 
-        title = f"recovered P({self.answer!r}): clean {self.p_clean:.2f}"
-        table = Table(title=f"{title}, corrupted {self.p_corrupt:.2f}")
+    def _cells(self) -> list[list[str]]:
+        # + 0.0: no "-0.00"
+        return [[f"{round(v, 2) + 0.0:.2f}" for v in row] for row in self.scores.tolist()]
+
+    def table(self) -> Any:
+        """A `rich` table, layers down and tokens across (scores from 0.5 in bold)."""
+        table = need("rich.table", "PatchingResult.table()").Table(title=self._title())
         table.add_column("layer")
         for token in self.tokens:
             table.add_column(token, justify="right")
-        for name, row in zip(self.layers, self.scores.tolist(), strict=True):
-            shown = [round(v, 2) + 0.0 for v in row]  # + 0.0: no "-0.00"
-            cells = [f"[bold]{v:.2f}[/bold]" if v >= 0.5 else f"{v:.2f}" for v in shown]
-            table.add_row(name, *cells)
+        for name, row in zip(self.layers, self._cells(), strict=True):
+            table.add_row(name, *(f"[bold]{c}[/bold]" if float(c) >= 0.5 else c for c in row))
         return table
+
+    def __rich__(self) -> Any:
+        return self.table()
+
+    def __str__(self) -> str:
+        """The table as plain text: layers down, tokens across.
+
+        Example:
+            >>> import torch
+            >>> print(PatchingResult(["a", "b"], ["embed", "h.0"], torch.tensor([[0.0, 1.0],
+            ...       [0.25, 0.5]]), "x", 0.9, 0.1))
+            recovered P('x'): clean 0.90, corrupted 0.10
+            layer     a     b
+            -----  ----  ----
+            embed  0.00  1.00
+            h.0    0.25  0.50
+        """
+        return _text_table(self._title(), ["layer", *self.tokens], self.layers, self._cells())
 
     def plot(self, path: str | Path) -> Path:
         """Write a heatmap (layers x positions) to `path` (PNG) and return it."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = _pyplot("PatchingResult.plot()")
 
         fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(self.tokens), 1.0 + 0.5 * len(self.layers)))
         image = ax.imshow(self.scores.numpy(), cmap="Blues", vmin=0, vmax=1, aspect="auto")
@@ -172,9 +193,9 @@ def activation_patching(
     scores = []
     steps: Any = sites
     if progress:
-        from rich.progress import track
+        from tqdm.auto import tqdm
 
-        steps = track(sites, description="patching", transient=True)
+        steps = tqdm(sites, desc="patching", leave=False)
     for site in steps:
         clean_value = clean_rec[site]
         patched = run(model, batch, [patch(site, lambda v, c=clean_value: torch.where(rows, c, v))])
@@ -192,10 +213,12 @@ class LensResult:
     top: list[list[str]]
     probs: Tensor
 
-    def table(self) -> Any:
-        from rich.table import Table
+    _TITLE = "logit lens: top prediction after each layer (its probability)"
 
-        table = Table(title="logit lens: top prediction after each layer")
+    def table(self) -> Any:
+        """A `rich` table, layers down and tokens across: each cell the top token and its
+        probability."""
+        table = need("rich.table", "LensResult.table()").Table(title=self._TITLE)
         table.add_column("layer")
         for token in self.tokens:
             table.add_column(token)
@@ -204,6 +227,77 @@ class LensResult:
                 name, *(f"{w} [dim]{p:.2f}[/dim]" for w, p in zip(words, probs, strict=True))
             )
         return table
+
+    def __rich__(self) -> Any:
+        return self.table()
+
+    def __str__(self) -> str:
+        """The table as plain text: layers down, tokens across.
+
+        Example:
+            >>> import torch
+            >>> print(LensResult(["a", "b"], ["h.0", "h.1"], [["x", "y"], ["b", "c"]],
+            ...       torch.tensor([[0.5, 0.25], [0.75, 1.0]])))
+            logit lens: top prediction after each layer (its probability)
+            layer         a         b
+            -----  --------  --------
+            h.0    x (0.50)  y (0.25)
+            h.1    b (0.75)  c (1.00)
+        """
+        cells = [
+            [f"{w} ({p:.2f})" for w, p in zip(words, probs, strict=True)]
+            for words, probs in zip(self.top, self.probs.tolist(), strict=True)
+        ]
+        return _text_table(self._TITLE, ["layer", *self.tokens], self.layers, cells)
+
+    def plot(self, path: str | Path) -> Path:
+        """Write a grid (layers x positions) to `path` (PNG) and return it: each cell the
+        token that layer's residual stream predicts there, shaded by its probability."""
+        plt = _pyplot("LensResult.plot()")
+        probs = self.probs.float().numpy()
+        fig, ax = plt.subplots(
+            figsize=(1.6 + 1.1 * len(self.tokens), 1.4 + 0.55 * len(self.layers))
+        )
+        image = ax.imshow(probs, cmap="Greens", vmin=0, vmax=1, aspect="auto")
+        for row, words in enumerate(self.top):
+            for col, word in enumerate(words):
+                dark = probs[row, col] > 0.6
+                ax.text(col, row, word, ha="center", va="center", fontsize=9,
+                        color="white" if dark else "black")  # fmt: skip
+        ax.set_xticks(range(len(self.tokens)), self.tokens, rotation=30, ha="right")
+        ax.set_yticks(range(len(self.layers)), self.layers)
+        ax.set_xlabel("position (the token read there)")
+        ax.set_ylabel("residual stream after")
+        ax.set_title("logit lens: what each layer predicts next")
+        fig.colorbar(image, ax=ax, label="probability of the top token")
+        fig.tight_layout()
+        out = Path(path)
+        fig.savefig(out, dpi=120)
+        plt.close(fig)
+        return out
+
+
+def _pyplot(what: str) -> Any:
+    """matplotlib's pyplot on the Agg backend (files, no window), or an error naming the
+    extra that brings it."""
+    matplotlib = need("matplotlib", what)
+    matplotlib.use("Agg")
+    return need("matplotlib.pyplot", what)
+
+
+def _text_table(title: str, header: list[str], names: list[str], rows: list[list[str]]) -> str:
+    """A plain-text table: `title`, then `header` over a rule, each row its name and cells
+    (names left-aligned, cells right-aligned)."""
+    lines = [[*header], *([name, *cells] for name, cells in zip(names, rows, strict=True))]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+
+    def show(line: list[str]) -> str:
+        first, *rest = line
+        cells = [cell.rjust(width) for cell, width in zip(rest, widths[1:], strict=True)]
+        return "  ".join([first.ljust(widths[0]), *cells]).rstrip()
+
+    rule = "  ".join("-" * width for width in widths)
+    return "\n".join([title, show(lines[0]), rule, *(show(line) for line in lines[1:])])
 
 
 def _final_norm(model: nn.Module) -> nn.Module:

@@ -7,6 +7,9 @@ diffusers pipelines from configs.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +31,28 @@ def load(path: str | Path | None = None) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     where = _folder(path)
-    model = AutoModelForCausalLM.from_pretrained(where).eval()
+    with _no_progress_bar():
+        model = AutoModelForCausalLM.from_pretrained(where).eval()
     return model, AutoTokenizer.from_pretrained(where)
+
+
+_bars_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _no_progress_bar() -> Iterator[None]:
+    """transformers' progress bars off while a small local model loads ("Loading weights"
+    for a fraction of a second), on again after if they were on."""
+    from transformers.utils import logging
+
+    with _bars_lock:  # (the switch is transformers' own, for the whole process)
+        was_on = logging.is_progress_bar_enabled()
+        logging.disable_progress_bar()
+        try:
+            yield
+        finally:
+            if was_on:
+                logging.enable_progress_bar()
 
 
 def _folder(path: str | Path | None) -> Path:
