@@ -4,7 +4,7 @@ Interventions are immutable pytrees; `run` interleaves them with any
 `torch.nn.Module`'s forward pass and returns a `Record`. Nothing is mutable,
 so experiments compose with `torch.func.grad`, `vmap` and `jacrev`.
 
-Example:
+Examples:
     >>> import torch, purelens as pl
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     >>> rec = pl.run(model, torch.randn(3, 4), [pl.save("1"), pl.add("0", torch.ones(8))])

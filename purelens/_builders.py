@@ -116,7 +116,7 @@ def save(
     with ``*`` filled in (``rec["h.0"]``, ``rec["h.1"]``, ...); `name` cannot
     be given then.
 
-    Example:
+    Examples:
         >>> import torch, purelens as pl
         >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU())
         >>> rec = pl.run(model, torch.ones(2, 3), [pl.save("0"), pl.save("1", name="act")])
@@ -139,7 +139,7 @@ def patch(
     it is passed when `fn` has a second positional parameter without a
     default. The result must have the value's shape and dtype.
 
-    Example:
+    Examples:
         >>> import torch, purelens as pl
         >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU())
         >>> rec = pl.run(model, torch.ones(2, 3), [pl.patch("0", lambda v: -v.abs())])
@@ -163,7 +163,7 @@ def replace(
 ) -> Replace:
     """Replace the value at `site` with `value` (broadcast to its shape).
 
-    Example:
+    Examples:
         >>> import torch, purelens as pl
         >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Identity())
         >>> pl.run(model, torch.ones(2, 3), [pl.replace("0", torch.arange(4.0))]).output[1]
@@ -179,7 +179,7 @@ def add(
 ) -> Add:
     """Add `delta` to the value at `site` (a steering vector, broadcast).
 
-    Example:
+    Examples:
         >>> import torch, purelens as pl
         >>> model = torch.nn.Sequential(torch.nn.Identity(), torch.nn.Identity())
         >>> pl.run(model, torch.zeros(1, 2), [pl.add("0", torch.tensor([1.0, 2.0]))]).output
@@ -195,7 +195,7 @@ def scale(
 ) -> Scale:
     """Multiply the value at `site` by `factor`.
 
-    Example:
+    Examples:
         >>> import torch, purelens as pl
         >>> model = torch.nn.Sequential(torch.nn.Identity())
         >>> pl.run(model, torch.ones(1, 2), [pl.scale("0", 3.0)]).output
@@ -219,7 +219,7 @@ def ablate(
     ``"mean"`` averages over every dimension but the last (over the selected
     rows when `batch=` is given).
 
-    Example:
+    Examples:
         >>> import torch, purelens as pl
         >>> model = torch.nn.Sequential(torch.nn.Identity())
         >>> pl.run(model, torch.tensor([[1.0, 2.0], [3.0, 4.0]]), [pl.ablate("0", "mean")]).output
@@ -246,7 +246,7 @@ def transplant(
     as one batch and move the clean activation into the corrupted row. `src`
     may be one row copied into every `dst` row.
 
-    Example:
+    Examples:
         >>> import torch, purelens as pl
         >>> model = torch.nn.Sequential(torch.nn.Identity(), torch.nn.Identity())
         >>> x = torch.tensor([[1.0], [2.0], [3.0]])
@@ -286,7 +286,7 @@ def stop(site: str, *, step: Any = None, call: Any = None) -> Stop:
 
     Everything saved up to that point is kept; modules after the site do not run.
 
-    Example:
+    Examples:
         >>> import torch, purelens as pl
         >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
         >>> rec = pl.run(model, torch.ones(1, 2), [pl.save("0"), pl.stop("0")])
@@ -309,7 +309,7 @@ def skip(
     as the tuple's items. The structure is checked (the module runs once on
     fake tensors for each kind of call), and a mismatch is an error.
 
-    Example:
+    Examples:
         >>> import torch, purelens as pl
         >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
         >>> pl.run(model, -torch.ones(1, 2), [pl.skip("0"), pl.skip("1")]).output

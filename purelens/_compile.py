@@ -108,7 +108,7 @@ def compile(model: nn.Module, **compile_kwargs: Any) -> Compiled:
     Returns:
         A `Compiled` handle; ``handle.model`` is the model.
 
-    Example:
+    Examples:
         >>> import torch, purelens as pl
         >>> from torch import nn
         >>> model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))

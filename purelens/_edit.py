@@ -174,7 +174,7 @@ def edit(model: nn.Module, interventions: Any) -> nn.Module:
     ``ablate``, ``transplant``, ``skip``, ``patch_grad``), also at the root
     site (``""``, ``":input"``); saves, stops and ``step=`` belong to runs.
 
-    Example:
+    Examples:
         >>> import torch, purelens as pl
         >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Identity())
         >>> edited = pl.edit(model, [pl.ablate("1")])

@@ -93,7 +93,7 @@ def generate(
         ids, prompt included). A value saved at several steps is a tuple with
         one tensor per step; with ``step=`` a single int, the tensor itself.
 
-    Example:
+    Examples:
         >>> import torch, purelens as pl
         >>> from transformers import GPT2Config, GPT2LMHeadModel
         >>> model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=20)).eval()

@@ -152,7 +152,7 @@ def save_grad(
     other consumers, such as a residual connection). With `batch=`, only
     those rows are kept.
 
-    Example:
+    Examples:
         >>> import torch, purelens as pl
         >>> model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
         >>> rec = pl.run(model, torch.ones(4, 2), [pl.save_grad("0")], loss=lambda out: out.sum())
@@ -178,7 +178,7 @@ def patch_grad(
     receives, under `loss=` and under `torch.func.grad` alike. The result must
     keep the gradient's shape and dtype.
 
-    Example:
+    Examples:
         >>> import torch, purelens as pl
         >>> model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
         >>> ivs = [pl.save_grad("0:input"), pl.patch_grad("1", torch.zeros_like)]

@@ -52,7 +52,7 @@ class head:
         h: a head, or a list of distinct heads (negative from the end).
         fn: for patches, applied to the selected heads.
 
-    Example:
+    Examples:
         >>> import torch, purelens as pl
         >>> model, tokenizer = pl.models.load_default()
         >>> prompt = "the home of"  # <bos> and 3 words

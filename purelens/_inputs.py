@@ -115,7 +115,7 @@ def tokenize(
         inputs: a string, a list of strings, or token-id rows.
         padding_side: ``"left"`` or ``"right"``; default the tokenizer's.
 
-    Example:
+    Examples:
         >>> import purelens as pl
         >>> pl.tokenize(None, [[5, 6, 7], [8, 9, 10]])["attention_mask"]
         tensor([[1, 1, 1],

@@ -49,7 +49,7 @@ def sites(
             run: every torch operation each module's own code makes.
         tokenizer: for text `inputs`.
 
-    Example:
+    Examples:
         >>> import torch, purelens as pl
         >>> pl.sites(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU()))
         ['', '0', '1']

@@ -91,7 +91,7 @@ def _check_mask(attention_mask: Tensor) -> Tensor:
 def token_index(attention_mask: Tensor, i: int) -> Tensor:
     """The index of real token `i` in each row (negative counts from the end).
 
-    Example:
+    Examples:
         >>> import torch, purelens as pl
         >>> mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])  # left padding
         >>> pl.token_index(mask, 0), pl.token_index(mask, -1)
@@ -111,7 +111,7 @@ def token_index(attention_mask: Tensor, i: int) -> Tensor:
 def last_token(attention_mask: Tensor) -> Tensor:
     """The index of the last real token in each row, for left or right padding.
 
-    Example:
+    Examples:
         >>> import torch, purelens as pl
         >>> pl.last_token(torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]))  # right padding
         tensor([1, 3])
@@ -135,7 +135,7 @@ class at:
             for the same position in every row.
         fn: for patches, applied to the ``(batch, ...)`` entries.
 
-    Example:
+    Examples:
         >>> import torch, purelens as pl
         >>> model = torch.nn.Sequential(torch.nn.Identity())
         >>> x = torch.arange(12.0).view(2, 3, 2)

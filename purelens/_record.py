@@ -59,7 +59,7 @@ class Record(Mapping[str, Any]):
     A `Record` is a pytree in optree (namespace ``"purelens"``) and torch's
     registry, so it can be returned from `torch.func.vmap` and `grad`.
 
-    Example:
+    Examples:
         >>> import torch, purelens as pl
         >>> model = torch.nn.Sequential(torch.nn.Linear(2, 3))
         >>> rec = pl.run(model, torch.ones(4, 2), [pl.save("0")])

@@ -196,7 +196,7 @@ def remote(
         RemoteError: the server cannot be reached, refuses the token (401),
             or serves no model of that name (404).
 
-    Example:
+    Examples:
         >>> import purelens as pl
         >>> pl.remote("http://127.0.0.1:9", token="t")  # doctest: +ELLIPSIS
         Traceback (most recent call last):

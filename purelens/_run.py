@@ -92,7 +92,7 @@ def run(
         PurelensError: an intervention failed, never applied, or returned a
             value of the wrong shape or dtype.
 
-    Example:
+    Examples:
         >>> import torch, purelens as pl
         >>> from torch import nn
         >>> model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))

@@ -92,7 +92,7 @@ def dumps(interventions: Any) -> bytes:
             tuple of them), or a function that is not registered
             (`pl.functions`).
 
-    Example:
+    Examples:
         >>> import torch, purelens as pl
         >>> ivs = [pl.save("h.0"), pl.add("h.1", torch.ones(4)), pl.ablate("h.2", "mean")]
         >>> data = pl.dumps(ivs)
@@ -119,7 +119,7 @@ def loads(data: bytes) -> Any:
             version, a node or field that is not allowed, a function name
             that is not registered here, or data that is not interventions.
 
-    Example:
+    Examples:
         >>> import purelens as pl
         >>> pl.loads(pl.dumps([pl.stop("h.1"), (pl.save("h.0", name="x"),)]))
         [stop(site='h.1'), (save(site='h.0', name='x'),)]

@@ -36,7 +36,7 @@ _NOT_SURVEYED = "{site!r} is not among the sites surveyed. Surveyed: {some}{more
 class Shapes(Mapping[str, torch.Size]):
     """``{site: torch.Size}`` for the sites of one pass, with ``.dtypes`` beside it.
 
-    Example:
+    Examples:
         >>> import torch, purelens as pl
         >>> s = pl.shapes(torch.nn.Sequential(torch.nn.Linear(3, 5)), torch.ones(2, 3))
         >>> s["0"], s.dtypes["0"]
@@ -135,7 +135,7 @@ def shapes(
         PurelensError: a site given in `sites` does not run, or the model
             cannot run on fake tensors (it reads tensor values).
 
-    Example:
+    Examples:
         >>> import torch, purelens as pl
         >>> model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.ReLU())
         >>> dict(pl.shapes(model, torch.ones(2, 3), sites=["0:input", "1"]))

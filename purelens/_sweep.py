@@ -149,7 +149,7 @@ def sweep(
             an intervention that cannot act on one cell's rows (`pl.stop`,
             `pl.skip`, gradients), which belongs in `base`.
 
-    Example:
+    Examples:
         >>> import torch, purelens as pl
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
         >>> x = torch.randn(3, 4)

@@ -56,7 +56,7 @@ def structure(tree: Any, *, functions: bool = False, code: bool = False) -> Hash
     with ``code=True`` a function is its code object instead and any other callable its
     type (structures that differ in function objects only are then equal).
 
-    Example:
+    Examples:
         >>> import torch, purelens as pl
         >>> a = structure([pl.add("h.0", torch.ones(3)), pl.save("h.1")])
         >>> a == structure([pl.add("h.0", torch.zeros(3)), pl.save("h.1")])

@@ -9,7 +9,7 @@ the conditioned block. Wan and QwenImage double nothing: they call the
 denoiser twice per step (the prompt, then the negative prompt: ``call=0`` and
 ``call=1``), on one row per image.
 
-Example:
+Examples:
     >>> import purelens as pl
     >>> pl.diffusion.rows(prompts=2, images_per_prompt=2, prompt=1, cond=True)
     [6, 7]

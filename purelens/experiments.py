@@ -7,7 +7,7 @@
 Both find the model's blocks themselves (the longest ``ModuleList``), so they
 work on GPT-2-style and Llama-style HF models alike.
 
-Example:
+Examples:
     >>> import purelens as pl
     >>> from purelens.experiments import logit_lens
     >>> model, tok = pl.models.load_default()
@@ -111,7 +111,7 @@ class PatchingResult:
     def __str__(self) -> str:
         """The table as plain text: layers down, tokens across.
 
-        Example:
+        Examples:
             >>> import torch
             >>> print(PatchingResult(["a", "b"], ["embed", "h.0"], torch.tensor([[0.0, 1.0],
             ...       [0.25, 0.5]]), "x", 0.9, 0.1))
@@ -234,7 +234,7 @@ class LensResult:
     def __str__(self) -> str:
         """The table as plain text: layers down, tokens across.
 
-        Example:
+        Examples:
             >>> import torch
             >>> print(LensResult(["a", "b"], ["h.0", "h.1"], [["x", "y"], ["b", "c"]],
             ...       torch.tensor([[0.5, 0.25], [0.75, 1.0]])))

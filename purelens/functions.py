@@ -11,7 +11,7 @@ their torch names: ``"torch.clone"`` (a save that later code changes in
 place), ``"torch.zeros_like"``, ``"torch.ones_like"``, ``"torch.neg"`` and
 ``"torch.abs"``.
 
-Example:
+Examples:
     >>> import torch, purelens as pl
     >>> @pl.functions.register("demo.double")
     ... def double(v):

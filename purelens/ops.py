@@ -8,7 +8,7 @@ what the node types below do: no builtins, no attribute access, no imports.
 are constants. Indexing with a field name reads a field of a model output:
 ``ops.value["logits"][:, -1]``.
 
-Example:
+Examples:
     >>> import torch, purelens as pl
     >>> from purelens import ops
     >>> fn = ops.where(torch.tensor([True, False]), ops.value * 2, 0.0)
@@ -100,7 +100,7 @@ def limit_elements(n: int) -> Iterator[None]:
     expressions from requests uses this, since broadcasting and indexing can
     make a few small constants into a huge tensor.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from purelens import ops
         >>> grow = ops.value[:, None] * torch.ones(1, 1000)

@@ -71,7 +71,7 @@ def _folder(path: str | Path | None) -> Path:
 def load_default() -> tuple[nn.Module, Any]:
     """The bundled model and its tokenizer: a 2-layer GPT-2 trained on known mechanisms.
 
-    Example:
+    Examples:
         >>> import purelens as pl
         >>> model, tokenizer = pl.models.load_default()
         >>> type(model).__name__, model.config.n_layer

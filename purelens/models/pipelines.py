@@ -4,7 +4,7 @@ second: for tests, tutorials and trying purelens on diffusion without a download
 They produce images of noise, not pictures, but they run the real pipeline code:
 the denoising loop, classifier-free guidance, the schedulers, the VAE.
 
-Example:
+Examples:
     >>> import purelens as pl
     >>> pipe = pl.models.pipelines.tiny_stable_diffusion()
     >>> rec = pl.generate(pipe, "a cat", [pl.save("unet.mid_block")], seed=0,

@@ -99,7 +99,7 @@ def load(path: Any, **engine_args: Any) -> Any:
     Raises:
         PurelensError: vLLM is not installed, or an argument would skip hooks.
 
-    Example:
+    Examples:
         >>> import purelens as pl
         >>> llm = pl.vllm.load(pl.models.DEFAULT_PATH, dtype="float32",
         ...                    max_model_len=64)  # doctest: +SKIP
