@@ -19,6 +19,7 @@ Examples:
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -123,8 +124,9 @@ class PatchingResult:
         """
         return _text_table(self._title(), ["layer", *self.tokens], self.layers, self._cells())
 
-    def plot(self, path: str | Path) -> Path:
-        """Write a heatmap (layers x positions) to `path` (PNG) and return it."""
+    def plot(self, path: str | Path | None = None) -> Any:
+        """A heatmap (layers x positions): written to `path` (PNG), which is returned, or
+        without a path the matplotlib figure (a notebook shows it)."""
         plt = _pyplot("PatchingResult.plot()")
 
         fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(self.tokens), 1.0 + 0.5 * len(self.layers)))
@@ -136,10 +138,7 @@ class PatchingResult:
         ax.set_title(f"activation patching: recovered P({self.answer!r})")
         fig.colorbar(image, ax=ax, label="recovered fraction")
         fig.tight_layout()
-        out = Path(path)
-        fig.savefig(out, dpi=120)
-        plt.close(fig)
-        return out
+        return _saved(plt, fig, path)
 
 
 def _answer_id(tokenizer: Any, answer: str) -> int:
@@ -250,9 +249,10 @@ class LensResult:
         ]
         return _text_table(self._TITLE, ["layer", *self.tokens], self.layers, cells)
 
-    def plot(self, path: str | Path) -> Path:
-        """Write a grid (layers x positions) to `path` (PNG) and return it: each cell the
-        token that layer's residual stream predicts there, shaded by its probability."""
+    def plot(self, path: str | Path | None = None) -> Any:
+        """A grid (layers x positions), each cell the token that layer's residual stream
+        predicts there, shaded by its probability: written to `path` (PNG), which is
+        returned, or without a path the matplotlib figure (a notebook shows it)."""
         plt = _pyplot("LensResult.plot()")
         probs = self.probs.float().numpy()
         fig, ax = plt.subplots(
@@ -271,18 +271,27 @@ class LensResult:
         ax.set_title("logit lens: what each layer predicts next")
         fig.colorbar(image, ax=ax, label="probability of the top token")
         fig.tight_layout()
-        out = Path(path)
-        fig.savefig(out, dpi=120)
-        plt.close(fig)
-        return out
+        return _saved(plt, fig, path)
 
 
 def _pyplot(what: str) -> Any:
-    """matplotlib's pyplot on the Agg backend (files, no window), or an error naming the
-    extra that brings it."""
+    """matplotlib's pyplot, or an error naming the extra that brings it. Where pyplot is
+    not in use yet (a script, the command line) on the Agg backend: files, no window; a
+    notebook's backend is left as it is."""
     matplotlib = need("matplotlib", what)
-    matplotlib.use("Agg")
+    if "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")
     return need("matplotlib.pyplot", what)
+
+
+def _saved(plt: Any, fig: Any, path: str | Path | None) -> Any:
+    """`fig` written to `path` and closed, and the path; the figure itself without one."""
+    if path is None:
+        return fig
+    out = Path(path)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
 
 
 def _text_table(title: str, header: list[str], names: list[str], rows: list[list[str]]) -> str:
