@@ -322,9 +322,9 @@ class _Traced:
         self.state = state = _State()
         self.clone, self.copies = path_clone(model, [s.name for s in plan.sites])
         self.checked = list({id(c): c for c in self.copies.values()}.values())
-        self.sites = [(s.site, s.module, s.entries) for s in plan.sites]
+        self.sites = [(s.site, s.module, plan.entries(s)) for s in plan.sites]
         for index, site in enumerate(plan.sites):
-            _hook(self.copies[site.name].copy, site, index, state)
+            _hook(self.copies[site.name].copy, site, plan.entries(site), index, state)
         clone = self.clone
         count = len(plan.sites)
 
@@ -390,12 +390,16 @@ class _Traced:
         return Record(saved, output)
 
 
-def _hook(module: nn.Module, site: SitePlan, index: int, state: _State) -> None:
+def _hook(
+    module: nn.Module,
+    site: SitePlan,
+    at_site: tuple[tuple[int, Intervention], ...],
+    index: int,
+    state: _State,
+) -> None:
     # A save is the plan's own node (a wildcard's is renamed per module it matched); a
     # writer is the call's, whose tensors are this call's.
-    entries = tuple(
-        (position, iv if isinstance(iv, Save) else None) for position, iv in site.entries
-    )
+    entries = tuple((position, iv if isinstance(iv, Save) else None) for position, iv in at_site)
 
     def apply(value: Tensor) -> Tensor:
         nodes, saved, counts = state.nodes, state.saved, state.counts

@@ -122,7 +122,7 @@ class _PipelinePass(Pass):
         self.loop_saves = {
             iv.name: id(site) in self.loop_keys
             for site in plan.sites
-            for _, iv in site.entries
+            for _, iv in plan.entries(site)
             if isinstance(iv, Save)
         }
 
@@ -191,10 +191,10 @@ def _check(plan: Plan, in_loop: set[int], pipe: Any, counted: bool) -> None:
         if isinstance(iv, SaveGrad | PatchGrad):
             raise PurelensError(_NO_GRADS.format(what=repr(iv)))
     for site in plan.sites:
-        for _, iv in site.entries:
+        for _, iv in plan.entries(site):
             _check_step(iv, site.name, id(site.module) in in_loop, pipe, counted)
     for module in plan.skip_modules:
-        _, skip = plan.skips[id(module)]
+        _, skip = plan.skip(module)  # type: ignore[misc]
         _check_step(skip, skip.site, id(module) in in_loop, pipe, counted)
 
 

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["eager_under_compile", "unwrapped"]
+__all__ = ["eager_under_compile", "eagerly", "unwrapped"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -45,14 +45,24 @@ def unwrapped(model: Any) -> Any:
 
 def eager_under_compile(fn: F) -> F:
     """`fn`, run eagerly (outside the graph) when dynamo traces a call of it."""
-    disabled: list[Callable[..., Any]] = []
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         if torch.compiler.is_compiling():
-            if not disabled:
-                disabled.append(torch.compiler.disable(fn, recursive=True))
-            return disabled[0](*args, **kwargs)
+            return eagerly(fn)(*args, **kwargs)
         return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+_disabled: dict[Callable[..., Any], Callable[..., Any]] = {}
+
+
+def eagerly(fn: F) -> F:
+    """`fn` as dynamo calls it: outside the graph, eagerly. For a function that asks
+    ``torch.compiler.is_compiling()`` itself (cheaper than `eager_under_compile`'s
+    wrapper on a hot path), and calls this when it is."""
+    disabled = _disabled.get(fn)
+    if disabled is None:  # made on first use: torch.compiler.disable imports dynamo
+        disabled = _disabled[fn] = torch.compiler.disable(fn, recursive=True)
+    return disabled  # type: ignore[return-value]

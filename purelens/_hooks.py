@@ -176,12 +176,12 @@ def skip_of(
     skipping = [(p, output) for p, (skipped, output) in skips if skipped]
     if len(skipping) > 1:
         raise PurelensError(
-            _SKIPPED_TWICE.format(sites=[p.plan.skips[id(module)][1].site for p, _ in skipping])
+            _SKIPPED_TWICE.format(sites=[p.plan.skip(module)[1].site for p, _ in skipping])  # type: ignore[index]
         )
     if not skipping:
         return False, None
     pass_, output = skipping[0]
-    check_skip(module, args, kwargs, output, pass_.plan.skips[id(module)][1])
+    check_skip(module, args, kwargs, output, pass_.plan.skip(module)[1])  # type: ignore[index]
     return True, output
 
 
@@ -241,7 +241,7 @@ class installed:  # (a context manager, named as one: ``with installed(pass_):``
     def __enter__(self) -> None:
         pass_, edit = self.pass_, self.edit
         self.handles: list[_Attached] = []
-        self.first: list[tuple[dict[int, Any], int]] = []  # output hooks (`_attach_first`)
+        self.first: list[tuple[dict[int, Any], int]] = []  # output hooks: (hook dict, key)
         self.swapped: list[nn.Module] = []
         self.interface: contextlib.AbstractContextManager[None] | None = None
         pass_.recording = torch.is_grad_enabled()
@@ -254,27 +254,38 @@ class installed:  # (a context manager, named as one: ``with installed(pass_):``
 
     def _install(self, pass_: Pass, edit: bool) -> None:
         handles = self.handles
+        plan = pass_.plan
         if pass_.multi_step:  # each call of the root module is one generation step
             handles.append(_Attached(pass_.model, _step_hook(pass_), pre=True, prepend=True))
-        dispatched: dict[int, nn.Module] = {id(m): m for m in pass_.plan.skip_modules}
+        dispatched: dict[int, nn.Module] = (
+            {id(m): m for m in plan.skip_modules} if plan.skips else {}
+        )
         interface: list[SitePlan] = []  # attention ports reached through transformers
-        for site in pass_.plan.sites:
-            if _applies_own_sites(site.module):
+        first = self.first
+        for site in plan.sites:
+            module = site.module
+            if _applies_own_sites(module):
                 continue
             if site.inside:
-                if site.op is None and uses_interface(site.module):
+                if site.op is None and uses_interface(module):
                     interface.append(site)
-                elif id(site.module) not in dispatched:
-                    dispatched[id(site.module)] = site.module
+                elif id(module) not in dispatched:
+                    dispatched[id(module)] = module
                     if site.op is not None:
-                        for child in site.module.children():
+                        for child in module.children():
                             handles.extend(_owner_hooks(child))
                 continue
             if site.port == "input":
                 hook = _input_hook(pass_, site)
-                handles.append(_Attached(site.module, hook, pre=True, kwargs=True, prepend=edit))
+                handles.append(_Attached(module, hook, pre=True, kwargs=True, prepend=edit))
             else:  # ahead of the module's own hooks (see the module docstring)
-                self.first.append(_attach_first(site.module, _output_hook(pass_, site)))
+                key = next(_KEYS)  # (`_Attached(..., prepend=True)` inlined: the commonest hook)
+                hooks: Any = module._forward_hooks
+                hooks[key] = _output_hook(pass_, site)
+                hooks.move_to_end(key, last=False)
+                first.append((hooks, key))
+        if not dispatched and not interface:
+            return
         for module in dispatched.values():
             if _applies_own_sites(module):  # an edited module's forward skips it itself
                 continue
@@ -377,16 +388,6 @@ class _Attached:
             hooks.pop(self.key, None)
 
 
-def _attach_first(module: nn.Module, fn: Callable[..., Any]) -> tuple[dict[int, Any], int]:
-    """``_Attached(module, fn, prepend=True)``, the hook dict and key to pop: a run's output
-    hooks, one per site, are the commonest (a third of the cost of an `_Attached`)."""
-    key = next(_KEYS)
-    hooks: Any = module._forward_hooks
-    hooks[key] = fn
-    hooks.move_to_end(key, last=False)
-    return hooks, key
-
-
 def for_a_run(key: Any) -> bool:
     """Whether a key of a module's hook dict is one of a run's hooks (`_Attached`)."""
     return isinstance(key, int) and key < 0
@@ -420,7 +421,8 @@ def hold_at_site(module: nn.Module, site: SitePlan, apply: Callable[[Tensor], Te
 
 
 def _applies_own_sites(module: nn.Module) -> bool:
-    return getattr(module.__dict__.get("forward"), "applies_own_sites", False) is True
+    own = module.__dict__.get("forward")  # (None for almost every module: no getattr then)
+    return own is not None and getattr(own, "applies_own_sites", False) is True
 
 
 def check_before_every_module(model: nn.Module, check: Callable[[], None]) -> None:

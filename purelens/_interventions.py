@@ -440,6 +440,11 @@ def flatten_interventions(interventions: Any) -> tuple[Intervention, ...]:
     if isinstance(interventions, Intervention):
         return (interventions,)
     if isinstance(interventions, list | tuple):
+        for item in interventions:
+            if not isinstance(item, Intervention):
+                break
+        else:  # a flat list (the common case): no recursion
+            return tuple(interventions)
         out: list[Intervention] = []
         for item in interventions:
             out.extend(flatten_interventions(item))

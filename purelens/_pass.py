@@ -100,34 +100,43 @@ class Pass:
     several steps is then a tuple.
     """
 
+    # What most passes keep as it starts (class attributes: a pass that changes one sets
+    # its own, and one made per call assigns fewer).
+    lenient = False  # for surveys (pl.shapes): skip what cannot be saved
+    multi_step = False
+    step = 0
+    _root_calls = 0
+    recording = False  # whether autograd records the root call (set by `installed`)
+    padding: Tensor | None = None  # the batch's real tokens, when it is padded
+    stopped_at: str | None = None
+    _stop_now = False
+
     def __init__(
         self, plan: Plan, model: nn.Module, *, steps: bool = False, lenient: bool = False
     ) -> None:
         self.plan = plan
-        self.lenient = lenient  # for surveys (pl.shapes): skip what cannot be saved
         self.model = model
-        self.multi_step = steps
-        self.step = 0
-        self._root_calls = 0
-        self.recording = False  # whether autograd records the root call (set by `installed`)
-        self.padding: Tensor | None = None  # the batch's real tokens, when it is padded
+        if lenient:
+            self.lenient = True
+        if steps:
+            self.multi_step = True
         self.saved: dict[str, Any] = {}  # the latest value of each name
         self.saved_view = MappingProxyType(self.saved)
         self.history: dict[str, list[Any]] = {}
         self._saved_at: dict[str, int] = {}
         self.applied: set[int] = set()
-        self.stopped_at: str | None = None
         self.grad_targets: dict[str, tuple[Tensor, SaveGrad]] = {}
         self._saved_versions: list[tuple[str, str, Tensor, int]] = []
         self.calls: dict[int, int] = {}  # id(SitePlan or skipped module) -> calls this step
         self.most_calls: dict[int, int] = {}  # the most calls of one step so far (0: never ran)
         self._by_call: dict[str, dict[int, list[Any]]] = {}  # name -> step -> values by call
-        self._stop_now = False
 
     # --- called by the hooks -------------------------------------------------
 
     def on_output(self, site: SitePlan, output: Any) -> Any:
         """The module's output with the site's interventions applied (None: unchanged)."""
+        if type(output) is Tensor:  # (the common case: no rebuilding)
+            return self.on_value(site, output)
         split = primary_output(output)
         if split is None:
             if self.lenient:
@@ -175,7 +184,7 @@ class Pass:
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[bool, Any]:
         """Whether this pass skips `module` now, and the output it gets instead."""
-        entry = self.plan.skips.get(id(module))
+        entry = self.plan.skip(module)
         if entry is None:
             return False, None
         call = self._count(id(module))
@@ -204,14 +213,18 @@ class Pass:
         user's gets (`_acting`) unless the site runs none (`SitePlan.plain`)."""
         if site.plain:
             return self._apply(site, value) if self.recording else self._plain(site, value)
+        if site.bare:
+            return self._apply(site, value)
         return self._acting(self._apply, site, value)
 
     def _plain(self, site: SitePlan, value: Tensor) -> Tensor:
         """`_apply` for a plain site (whole-value saves and stops) outside autograd's
         recording: no writers, rows, checkpoint reruns or gradient taps to see to."""
         call = self._count(id(site))
-        for position, iv in site.entries:
-            if not self._selected(iv, call):
+        nodes = self.plan.nodes
+        for k in site.slots:
+            position, iv = nodes[k]
+            if (iv.step is not None or iv.call is not None) and not self._selected(iv, call):
                 continue
             check()  # a server's deadline, between interventions
             if isinstance(iv, Save):
@@ -250,12 +263,16 @@ class Pass:
             if where == "rerun":  # autograd replaying the forward: values were taken already
                 return value
             if where == "forward" and not site.only_saves:
-                iv = next(iv for _, iv in site.entries if not isinstance(iv, Save | Stop))
+                iv = next(
+                    iv for _, iv in self.plan.entries(site) if not isinstance(iv, Save | Stop)
+                )
                 raise PurelensError(_CHECKPOINTED.format(what=repr(iv), site=site.site))
         call = self._count(id(site))
         patch_grads: list[PatchGrad] = []
         save_grads: list[SaveGrad] = []
-        for position, iv in site.entries:
+        nodes = self.plan.nodes
+        for k in site.slots:
+            position, iv = nodes[k]
             if not self._selected(iv, call):
                 continue
             check()  # a server's deadline, between interventions
@@ -429,8 +446,10 @@ class Pass:
         """The most calls in one step of the site (or skipped module) of intervention
         `position`: 0 if it never ran."""
         plan = self.plan
-        keys = [id(site) for site in plan.sites if any(p == position for p, _ in site.entries)]
-        keys += [id(m) for m in plan.skip_modules if plan.skips[id(m)][0] == position]
+        keys = [
+            id(site) for site in plan.sites if any(plan.nodes[k][0] == position for k in site.slots)
+        ]
+        keys += [id(m) for m in plan.skip_modules if plan.skip(m)[0] == position]  # type: ignore[index]
         return max((self.most_calls.get(k, 0) for k in keys), default=0)
 
     def _calls_missed(self, position: int, iv: Intervention) -> bool:

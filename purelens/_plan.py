@@ -6,10 +6,11 @@ checked (names saved twice, a module skipped twice, containers and
 TorchScript modules that no hook can act on). It holds no state of the call
 itself: that is the `Pass` (see `_pass`).
 
-`Plan.cached` builds a plan once per model and *structure* (each
-intervention's kind, site, name, and whether it runs code of the user's) and
-then only binds each call's interventions to it (`_Template`): a plan depends
-on nothing else. A template holds its modules weakly and none of the
+`Plan.cached` builds the `Layout` of a plan (its sites, grouped and
+checked) once per model and *structure* (each intervention's kind, site,
+name, and whether it runs code of the user's): a later call of that
+structure is the layout and the call's interventions, and nothing more is
+done for it. A cached layout holds its modules weakly and none of the
 interventions (their tensors and functions belong to the call), and is used
 only while every module on the paths to its sites is still where it was and
 no module anywhere gained a child nor a container changed length
@@ -32,7 +33,7 @@ from torch import nn
 
 from ._errors import PurelensError, SiteError
 from ._grads import SaveGrad
-from ._interventions import Intervention, Save, Skip, Stop
+from ._interventions import Ablate, Add, Intervention, Replace, Save, Scale, Skip, Stop, Transplant
 from ._site import ATTENTION_PORTS, Port, expand, parse_site, resolve, tree_unchanged, tree_version
 
 __all__ = ["Plan", "SitePlan", "hookable"]
@@ -59,59 +60,115 @@ _SCRIPTED = (
 )
 
 
-# Not frozen: a frozen dataclass's __init__ costs a microsecond per field, and
-# plans are built on every call. Nothing assigns to a plan after `Plan.build`.
+# Not frozen: a frozen dataclass's __init__ costs a microsecond per field.
 @dataclasses.dataclass(slots=True, eq=False)
 class SitePlan:
-    """The interventions on one (module, port), in the order they were given."""
+    """The interventions on one (module, port), in the order they were given.
+
+    A site plan is shared by every call of one structure (`Plan.cached`): it
+    holds its module weakly and no intervention, only their places among the
+    plan's `nodes` (`Plan.entries` gives them).
+    """
 
     name: str
-    module: nn.Module
+    ref: weakref.ReferenceType[nn.Module]
     port: Port
     site: str  # as the user first wrote it, for messages
-    entries: tuple[tuple[int, Intervention], ...]  # (position in the run's list, node)
+    slots: tuple[int, ...]  # indices into the plan's nodes, in order
     only_saves: bool = True  # whether the entries only read (then checkpointing is harmless)
     op: str | None = None  # an op site's op ("softmax.0"), acted on inside the module's forward
     inside: bool = False  # whether the value is inside the module's forward (a port, an op)
-    # Whether the entries run none of the user's code (plain saves, stops): then they need
-    # none of the context a function gets (`Pass._acting`).
+    # Whether the entries only save whole values or stop (`_plain`).
     plain: bool = False
+    # Whether the entries run none of the user's code and read nothing of the call's
+    # context (`_bare`): then they need none of the context a function gets (`Pass._acting`).
+    bare: bool = False
+
+    @property
+    def module(self) -> nn.Module:
+        module = self.ref()
+        if module is None:  # a plan is used only while its model holds its modules
+            raise PurelensError(f"site {self.site!r}: its module no longer exists.")
+        return module
 
 
 @dataclasses.dataclass(slots=True, eq=False)
-class Plan:
-    """Every intervention of one call, resolved against the model."""
+class Layout:
+    """What a plan depends on only through its structure (see `Plan.cached`): its sites
+    and skipped modules, held weakly, and where its interventions act."""
 
-    interventions: tuple[Intervention, ...]
     sites: tuple[SitePlan, ...]
-    skips: Mapping[int, tuple[int, Skip]]  # id(module) -> (position, skip)
-    skip_modules: tuple[nn.Module, ...]
-    save_grads: tuple[SaveGrad, ...]
-    # The interventions as they act: one per match of a site with '*' (by position).
-    nodes: tuple[tuple[int, Intervention], ...] = ()
+    skips: Mapping[int, int]  # id(module) -> index of its skip in the plan's nodes
+    skipped: tuple[weakref.ReferenceType[nn.Module], ...]
+    save_grads: tuple[int, ...]  # indices into the plan's nodes
     # id(module) -> its sites inside its forward, by port ("q", ...) or op ("#softmax.0")
-    inside: Mapping[int, Mapping[str, SitePlan]] = dataclasses.field(default_factory=dict)
+    inside: Mapping[int, Mapping[str, SitePlan]]
+
+
+class Plan:
+    """Every intervention of one call, resolved against the model: the call's
+    `interventions`, the `nodes` they act as (one per match of a site with '*', each with
+    its position in the call's list), and the `Layout` of their structure."""
+
+    __slots__ = ("inside", "interventions", "layout", "nodes", "sites", "skips")
+
+    def __init__(
+        self,
+        interventions: tuple[Intervention, ...],
+        nodes: tuple[tuple[int, Intervention], ...],
+        layout: Layout,
+    ) -> None:
+        self.interventions = interventions
+        self.nodes = nodes
+        self.layout = layout
+        self.sites = layout.sites
+        self.skips = layout.skips
+        self.inside = layout.inside
+
+    def entries(self, site: SitePlan) -> tuple[tuple[int, Intervention], ...]:
+        """The interventions at `site`, as (position in the call's list, node)."""
+        nodes = self.nodes
+        return tuple([nodes[k] for k in site.slots])
+
+    def skip(self, module: nn.Module) -> tuple[int, Skip] | None:
+        """The (position, node) of the skip of `module`, if the plan skips it."""
+        k = self.skips.get(id(module))
+        return None if k is None else self.nodes[k]  # type: ignore[return-value]
+
+    @property
+    def skip_modules(self) -> tuple[nn.Module, ...]:
+        refs = self.layout.skipped
+        return tuple(_alive(ref) for ref in refs) if refs else ()
+
+    @property
+    def save_grads(self) -> tuple[SaveGrad, ...]:
+        slots = self.layout.save_grads
+        return tuple(self.nodes[k][1] for k in slots) if slots else ()  # type: ignore[misc]
 
     @classmethod
     def cached(cls, model: nn.Module, interventions: tuple[Intervention, ...]) -> Plan:
-        """`Plan.build(model, interventions)`, from a template of the same structure when
-        one is cached for `model` (see the module docstring)."""
+        """`Plan.build(model, interventions)`, with the layout of a plan of the same
+        structure when one is cached for `model` (see the module docstring)."""
         key = tuple([_shape(iv) for iv in interventions])
         if None in key:  # a site with '*' or a negative index: it may match anew each call
             return cls.build(model, interventions)
-        with _cache_lock:
-            templates = _templates.get(model)
-            template = None if templates is None else templates.get(key)
-            if template is not None:
-                templates.move_to_end(key)  # type: ignore[union-attr]
-        if template is not None:
-            plan = template.bind(model, interventions)
-            if plan is not None:
-                return plan
+        entry = _templates.get(id(model))
+        if entry is not None and entry[0]() is model:
+            templates = entry[1]
+            template = templates.get(key)
+            if template is not None and template.holds():
+                try:
+                    templates.move_to_end(key)
+                except KeyError:  # evicted by another thread meanwhile
+                    pass
+                return cls(interventions, tuple(enumerate(interventions)), template.layout)
         plan = cls.build(model, interventions)
         template = _Template(model, plan)
         with _cache_lock:
-            templates = _templates.setdefault(model, OrderedDict())
+            entry = _templates.get(id(model))
+            if entry is None or entry[0]() is not model:
+                entry = _templates[id(model)] = (_forget_when_gone(model), OrderedDict())
+            templates = entry[1]
             templates[key] = template
             if len(templates) > _MAX_TEMPLATES:
                 templates.popitem(last=False)
@@ -130,15 +187,16 @@ class Plan:
         `extra` names sites that are not module paths of `model` (a backend's
         ``"logits"`` and ``"samples"``) and the modules that stand for them.
         """
-        grouped: dict[tuple[str, Port, str | None], list[tuple[int, Intervention]]] = {}
+        grouped: dict[tuple[str, Port, str | None], list[int]] = {}
         modules: dict[str, nn.Module] = {}
         first_site: dict[tuple[str, Port, str | None], str] = {}
-        skips: dict[int, tuple[int, Skip]] = {}
-        skip_modules: list[nn.Module] = []
+        skips: dict[int, int] = {}
+        skipped: list[nn.Module] = []
         taken: dict[type, dict[str, str]] = {Save: {}, SaveGrad: {}}  # name -> site
         nodes: list[tuple[int, Intervention]] = []
         for i, given in enumerate(interventions):
             for iv, name, module, port, op in _targets(model, given, extra):
+                k = len(nodes)
                 nodes.append((i, iv))
                 if isinstance(iv, Save | SaveGrad):
                     seen = taken[type(iv)]
@@ -157,53 +215,43 @@ class Plan:
                 if isinstance(iv, Skip):
                     if id(module) in skips:
                         raise PurelensError(_TWO_SKIPS.format(site=iv.site))
-                    skips[id(module)] = (i, iv)
-                    skip_modules.append(module)
+                    skips[id(module)] = k
+                    skipped.append(module)
                     continue
                 key = (name, port, op)
                 modules[name] = module
                 first_site.setdefault(key, iv.site)
-                grouped.setdefault(key, []).append((i, iv))
+                grouped.setdefault(key, []).append(k)
         sites = tuple(
             SitePlan(
                 name,
-                modules[name],
+                weakref.ref(modules[name]),
                 port,
                 first_site[(name, port, op)],
-                tuple(entries),
-                all(isinstance(iv, Save | Stop) for _, iv in entries),
+                tuple(slots),
+                all(isinstance(nodes[k][1], Save | Stop) for k in slots),
                 op,
                 op is not None or port in ATTENTION_PORTS,
-                all(_plain(iv) for _, iv in entries),
+                all(_plain(nodes[k][1]) for k in slots),
+                all(_bare(nodes[k][1]) for k in slots),
             )
-            for (name, port, op), entries in grouped.items()
+            for (name, port, op), slots in grouped.items()
         )
-        save_grads = tuple(iv for _, iv in nodes if isinstance(iv, SaveGrad))
-        return cls(
-            interventions,
+        layout = Layout(
             sites,
-            MappingProxyType(skips),
-            tuple(skip_modules),
-            save_grads,
-            tuple(nodes),
+            MappingProxyType(skips) if skips else _EMPTY,
+            tuple(weakref.ref(m) for m in skipped),
+            tuple(k for k, (_, iv) in enumerate(nodes) if isinstance(iv, SaveGrad)),
             _inside(sites),
         )
+        return cls(interventions, tuple(nodes), layout)
 
-    def rebased(self, modules: Mapping[int, nn.Module]) -> Plan:
-        """The same plan on another copy of the module tree (`modules`: id(old) -> new)."""
-        sites = tuple(
-            dataclasses.replace(site, module=modules[id(site.module)]) for site in self.sites
-        )
-        skips = {id(modules[id(m)]): self.skips[id(m)] for m in self.skip_modules}
-        return Plan(
-            self.interventions,
-            sites,
-            MappingProxyType(skips),
-            tuple(modules[id(m)] for m in self.skip_modules),
-            self.save_grads,
-            self.nodes,
-            _inside(sites),
-        )
+
+def _alive(ref: weakref.ReferenceType[nn.Module]) -> nn.Module:
+    module = ref()
+    if module is None:  # a plan is used only while its model holds its modules
+        raise PurelensError("a module that pl.skip skips no longer exists.")
+    return module
 
 
 def _inside(sites: tuple[SitePlan, ...]) -> Mapping[int, Mapping[str, SitePlan]]:
@@ -212,7 +260,7 @@ def _inside(sites: tuple[SitePlan, ...]) -> Mapping[int, Mapping[str, SitePlan]]
         if site.inside:
             key = site.port if site.op is None else f"#{site.op}"
             inside.setdefault(id(site.module), {})[key] = site
-    return inside
+    return inside if inside else _EMPTY
 
 
 def _targets(
@@ -267,46 +315,82 @@ def _plain(iv: Intervention) -> bool:
     return isinstance(iv, Stop) or (isinstance(iv, Save) and iv.fn is None and iv.batch is None)
 
 
+# Interventions that compute from their own fields and the value alone.
+_OWN_FIELDS_ONLY = (Add, Scale, Replace, Transplant, Stop)
+
+
+def _bare(iv: Intervention) -> bool:
+    """Whether `iv` runs none of the user's code and reads none of the context that
+    `Pass._acting` sets (padding, active passes, replaced parameters): see `SitePlan.bare`.
+    By exact type: a subclass may compute otherwise."""
+    kind = type(iv)
+    if kind is Save:
+        return iv.fn is None  # type: ignore[attr-defined]
+    if kind is Ablate:
+        return iv.how == "zero"  # type: ignore[attr-defined]  # (a mean reads the padding)
+    return kind in _OWN_FIELDS_ONLY
+
+
 def _shape(iv: Intervention) -> tuple[Any, ...] | None:
     """What of `iv` its plan depends on; None when its site may match differently from one
-    call to the next (a ``*``, a negative index)."""
+    call to the next (a ``*``, a negative index).
+
+    Kept in the node's ``__dict__`` once known, as `functools.cached_property` keeps a
+    value (a node is frozen, and what this reads of it never changes): a sweep or a loop
+    that reuses its nodes asks once.
+    """
+    known = iv.__dict__.get(_SHAPE, _UNKNOWN)
+    if known is _UNKNOWN:
+        known = iv.__dict__[_SHAPE] = _shape_of(iv)
+    return known  # type: ignore[no-any-return]
+
+
+_SHAPE = "_purelens_plan_shape"
+_UNKNOWN = object()
+
+
+def _shape_of(iv: Intervention) -> tuple[Any, ...] | None:
     site = iv.site
     if "*" in site or ".-" in site or site.startswith("-"):
         return None
     named = iv.name if isinstance(iv, Save | SaveGrad) else None
-    return (type(iv), site, named, _plain(iv))
+    return (type(iv), site, named, _plain(iv), _bare(iv))
 
 
 _EMPTY: Mapping[int, Any] = MappingProxyType({})  # no skips, or no sites inside modules
 _MAX_TEMPLATES = 256  # structures per model, least recently used first out
-_templates: weakref.WeakKeyDictionary[nn.Module, OrderedDict[tuple[Any, ...], _Template]] = (
-    weakref.WeakKeyDictionary()
-)
+# id(model) -> (a weak reference to it, its templates by structure); a plain dict, not a
+# WeakKeyDictionary: a lookup makes no weak reference (the entry goes with its model).
+_templates: dict[int, tuple[weakref.ReferenceType[nn.Module], OrderedDict[Any, _Template]]] = {}
 _cache_lock = threading.Lock()
 
 
+def _forget_when_gone(model: nn.Module) -> weakref.ReferenceType[nn.Module]:
+    key = id(model)
+
+    def forget(ref: weakref.ReferenceType[nn.Module]) -> None:
+        with _cache_lock:
+            entry = _templates.get(key)
+            if entry is not None and entry[0] is ref:
+                del _templates[key]
+
+    return weakref.ref(model, forget)
+
+
 class _Template:
-    """A plan without its interventions, its modules held weakly (see `Plan.cached`)."""
+    """The layout of a cached plan, and what must still hold for it to be right (see
+    `Plan.cached`)."""
 
     def __init__(self, model: nn.Module, plan: Plan) -> None:
+        self.layout = plan.layout
         # Any module gaining a child anywhere may make a site's suffix match more than one
         # module; a removed or replaced one is seen by the links below.
         self.table = tree_version(model)
-        sites = plan.sites
-        self.sites = [
-            (s.name, weakref.ref(s.module), s.port, s.site, tuple(i for i, _ in s.entries),
-             (s.only_saves, s.op, s.inside, s.plain))
-            for s in sites
-        ]  # fmt: skip
-        self.skips = [(weakref.ref(m), plan.skips[id(m)][0]) for m in plan.skip_modules]
-        self.save_grads = [i for i, iv in enumerate(plan.interventions) if isinstance(iv, SaveGrad)]
-        self.inside = any(s.inside for s in sites)
         # Each link of the paths to the plan's modules: (parent, child's name, child).
         links: dict[tuple[int, str], tuple[Any, str, Any]] = {}
         # A skip's own path, as its site resolved (a module may be at several paths).
-        skipped = [resolve(model, plan.skips[id(m)][1].site)[0] for m in plan.skip_modules]
-        names = [s.name for s in sites] + skipped
-        for name in names:
+        skipped = [resolve(model, iv.site)[0] for _, iv in plan.nodes if isinstance(iv, Skip)]
+        for name in [s.name for s in plan.sites] + skipped:
             parent = model
             for part in name.split(".") if name else ():
                 child = parent._modules[part]
@@ -314,37 +398,13 @@ class _Template:
                 parent = child  # type: ignore[assignment]
         self.links = list(links.values())
 
-    def bind(self, model: nn.Module, interventions: tuple[Intervention, ...]) -> Plan | None:
-        """The plan of `interventions` (of this template's structure), or None when a module
-        on its paths was replaced, moved or removed, or a module gained a child."""
+    def holds(self) -> bool:
+        """Whether the layout is still right: no module on its paths was replaced, moved
+        or removed, and no module gained a child."""
         if not tree_unchanged(self.table):
-            return None
+            return False
         for parent_ref, part, child_ref in self.links:
             parent = parent_ref()
             if parent is None or parent._modules.get(part) is not child_ref():
-                return None
-        sites = []
-        for name, ref, port, site, positions, rest in self.sites:
-            module = ref()
-            if module is None:
-                return None
-            entries = tuple([(i, interventions[i]) for i in positions])
-            sites.append(SitePlan(name, module, port, site, entries, *rest))
-        skips: dict[int, tuple[int, Skip]] = {}
-        skip_modules = []
-        for ref, i in self.skips:
-            module = ref()
-            if module is None:
-                return None
-            skips[id(module)] = (i, interventions[i])  # type: ignore[assignment]
-            skip_modules.append(module)
-        placed = tuple(sites)
-        return Plan(
-            interventions,
-            placed,
-            MappingProxyType(skips) if skips else _EMPTY,
-            tuple(skip_modules),
-            tuple(interventions[i] for i in self.save_grads),  # type: ignore[misc]
-            tuple(enumerate(interventions)),
-            _inside(placed) if self.inside else _EMPTY,
-        )
+                return False
+        return True

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ._backend import is_vllm, module_of
 from ._compile import Compiled
-from ._eager import eager_under_compile
+from ._eager import eagerly
 from ._errors import PurelensError
 from ._grads import by_call, call_loss, check_loss_allowed, detached, gradients
 from ._hooks import installed
@@ -37,7 +37,6 @@ _BAD_PARAMS = (
 )
 
 
-@eager_under_compile
 def run(
     model: nn.Module,
     inputs: Any,
@@ -101,6 +100,59 @@ def run(
         >>> rec["1"].shape, torch.allclose(rec.output, model[2].bias.expand(5, 2))
         (torch.Size([5, 4]), True)
     """
+    if torch.compiler.is_compiling():  # called from code dynamo compiles: outside its graph
+        return eagerly(run)(
+            model,
+            inputs,
+            interventions,
+            params=params,
+            loss=loss,
+            tokenizer=tokenizer,
+            validate=validate,
+            **model_kwargs,
+        )
+    if type(model) not in _MODULE_TYPES:
+        return _run_on(
+            model, inputs, interventions, params, loss, tokenizer, validate, model_kwargs
+        )
+    plan = Plan.cached(model, flatten_interventions(interventions))
+    check_loss_allowed(loss, list(plan.save_grads))
+    args, kwargs = call_arguments(inputs, tokenizer, model_kwargs, model)
+    if params is not None:
+        _check_params(model, params)
+    if validate:
+        fake_pass(model, _pass(plan, model, args, kwargs), args, kwargs, params, forward_pass)
+    pass_ = _pass(plan, model, args, kwargs)
+    if loss is None:
+        output = forward_pass(model, pass_, args, kwargs, params)
+        pass_.check_finished()
+        return Record.owning(pass_.saved, output)
+    with torch.enable_grad():
+        output = forward_pass(model, pass_, args, kwargs, params)
+        pass_.check_finished()
+        loss_value = call_loss(loss, output, pass_.saved_view)
+        grads = by_call(gradients(loss_value, pass_.grad_targets))
+    # Detached, so that no autograd graph outlives the call.
+    return Record(detached(pass_.saved), detached(output), grads, detached(loss_value))
+
+
+# The types of modules `run` has seen given as themselves (not a compile wrapper, a
+# served model or an engine): a call on one goes straight to its plan.
+_MODULE_TYPES: set[type] = set()
+
+
+def _run_on(
+    model: Any,
+    inputs: Any,
+    interventions: Any,
+    params: Mapping[str, Tensor] | None,
+    loss: Any,
+    tokenizer: Any,
+    validate: bool,
+    model_kwargs: dict[str, Any],
+) -> Record:
+    """`run` on what is not a module seen before: a served model, a `pl.compile` handle,
+    a vLLM engine, a compiled module, or a module of a type not seen yet."""
     if isinstance(model, Remote):
         return model.run(
             inputs,
@@ -128,26 +180,19 @@ def run(
         return run_on(  # type: ignore[return-value]
             model, inputs, interventions, tokenizer=tokenizer, validate=validate, **model_kwargs
         )
-    model = module_of(model, "pl.run")
-    plan = Plan.cached(model, flatten_interventions(interventions))
-    check_loss_allowed(loss, list(plan.save_grads))
-    args, kwargs = call_arguments(inputs, tokenizer, model_kwargs, model)
-    if params is not None:
-        _check_params(model, params)
-    if validate:
-        fake_pass(model, _pass(plan, model, args, kwargs), args, kwargs, params, forward_pass)
-    pass_ = _pass(plan, model, args, kwargs)
-    if loss is None:
-        output = forward_pass(model, pass_, args, kwargs, params)
-        pass_.check_finished()
-        return Record.owning(pass_.saved, output)
-    with torch.enable_grad():
-        output = forward_pass(model, pass_, args, kwargs, params)
-        pass_.check_finished()
-        loss_value = call_loss(loss, output, pass_.saved_view)
-        grads = by_call(gradients(loss_value, pass_.grad_targets))
-    # Detached, so that no autograd graph outlives the call.
-    return Record(detached(pass_.saved), detached(output), grads, detached(loss_value))
+    module = module_of(model, "pl.run")
+    if module is model:
+        _MODULE_TYPES.add(type(model))
+    return run(
+        module,
+        inputs,
+        interventions,
+        params=params,
+        loss=loss,
+        tokenizer=tokenizer,
+        validate=validate,
+        **model_kwargs,
+    )
 
 
 def _local_only(**given: Any) -> None:

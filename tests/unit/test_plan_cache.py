@@ -115,7 +115,7 @@ def test_the_cache_is_bounded() -> None:
     model, x = mlp(), torch.randn(5, 3)
     for i in range(_plan._MAX_TEMPLATES + 20):
         pl.run(model, x, [pl.save("2", name=f"n{i}")])
-    assert len(_plan._templates[model]) == _plan._MAX_TEMPLATES
+    assert len(_plan._templates[id(model)][1]) == _plan._MAX_TEMPLATES
 
 
 def test_threads_sharing_a_structure_get_their_own_values() -> None:
@@ -206,3 +206,36 @@ def test_a_forward_that_slices_a_module_list_keeps_the_plan() -> None:
     model.extra = nn.Sequential(nn.Identity(), nn.Identity())
     with pytest.raises(pl.SiteError, match="ambiguous"):
         pl.run(model, x, [pl.save("1")])
+
+
+def test_nodes_that_need_the_calls_context_never_share_a_layout_with_ones_that_do_not() -> None:
+    # A zero ablation needs none of the context a function gets; a mean ablation reads
+    # the batch's padding from it. One after the other, on one site, in a padded batch:
+    # the mean must still count only the real tokens.
+    torch.manual_seed(0)
+    model = ByName(nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3)))
+    embeds = torch.randn(2, 4, 3)
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    inputs = {"inputs_embeds": embeds, "attention_mask": mask}
+
+    def run(how: str) -> torch.Tensor:
+        return pl.run(model, inputs, [pl.ablate("inner.0", how=how), pl.save("inner.0")])["inner.0"]
+
+    run("zero")
+    after_zero = run("mean")
+    _plan._templates.clear()  # a fresh plan
+    fresh = run("mean")
+    assert torch.equal(after_zero, fresh)
+    real = model.inner[0](embeds)[mask.bool()]
+    assert torch.allclose(fresh[0, 0], real.mean(0))
+
+
+class ByName(nn.Module):
+    """A model called with embeddings and an attention mask, as an HF model is."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.inner(inputs_embeds)
