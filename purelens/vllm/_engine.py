@@ -51,6 +51,17 @@ _COMPILED = (
     "which skips purelens's hooks.\n  Leave it out: purelens loads the engine with "
     "enforce_eager=True."
 )
+_NOT_YET = (
+    "pl.vllm.load: {arg}={value!r}: {why}, which purelens does not lay out per step yet, "
+    "so its values would be wrong.\n  Leave it out."
+)
+# Engine arguments that change what one engine step computes for a request.
+_REFUSED = {
+    "speculative_config": "speculative decoding computes several tokens of a request in one "
+    "step (drafts, then their verification)",
+    "async_scheduling": "asynchronous scheduling starts a step before the previous one's "
+    "tokens are known",
+}
 _OWN_EXTENSION = (
     "pl.vllm.load: `worker_extension_cls` is purelens's own (it installs the hooks on "
     "the worker); another cannot be given."
@@ -74,6 +85,9 @@ _CUT = (
 
 # The engines pl.vllm.load made, and whether all their workers run in this process.
 _loaded: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+# Per engine, how many tokens HF's generate makes for its model when told no length (an
+# int), or why that cannot be said without the prompt (a str).
+_default_length: weakref.WeakKeyDictionary[Any, int | str] = weakref.WeakKeyDictionary()
 
 # Per engine, the structures of calls whose plans the workers found good (see `_check`).
 _MAX_CHECKED = 256
@@ -111,9 +125,6 @@ def load(path: Any, **engine_args: Any) -> Any:
         import vllm
     except ImportError as error:
         raise PurelensError(_NO_VLLM) from error
-    text = str(path)
-    if Path(text).expanduser().is_absolute() or text.startswith((".", "~")):  # not a hub id
-        path = models._folder(path)
     for arg in ("compilation_config",):
         if engine_args.get(arg) not in (None, 0):
             raise PurelensError(_COMPILED.format(arg=arg, value=engine_args[arg]))
@@ -122,6 +133,12 @@ def load(path: Any, **engine_args: Any) -> Any:
         raise PurelensError(_COMPILED.format(arg="enforce_eager", value=eager))
     if "worker_extension_cls" in engine_args:
         raise PurelensError(_OWN_EXTENSION)
+    for arg, why in _REFUSED.items():
+        if engine_args.get(arg) not in (None, False):
+            raise PurelensError(_NOT_YET.format(arg=arg, value=engine_args[arg], why=why))
+    text = str(path)
+    if Path(text).expanduser().is_absolute() or text.startswith((".", "~")):  # not a hub id
+        path = models._folder(path)
     engine_args["enforce_eager"] = True
     engine_args.setdefault("enable_chunked_prefill", False)
     engine_args.setdefault("async_scheduling", False)
@@ -132,6 +149,7 @@ def load(path: Any, **engine_args: Any) -> Any:
     # Interventions reach workers in this process as objects (lambdas too), others as data.
     in_process = all(pid == os.getpid() for pid, _ in workers)
     _loaded[llm] = in_process
+    _default_length[llm] = _hf_default_length(str(path))
     # An engine in this process runs its model in the loop's thread (see `Loop`).
     loop_of(llm, cpu=in_process and all(device == "cpu" for _, device in workers))
     return llm
@@ -157,10 +175,40 @@ def generate_on(
     unknown = [name for name in options if name not in HF_OPTIONS]
     if unknown:
         raise PurelensError(_UNKNOWN_KWARGS.format(names=", ".join(map(repr, unknown))))
+    if max_new_tokens is None and sampling_params is None and llm in _default_length:
+        default = _default_length[llm]  # as many as HF's generate makes (not vLLM's 16)
+        if isinstance(default, str):
+            raise PurelensError(default)
+        max_new_tokens = default
     ivs = flatten_interventions(interventions)  # pl.generate refused pl.stop already
     return _call(
         llm, inputs, ivs, max_new_tokens, sampling_params, tokenizer, validate, options, run=False
     )
+
+
+def _hf_default_length(path: str) -> int | str:
+    """How many new tokens HF's `generate` makes for the model at `path` when given no
+    length: its generation config's ``max_new_tokens``, else 20 (HF's default). A
+    ``max_length`` of the config counts the prompt too: then a message asking for
+    `max_new_tokens`."""
+    from transformers import GenerationConfig
+
+    try:
+        config = GenerationConfig.from_pretrained(path)
+    except (OSError, ValueError):  # no generation config: HF uses its defaults
+        return _HF_NEW_TOKENS
+    if config.max_new_tokens is not None:
+        return int(config.max_new_tokens)
+    if config.max_length is not None:
+        return (
+            f"the model's generation config sets max_length={config.max_length}, which HF "
+            "counts with the prompt's tokens, one length per prompt.\n  Give max_new_tokens= "
+            "(an int, or one per prompt) to pl.generate on vLLM."
+        )
+    return _HF_NEW_TOKENS
+
+
+_HF_NEW_TOKENS = 20  # what transformers' generate makes by default ("20 new tokens")
 
 
 def run_on(

@@ -199,7 +199,7 @@ def check_order(plan: Plan) -> None:
     """Raise if a transplant or mean ablation comes after another writer on its site."""
     for site in plan.sites:
         writer = None
-        for _, iv in site.entries:
+        for _, iv in plan.entries(site):
             if isinstance(iv, FromPrompt | GroupMean | Arrive) and writer is not None:
                 raise PurelensError(
                     _AFTER_WRITER.format(what=repr(iv), site=site.site, writer=writer)

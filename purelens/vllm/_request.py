@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from .. import ops
 from .._budget import bounded
@@ -43,6 +43,22 @@ _GRADS = (
     "{what}: vLLM runs without autograd (torch.inference_mode), so there is no gradient "
     "to save or patch.\n  Use pl.run(hf_model, ..., loss=...) for gradients."
 )
+
+
+_SKIPPED_ATTENTION = (
+    "{what}: {site!r} holds an attention layer, and skipping it at some steps only leaves "
+    "that layer's keys and values of those steps unwritten in vLLM's paged cache, which "
+    "its later steps would read (HF's cache lacks them too).\n"
+    "  Skip it at every step (no step=), or skip a module without attention (an MLP)."
+)
+
+
+def _holds_attention(module: nn.Module) -> bool:
+    """Whether `module` is or contains one of vLLM's attention layers (which write the
+    paged key-value cache)."""
+    return any(
+        any(c.__name__ == "AttentionLayerBase" for c in type(m).__mro__) for m in module.modules()
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,10 +168,12 @@ class Live:
         self.unbounded = spec.seconds is None and spec.saved_bytes is None and spec.elements is None
         self.across = False  # whether it reads or is read by other prompts of its call
         self.idle = False  # whether it has nothing to do at any step (then steps skip it)
+        self.writes = False  # whether it changes values (then its cache blocks are scrubbed)
         try:
             plan = driver.plan_for(spec)
             self.across = any(isinstance(iv, _ACROSS) for iv in plan.interventions)
             self.idle = not (plan.sites or plan.skip_modules or spec.run)
+            self.writes = bool(plan.skips) or not all(site.only_saves for site in plan.sites)
             self.pass_: Pass | None = Pass(plan, driver.model, steps=not spec.run)
         except PurelensError as error:
             self.pass_ = None
@@ -198,12 +216,16 @@ class Live:
         return Outcome(Record(saved, self.logits), self.error, self.kind, self.stopped)
 
 
-def check_supported(plan: Plan) -> None:
+def check_supported(plan: Plan, *, generating: bool) -> None:
     from .._grads import PatchGrad, SaveGrad
 
     for site in plan.sites:
         if site.inside:
             raise PurelensError(_INSIDE.format(site=site.site))
+    for module in plan.skip_modules if generating else ():
+        _, skip = plan.skip(module)  # type: ignore[misc]
+        if skip.step is not None and _holds_attention(module):
+            raise PurelensError(_SKIPPED_ATTENTION.format(what=repr(skip), site=skip.site))
     for iv in plan.interventions:
         if isinstance(iv, SaveGrad | PatchGrad):
             raise PurelensError(_GRADS.format(what=repr(iv)))

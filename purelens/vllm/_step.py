@@ -173,15 +173,16 @@ class Step:
     def _pre_hook(self, entries: list[tuple[Live, SitePlan]], skipping: list[Live]) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             self.lay_out()
-            if skipping:  # what the skipped requests' rows get instead of the output
-                value = self._value(input_value(module, args, kwargs, "skip"), "skip")
+            new = None
+            if entries:
+                found = input_value(module, args, kwargs, entries[0][1].site)
+                new = self._apply(entries, found, tokens=True)
+                if new is not None and found is not None and keeps_residual(module, args, kwargs):
+                    self.residuals[id(module)] = found[0]  # the sum it must pass on
+            if skipping:  # what the skipped requests' rows get: the input as writers left it
+                given, named = (args, kwargs) if new is None else new
+                value = self._value(input_value(module, given, named, "skip"), "skip")
                 self.skip_inputs[id(module)] = value[0]
-            if not entries:
-                return None
-            found = input_value(module, args, kwargs, entries[0][1].site)
-            new = self._apply(entries, found, tokens=True)
-            if new is not None and found is not None and keeps_residual(module, args, kwargs):
-                self.residuals[id(module)] = found[0]  # the sum it must pass on
             return new
 
         return hook
@@ -239,7 +240,7 @@ class Step:
                         got = describe(out) if isinstance(out, Tensor) else type(out).__name__
                         raise PurelensError(
                             _SKIP_RESULT.format(
-                                what=repr(live.pass_.plan.skips[id(module)][1]),
+                                what=repr(live.pass_.plan.skip(module)[1]),  # type: ignore[index]
                                 got=got,
                                 want=describe(want),
                             )
@@ -287,7 +288,7 @@ class Step:
                     with live.bounded():
                         out = pass_.on_value(site, piece)
                 if out is not None:
-                    self.driver.check_ids(site, out)
+                    self.driver.check_ids(pass_.plan, site, out)
             except StopPass:
                 live.stopped = True
                 continue
@@ -298,7 +299,12 @@ class Step:
                 if token is not None:
                     ARRIVALS.reset(token)
             if out is None:
-                continue
+                if site.only_saves:
+                    continue
+                # A writer may have changed its piece in place, which on HF changes the
+                # model's value; here the piece may be a copy, or part of a sum the model
+                # never sees (a fused residual): it goes back as the new value.
+                out = piece
             if new is None:
                 new = value.clone()
             self._put(live, new, out, tokens)

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from .._errors import PurelensError
 from .._hooks import around_forwards
-from .._interventions import Intervention, flatten_interventions
+from .._interventions import Intervention, Save, Stop, flatten_interventions
 from .._plan import Plan, SitePlan, hookable
 from .._serialize import loads
 from ._group import check_order, for_prompt
@@ -47,6 +47,13 @@ _BAD_ID = (
     "{what}: site {site!r} holds token ids (or positions) of a table of {size}, and the new "
     "value has {bad}, outside it; vLLM would fail on it for every request in the batch.\n"
     "  Give ids from 0 to {last}."
+)
+_UNKNOWN_CACHE = (
+    "{what}: purelens cannot tell the block dimension of this engine's key-value cache, so "
+    "it could not clear the cache blocks this request writes into; a value it makes "
+    "non-finite (a NaN, an overflow) would reach the requests that get those blocks next.\n"
+    "  Save values only on this engine, or use an attention backend whose cache has one "
+    "dimension of the number of blocks."
 )
 _SHARED = (
     "site {site!r} is a module that vLLM's model uses at {count} places ({paths}), so its "
@@ -68,11 +75,13 @@ class Driver:
         self.live: dict[str, Live] = {}  # vLLM request id -> its pass
         self.request_of: dict[str, str] = {}  # key -> vLLM request id
         self.by_key: dict[str, Live] = {}
-        self.plans: dict[tuple[str, Any], Plan] = {}
+        self.plans: dict[tuple[str, Any, bool], Plan] = {}
         self.starts: dict[str, dict[int, int]] = {}  # call -> prompt -> its first engine step
         self.engine_steps = 0
         self.tables = self._id_tables()
         self.shared = self._shared_modules()
+        self.caches = _cache_blocks(runner)
+        self.dirty: set[str] = set()  # vLLM ids of requests that wrote (see `_scrub`)
         self.step: Step | None = None
         # The last step and its hooks, for the next step if the same requests run in it
         # (most decode steps): let go when a call is collected.
@@ -110,7 +119,7 @@ class Driver:
             paths.setdefault(id(module), []).append(name)
         return {key: names for key, names in paths.items() if len(names) > 1}
 
-    def check_ids(self, site: SitePlan, value: Tensor) -> None:
+    def check_ids(self, plan: Plan, site: SitePlan, value: Tensor) -> None:
         """Raise if a new value of integer ids indexes outside its table (see `_id_tables`)."""
         size = self.tables.get(id(site.module))
         if size is None or value.is_floating_point() or value.numel() == 0:
@@ -118,7 +127,7 @@ class Driver:
         low, high = int(value.min()), int(value.max())
         if low < 0 or high >= size:
             bad = f"{low}" if low < 0 else f"{high}"
-            what = ", ".join(repr(iv) for _, iv in site.entries)
+            what = ", ".join(repr(iv) for _, iv in plan.entries(site))
             raise PurelensError(
                 _BAD_ID.format(what=what, site=site.site, size=size, bad=bad, last=size - 1)
             )
@@ -127,20 +136,25 @@ class Driver:
         """The plan of a request, shared by the requests of its call with the same list of
         interventions (a plan holds no state; each request's `Pass` does)."""
         nodes, signature = for_prompt(spec)
-        key = (spec.group, signature)
+        key = (spec.group, signature, spec.run)
         plan = self.plans.get(key)
         if plan is None:
             plan = Plan.build(self.model, nodes, extra=self.extra)
-            self.check_plan(plan)
+            self.check_plan(plan, generating=not spec.run)
             if len(self.plans) >= 4096:  # a bound, for engines that run without end
                 self.plans.clear()
             self.plans[key] = plan
         return plan
 
-    def check_plan(self, plan: Plan) -> None:
-        """Raise for what vLLM's model cannot do (`check_supported`, `check_order`) and for
-        sites on modules it uses at several places."""
-        check_supported(plan)
+    def check_plan(self, plan: Plan, *, generating: bool) -> None:
+        """Raise for what vLLM's model cannot do (`check_supported`, `check_order`), for
+        sites on modules it uses at several places, and for writers on an engine whose
+        cache blocks purelens cannot clear (see `_scrub`)."""
+        check_supported(plan, generating=generating)
+        if self.caches is None:
+            writer = next((iv for _, iv in plan.nodes if not isinstance(iv, Save | Stop)), None)
+            if writer is not None:
+                raise PurelensError(_UNKNOWN_CACHE.format(what=repr(writer)))
         check_order(plan)
         for site in plan.sites:
             paths = self.shared.get(id(site.module))
@@ -169,8 +183,15 @@ class Driver:
             self.live[rid] = live
             self.by_key[key] = live
             self.request_of[key] = rid
+            if live.writes:
+                self.dirty.add(rid)
 
     def execute_model(self, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.dirty:  # before vLLM forgets their blocks, and before anyone reuses them
+            gone = set(scheduler_output.finished_req_ids)
+            gone |= set(getattr(scheduler_output, "preempted_req_ids", None) or ())
+            for rid in gone & self.dirty:
+                self._scrub(rid)
         for new in scheduler_output.scheduled_new_reqs:
             self.admit(new.req_id, new.sampling_params)
         for rid in scheduler_output.finished_req_ids:
@@ -195,6 +216,25 @@ class Driver:
             raise
         step.finish()
         return out
+
+    def _scrub(self, rid: str) -> None:
+        """Zero the key-value cache blocks of request `rid`, which changed values in the
+        model, as it leaves them (finished, aborted or preempted).
+
+        vLLM hands freed blocks to the next requests as they are, and its attention
+        reads a block's slots beyond a request's tokens too (masked, but a NaN or an
+        infinity there still reaches the sum): a value one request made non-finite would
+        reach other requests, plain vLLM ones too. Its blocks are its own (a request
+        purelens sends has a cache salt of its own: no prefix cache hit shares them).
+        """
+        self.dirty.discard(rid)
+        state = self.runner.requests.get(rid)
+        if state is None or self.caches is None:
+            return
+        for group, cache, dim in self.caches:
+            blocks = state.block_ids[group] if group < len(state.block_ids) else ()
+            if blocks:
+                cache.index_fill_(dim, torch.tensor(list(blocks), device=cache.device), 0)
 
     def step_of(
         self, present: list[Live]
@@ -262,6 +302,32 @@ class Driver:
                 for plan_key in [k for k in self.plans if k[0] == group]:
                     del self.plans[plan_key]
         return out
+
+
+def _cache_blocks(runner: Any) -> list[tuple[int, Tensor, int]] | None:
+    """(its KV cache group, the cache, its block dimension) for each attention layer of
+    the runner's model; None when a cache's block dimension cannot be told."""
+    try:
+        config = runner.kv_cache_config
+        context = runner.vllm_config.compilation_config.static_forward_context
+        groups = [list(group.layer_names) for group in config.kv_cache_groups]
+        blocks = int(config.num_blocks)
+    except AttributeError:
+        return None
+    out = []
+    for group, names in enumerate(groups):
+        for name in names:
+            cache = getattr(context.get(name), "kv_cache", None)
+            for tensor in cache if isinstance(cache, list | tuple) else [cache]:
+                if not isinstance(tensor, Tensor) or tensor.numel() == 0:
+                    continue
+                # vLLM's logical layout of a layer's cache is [blocks, heads, tokens, ...]
+                # (its RFC 42082); an older one may have the blocks further in.
+                dims = [d for d, size in enumerate(tensor.shape) if size == blocks]
+                if not dims or (dims[0] != 0 and len(dims) > 1):
+                    return None
+                out.append((group, tensor, dims[0]))
+    return out
 
 
 def _decoded(data: Any) -> tuple[Intervention, ...]:

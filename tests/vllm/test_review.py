@@ -109,3 +109,70 @@ def test_the_engine_loop_forgets_finished_requests(llm: Any) -> None:
         pl.generate(llm, PROMPTS, [], max_new_tokens=2)
     loop = loop_of(llm)
     assert not loop._waiting and not loop._internal and not loop._rid_of
+
+
+# --- a second review --------------------------------------------------------------------
+
+
+def test_a_non_finite_value_written_by_one_call_reaches_no_later_request(llm: Any, hf: Any) -> None:
+    import vllm
+
+    other = PROMPTS[1]
+    want = alone(hf, other, [pl.save("h.1")], 3)
+    greedy = vllm.SamplingParams(temperature=0, max_tokens=3)
+    plain = llm.generate([other], greedy, use_tqdm=False)[0].outputs[0].token_ids
+    for bad in (pl.replace("h.0", float("nan"), step=1), pl.scale("h.0", 1e25, step=1)):
+        pl.generate(llm, PROMPTS[0], [bad], max_new_tokens=3)  # its blocks went back NaN
+        assert_same(pl.generate(llm, other, [pl.save("h.1")], max_new_tokens=3), want)
+        again = llm.generate([other], greedy, use_tqdm=False)[0].outputs[0].token_ids
+        assert list(again) == list(plain)  # a plain vLLM request too
+
+
+@pytest.mark.parametrize(
+    ("writer", "skipped"),
+    [(pl.add("h.0:input", 1.0), "h.0"), (pl.patch("h.1.mlp:input", lambda v: v * 2.5), "h.1.mlp")],
+)
+def test_a_skip_gets_its_input_as_the_input_writers_left_it(
+    llm: Any, hf: Any, writer: Any, skipped: str
+) -> None:
+    ivs = [writer, pl.skip(skipped, lambda x: x * 3), pl.save(skipped)]
+    assert_same(pl.generate(llm, PROMPTS[0], ivs, max_new_tokens=3), alone(hf, PROMPTS[0], ivs, 3))
+
+
+def test_an_in_place_patch_changes_the_value_as_on_hf(
+    llm: Any, hf: Any, llama_llm: Any, llama: Any
+) -> None:
+    halve = pl.patch("h.0", lambda v: v.mul_(0.5))
+    assert_same(
+        pl.generate(llm, PROMPTS[0], [halve, pl.save("h.1")], max_new_tokens=3),
+        alone(hf, PROMPTS[0], [halve, pl.save("h.1")], 3),
+    )
+    for site in ("layers.0", "layers.1:input", "layers.1.post_attention_layernorm:input"):
+        ivs = [pl.patch(site, lambda v: v.mul_(0.5)), pl.save("layers.1")]
+        got = pl.generate(llama_llm, PROMPTS[0], ivs, max_new_tokens=3)
+        want = alone(llama, PROMPTS[0], ivs, 3)  # (a fused residual: the sum is new)
+        assert torch.equal(got.output, want.output), site
+        for x, y in zip(got["layers.1"], want["layers.1"], strict=True):
+            torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
+
+
+def test_skipping_attention_at_some_steps_only_is_refused(llm: Any) -> None:
+    with pytest.raises(pl.PurelensError, match="holds an attention layer"):
+        pl.generate(llm, PROMPTS[0], [pl.skip("h.0", step=0)], max_new_tokens=3)
+    # at every step, or of a module without attention, or in one forward pass: no cache
+    pl.generate(llm, PROMPTS[0], [pl.skip("h.0.mlp", step=0)], max_new_tokens=3)
+    pl.run(llm, PROMPTS[0], [pl.skip("h.0", step=0)])
+
+
+def test_engine_arguments_that_change_a_step_are_refused() -> None:
+    for arg, value in (("speculative_config", {"method": "ngram"}), ("async_scheduling", True)):
+        with pytest.raises(pl.PurelensError, match=f"{arg}="):
+            pl.vllm.load("/nowhere", **{arg: value})
+
+
+def test_no_length_generates_as_many_tokens_as_hf(llm: Any, hf: Any) -> None:
+    model, tokenizer = hf
+    got = pl.generate(llm, PROMPTS[1], [pl.save("h.0")])
+    want = pl.generate(model, [PROMPTS[1]], [pl.save("h.0")], tokenizer=tokenizer)
+    assert got.output.shape == want.output.shape
+    assert len(got["h.0"]) == len(want["h.0"])
