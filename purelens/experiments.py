@@ -1,7 +1,7 @@
 """Ready-made experiments on language models, built on `pl.run`: results you can print and plot.
 
 * `activation_patching`: causal tracing of a prompt pair over (layer, position).
-* `head_patching`: the same over attention heads, for any metric.
+* `head_patching`: the same over attention heads, for any metric (`HeadPatchingResult`).
 * `logit_lens`: what each layer's residual stream would predict.
 
 Both find the model's blocks themselves (the longest ``ModuleList``), so they
@@ -36,6 +36,7 @@ from ._run import run
 from ._sweep import sweep
 
 __all__ = [
+    "HeadPatchingResult",
     "LensResult",
     "PatchingResult",
     "activation_patching",
@@ -49,6 +50,11 @@ _LENGTHS = (
     "{n_clean} ({clean!r}) and {n_corrupt} ({corrupt!r})."
 )
 _ANSWER = "the answer {answer!r} must be a single token of the vocabulary, got {tokens}."
+_NO_DIFFERENCE = (
+    "the {what} is {value:.6g} on the clean and on the corrupted run alike, so there is "
+    "no difference for patching to recover (every fraction would divide by zero).\n"
+    "  Corrupt the prompt where it changes the answer."
+)
 _NO_BLOCKS = "found no list of blocks (a ModuleList) in {model}: which modules are its layers?"
 
 
@@ -186,6 +192,8 @@ def activation_patching(
 
     p_clean = p_answer(clean_rec.output).item()
     p_corrupt = p_answer(run(model, corrupt_ids).output).item()
+    if p_clean == p_corrupt:
+        raise PurelensError(_NO_DIFFERENCE.format(what=f"P({answer!r})", value=p_clean))
     n = clean_ids.shape[1]
     rows = torch.eye(n, dtype=torch.bool)[:, :, None]  # row p: take position p from the clean run
     batch = corrupt_ids.expand(n, n)
@@ -274,6 +282,82 @@ class LensResult:
         return _saved(plt, fig, path)
 
 
+@dataclasses.dataclass(frozen=True)
+class HeadPatchingResult:
+    """Recovered fraction of a metric per (layer, head), from `head_patching`.
+
+    ``effect[l, h]`` is ``(metric(patched) - metric(corrupt)) / (metric(clean) -
+    metric(corrupt))`` where the corrupted run gets head ``h`` of layer ``l`` from
+    the clean run.
+    """
+
+    layers: list[str]
+    effect: Tensor  # (layers, heads)
+    clean: float  # the metric of the clean run
+    corrupt: float  # and of the corrupted one
+
+    def _title(self) -> str:
+        return (
+            f"head patching: recovered metric (clean {self.clean:.3g}, "
+            f"corrupted {self.corrupt:.3g})"
+        )
+
+    def best(self) -> tuple[int, int]:
+        """The (layer, head) that recovers the most."""
+        layer, head_ = divmod(int(self.effect.argmax()), self.effect.shape[1])
+        return layer, head_
+
+    def _cells(self) -> list[list[str]]:
+        return [[f"{round(v, 2) + 0.0:.2f}" for v in row] for row in self.effect.tolist()]
+
+    def _heads(self) -> list[str]:
+        return [f"head {h}" for h in range(self.effect.shape[1])]
+
+    def table(self) -> Any:
+        """A `rich` table, layers down and heads across (effects from 0.5 in bold)."""
+        table = need("rich.table", "HeadPatchingResult.table()").Table(title=self._title())
+        table.add_column("layer")
+        for name in self._heads():
+            table.add_column(name, justify="right")
+        for name, row in zip(self.layers, self._cells(), strict=True):
+            table.add_row(name, *(f"[bold]{c}[/bold]" if float(c) >= 0.5 else c for c in row))
+        return table
+
+    def __rich__(self) -> Any:
+        return self.table()
+
+    def __str__(self) -> str:
+        """The table as plain text: layers down, heads across.
+
+        Examples:
+            >>> import torch
+            >>> print(HeadPatchingResult(["h.0", "h.1"], torch.tensor([[0.0, 0.1],
+            ...       [0.9, -0.05]]), -0.5, -4.0))
+            head patching: recovered metric (clean -0.5, corrupted -4)
+            layer  head 0  head 1
+            -----  ------  ------
+            h.0      0.00    0.10
+            h.1      0.90   -0.05
+        """
+        return _text_table(self._title(), ["layer", *self._heads()], self.layers, self._cells())
+
+    def plot(self, path: str | Path | None = None) -> Any:
+        """A heatmap (layers x heads): written to `path` (PNG), which is returned, or
+        without a path the matplotlib figure (a notebook shows it)."""
+        plt = _pyplot("HeadPatchingResult.plot()")
+        heads = self.effect.shape[1]
+        fig, ax = plt.subplots(figsize=(2.0 + 0.8 * heads, 1.4 + 0.5 * len(self.layers)))
+        image = ax.imshow(self.effect.float().numpy(), cmap="Blues", vmin=0, vmax=1)
+        ax.set_xticks(range(heads), [str(h) for h in range(heads)])
+        ax.set_yticks(range(len(self.layers)), self.layers)
+        ax.set_xlabel("head (patched from the clean run)")
+        ax.set_ylabel("layer")
+        ax.set_title("head patching: which head restores the metric?")
+        fig.colorbar(image, ax=ax, label="recovered fraction")
+        fig.tight_layout()
+        return _saved(plt, fig, path)
+
+
 def _pyplot(what: str) -> Any:
     """matplotlib's pyplot, or an error naming the extra that brings it. Where pyplot is
     not in use yet (a script, the command line) on the Agg backend: files, no window; a
@@ -349,22 +433,25 @@ def head_patching(
     *,
     site: str | None = None,
     progress: bool = False,
-) -> Tensor:
+) -> HeadPatchingResult:
     """Recovered fraction of `metric` when one head's output is patched from clean to corrupted.
 
     Each head's output is its slice of the attention's ``:z`` port (each
     block's attention module), patched with `pl.head`; every (layer, head)
     cell runs in one `pl.sweep`. `site` may name another site per block, a
     format string such as ``"{block}.attn.c_proj:input"``, whose last
-    dimension holds the heads side by side. Returns a ``(layers, heads)``
-    tensor: ``(metric(patched) - metric(corrupt)) / (metric(clean) -
-    metric(corrupt))``, where `metric` maps a model output to a scalar.
+    dimension holds the heads side by side. Returns a `HeadPatchingResult`,
+    whose ``effect`` is a ``(layers, heads)`` tensor: ``(metric(patched) -
+    metric(corrupt)) / (metric(clean) - metric(corrupt))``, where `metric` maps
+    a model output to a scalar; it prints as a table and plots itself.
     """
     paths = blocks(model)
     sites = [_attention_site(model, b) if site is None else site.format(block=b) for b in paths]
     clean_rec = run(model, clean, [save(s) for s in sites])
     base = float(metric(run(model, corrupt).output))
     full = float(metric(clean_rec.output))
+    if full == base:
+        raise PurelensError(_NO_DIFFERENCE.format(what="metric", value=full))
     cells: list[Any] = []
     for name in sites:
         value = clean_rec[name]
@@ -379,7 +466,8 @@ def head_patching(
             cells.append(patch(name, _columns(value, cols)))
     rec = sweep(model, corrupt, cells, output=metric, progress=progress)
     effect = (rec.output.float() - base) / (full - base)
-    return effect.reshape(len(sites), -1)
+    layers = [_short(p) for p in paths]
+    return HeadPatchingResult(layers, effect.reshape(len(sites), -1), full, base)
 
 
 def _constant(value: Tensor) -> Any:

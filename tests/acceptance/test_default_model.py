@@ -120,10 +120,13 @@ def test_ablating_the_induction_head_found_by_patching(
     def copy_logprob(out: object) -> torch.Tensor:
         return out.logits[:, 9:16].log_softmax(-1).gather(-1, targets[..., None]).mean()  # type: ignore[attr-defined]
 
-    effect = head_patching(model, clean, corrupt, copy_logprob)
-    layer, head = divmod(int(effect.argmax()), effect.shape[1])
+    result = head_patching(model, clean, corrupt, copy_logprob)
+    effect = result.effect
+    layer, head = result.best()
     # Patching finds the head that training confined copying to: the ground truth.
-    assert (layer, head) == INDUCTION_HEAD, effect
+    assert (layer, head) == INDUCTION_HEAD, result
+    assert result.layers == ["h.0", "h.1"] and result.clean > result.corrupt
+    assert f"{effect[layer, head].item():.2f}" in str(result)  # a table: layers x heads
 
     # It attends where an induction head does: a fixed number of words after the
     # earlier occurrence of the current word, for sequences of any length.

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import purelens as pl
-from purelens.experiments import LensResult, PatchingResult
+from purelens.experiments import HeadPatchingResult, LensResult, PatchingResult
 
 EXTRA_MODULES = ("fastapi", "starlette", "uvicorn", "httpx", "matplotlib", "rich")
 
@@ -99,8 +99,27 @@ def test_results_print_as_tables_and_plot(tmp_path: Path) -> None:
     assert lines[1].split() == ["layer", "a", "b"] and lines[3].split() == ["embed", "0.00", "1.00"]
     lens = _lens()
     assert str(lens).splitlines()[3].split() == ["h.0", "x", "(0.50)", "y", "(0.25)"]
-    for made in (result.plot(tmp_path / "p.png"), lens.plot(tmp_path / "l.png")):
-        assert made.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    heads = HeadPatchingResult(["h.0", "h.1"], torch.tensor([[0.0, 0.1], [0.9, -0.05]]), -0.5, -4.0)
+    assert str(heads).splitlines()[1].split() == ["layer", "head", "0", "head", "1"]
+    assert str(heads).splitlines()[4].split() == ["h.1", "0.90", "-0.05"]
+    assert heads.best() == (1, 0)
+    made = [
+        result.plot(tmp_path / "p.png"),
+        lens.plot(tmp_path / "l.png"),
+        heads.plot(tmp_path / "h.png"),
+    ]
+    for path in made:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "head 1" in _rendered(heads) and "embed" in _rendered(result)
+
+
+def _rendered(result: Any) -> str:
+    """What rich prints of `result` (its __rich__ table)."""
+    from rich.console import Console
+
+    console = Console(width=120, record=True)
+    console.print(result)
+    return console.export_text()
 
 
 def _patching() -> PatchingResult:
@@ -117,3 +136,14 @@ def _create_app() -> Any:
     from purelens._server import create_app
 
     return create_app(None, tokens=["t"])
+
+
+def test_patching_a_pair_with_no_difference_is_an_error() -> None:
+    from purelens.experiments import activation_patching, head_patching
+
+    model, tok = pl.models.load_default()
+    with pytest.raises(pl.PurelensError, match="no difference for patching"):
+        activation_patching(model, tok, "leibrund lives in", "leibrund lives in", "lagos")
+    ids = tok("leibrund lives in", return_tensors="pt")["input_ids"]
+    with pytest.raises(pl.PurelensError, match="no difference for patching"):
+        head_patching(model, ids, ids, lambda out: out.logits[:, -1].max())
