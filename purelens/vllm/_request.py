@@ -168,12 +168,16 @@ class Live:
         self.unbounded = spec.seconds is None and spec.saved_bytes is None and spec.elements is None
         self.across = False  # whether it reads or is read by other prompts of its call
         self.idle = False  # whether it has nothing to do at any step (then steps skip it)
-        self.writes = False  # whether it changes values (then its cache blocks are scrubbed)
+        # Whether it may change values, by writers or by functions of the user's (a save's
+        # may change its value in place): then its cache blocks are zeroed as it leaves.
+        self.writes = False
         try:
             plan = driver.plan_for(spec)
             self.across = any(isinstance(iv, _ACROSS) for iv in plan.interventions)
             self.idle = not (plan.sites or plan.skip_modules or spec.run)
-            self.writes = bool(plan.skips) or not all(site.only_saves for site in plan.sites)
+            self.writes = bool(plan.skips) or not all(
+                site.only_saves and site.bare for site in plan.sites
+            )
             self.pass_: Pass | None = Pass(plan, driver.model, steps=not spec.run)
         except PurelensError as error:
             self.pass_ = None

@@ -287,6 +287,11 @@ class Step:
                 else:
                     with live.bounded():
                         out = pass_.on_value(site, piece)
+                if out is None and not site.only_saves:
+                    # A writer may have changed its piece in place, which on HF changes the
+                    # model's value; here the piece may be a copy, or part of a sum the
+                    # model never sees (a fused residual): it goes back as the new value.
+                    out = piece
                 if out is not None:
                     self.driver.check_ids(pass_.plan, site, out)
             except StopPass:
@@ -299,12 +304,7 @@ class Step:
                 if token is not None:
                     ARRIVALS.reset(token)
             if out is None:
-                if site.only_saves:
-                    continue
-                # A writer may have changed its piece in place, which on HF changes the
-                # model's value; here the piece may be a copy, or part of a sum the model
-                # never sees (a fused residual): it goes back as the new value.
-                out = piece
+                continue
             if new is None:
                 new = value.clone()
             self._put(live, new, out, tokens)

@@ -187,10 +187,13 @@ class Driver:
                 self.dirty.add(rid)
 
     def execute_model(self, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+        preempted = getattr(scheduler_output, "preempted_req_ids", None) or ()
+        for rid in preempted:  # its steps would run again: it fails now (as when it comes
+            live = self.live.get(rid)  # back, which a prefix cache hit on all of its tokens,
+            if live is not None and not live.idle:  # blocks zeroed below, would not show)
+                live.fail(PurelensError(_PREEMPTED))
         if self.dirty:  # before vLLM forgets their blocks, and before anyone reuses them
-            gone = set(scheduler_output.finished_req_ids)
-            gone |= set(getattr(scheduler_output, "preempted_req_ids", None) or ())
-            for rid in gone & self.dirty:
+            for rid in (set(scheduler_output.finished_req_ids) | set(preempted)) & self.dirty:
                 self._scrub(rid)
         for new in scheduler_output.scheduled_new_reqs:
             self.admit(new.req_id, new.sampling_params)

@@ -176,3 +176,49 @@ def test_no_length_generates_as_many_tokens_as_hf(llm: Any, hf: Any) -> None:
     want = pl.generate(model, [PROMPTS[1]], [pl.save("h.0")], tokenizer=tokenizer)
     assert got.output.shape == want.output.shape
     assert len(got["h.0"]) == len(want["h.0"])
+
+
+# --- a third review -----------------------------------------------------------------------
+
+
+def test_a_request_preempted_at_a_block_boundary_fails(tight_llm: Any, hf: Any) -> None:
+    # B is preempted with exactly one full block computed: resumed, a prefix cache hit
+    # covered all its tokens (blocks zeroed as it was preempted), which looked like a step.
+    prompts = ["leibrund leibrund lives in the home of the", "leibrund lives in"]
+    ivs = [pl.add("h.1", torch.randn(128) * 0.5)]
+    try:
+        recs = pl.generate(tight_llm, prompts, ivs, max_new_tokens=40, min_new_tokens=40)
+    except pl.PurelensError as error:
+        assert "preempted" in str(error)
+    else:  # vLLM did not preempt this time: then both are right
+        model, tokenizer = hf
+        for prompt, rec in zip(prompts, recs, strict=True):
+            want = pl.generate(model, [prompt], ivs, max_new_tokens=40, min_new_tokens=40,
+                               tokenizer=tokenizer)  # fmt: skip
+            assert torch.equal(rec.output, want.output)
+
+
+def fill(v: torch.Tensor) -> torch.Tensor:
+    return v.fill_(10**6)
+
+
+@pytest.mark.parametrize("site", ["samples", "transformer.wte:input"])
+def test_ids_written_in_place_are_checked_too(llm: Any, hf: Any, site: str) -> None:
+    with pytest.raises(pl.PurelensError, match="outside it"):
+        pl.generate(llm, PROMPTS, [pl.patch(site, fill, batch=0, step=1)], max_new_tokens=3)
+    rec = pl.generate(llm, PROMPTS[0], [pl.save("h.1")], max_new_tokens=3)
+    assert_same(rec, alone(hf, PROMPTS[0], [pl.save("h.1")], 3))
+
+
+def poison(v: torch.Tensor) -> torch.Tensor:
+    v.fill_(float("nan"))
+    return v.sum()
+
+
+def test_a_save_function_that_writes_nan_in_place_reaches_no_later_request(
+    llm: Any, hf: Any
+) -> None:
+    pl.generate(llm, PROMPTS[0], [pl.save("h.0", poison, step=1)], max_new_tokens=3)
+    other = PROMPTS[1]
+    rec = pl.generate(llm, other, [pl.save("h.1")], max_new_tokens=3)
+    assert_same(rec, alone(hf, other, [pl.save("h.1")], 3))
