@@ -339,9 +339,12 @@ def _shape(iv: Intervention) -> tuple[Any, ...] | None:
     value (a node is frozen, and what this reads of it never changes): a sweep or a loop
     that reuses its nodes asks once.
     """
-    known = iv.__dict__.get(_SHAPE, _UNKNOWN)
+    kept = getattr(iv, "__dict__", None)
+    if kept is None:  # a node with slots only (a user's own class): asked each time
+        return _shape_of(iv)
+    known = kept.get(_SHAPE, _UNKNOWN)
     if known is _UNKNOWN:
-        known = iv.__dict__[_SHAPE] = _shape_of(iv)
+        known = kept[_SHAPE] = _shape_of(iv)
     return known  # type: ignore[no-any-return]
 
 
@@ -369,10 +372,11 @@ def _forget_when_gone(model: nn.Module) -> weakref.ReferenceType[nn.Module]:
     key = id(model)
 
     def forget(ref: weakref.ReferenceType[nn.Module]) -> None:
-        with _cache_lock:
-            entry = _templates.get(key)
-            if entry is not None and entry[0] is ref:
-                del _templates[key]
+        # Without the lock: a collection may run this in a thread that holds it (inside
+        # `Plan.cached`). Losing a race here drops another model's cache, nothing more.
+        entry = _templates.get(key)
+        if entry is not None and entry[0] is ref:
+            _templates.pop(key, None)
 
     return weakref.ref(model, forget)
 
@@ -404,7 +408,8 @@ class _Template:
         if not tree_unchanged(self.table):
             return False
         for parent_ref, part, child_ref in self.links:
-            parent = parent_ref()
-            if parent is None or parent._modules.get(part) is not child_ref():
+            parent, child = parent_ref(), child_ref()
+            # (a child removed and collected: None is not None's child either)
+            if parent is None or child is None or parent._modules.get(part) is not child:
                 return False
         return True

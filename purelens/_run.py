@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -111,7 +112,8 @@ def run(
             validate=validate,
             **model_kwargs,
         )
-    if type(model) not in _MODULE_TYPES:
+    known = _MODULE_TYPES.get(id(type(model)))
+    if known is None or known() is not type(model):
         return _run_on(
             model, inputs, interventions, params, loss, tokenizer, validate, model_kwargs
         )
@@ -137,8 +139,18 @@ def run(
 
 
 # The types of modules `run` has seen given as themselves (not a compile wrapper, a
-# served model or an engine): a call on one goes straight to its plan.
-_MODULE_TYPES: set[type] = set()
+# served model or an engine), held weakly by id: a call on one goes straight to its plan.
+_MODULE_TYPES: dict[int, weakref.ReferenceType[type]] = {}
+
+
+def _seen(kind: type) -> None:
+    key = id(kind)
+
+    def forget(ref: weakref.ReferenceType[type]) -> None:
+        if _MODULE_TYPES.get(key) is ref:
+            _MODULE_TYPES.pop(key, None)
+
+    _MODULE_TYPES[key] = weakref.ref(kind, forget)
 
 
 def _run_on(
@@ -182,7 +194,7 @@ def _run_on(
         )
     module = module_of(model, "pl.run")
     if module is model:
-        _MODULE_TYPES.add(type(model))
+        _seen(type(model))
     return run(
         module,
         inputs,

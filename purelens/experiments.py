@@ -104,13 +104,9 @@ class PatchingResult:
 
     def table(self) -> Any:
         """A `rich` table, layers down and tokens across (scores from 0.5 in bold)."""
-        table = need("rich.table", "PatchingResult.table()").Table(title=self._title())
-        table.add_column("layer")
-        for token in self.tokens:
-            table.add_column(token, justify="right")
-        for name, row in zip(self.layers, self._cells(), strict=True):
-            table.add_row(name, *(f"[bold]{c}[/bold]" if float(c) >= 0.5 else c for c in row))
-        return table
+        return _fractions_table(
+            "PatchingResult.table()", self._title(), self.tokens, self.layers, self._cells()
+        )
 
     def __rich__(self) -> Any:
         return self.table()
@@ -315,13 +311,9 @@ class HeadPatchingResult:
 
     def table(self) -> Any:
         """A `rich` table, layers down and heads across (effects from 0.5 in bold)."""
-        table = need("rich.table", "HeadPatchingResult.table()").Table(title=self._title())
-        table.add_column("layer")
-        for name in self._heads():
-            table.add_column(name, justify="right")
-        for name, row in zip(self.layers, self._cells(), strict=True):
-            table.add_row(name, *(f"[bold]{c}[/bold]" if float(c) >= 0.5 else c for c in row))
-        return table
+        return _fractions_table(
+            "HeadPatchingResult.table()", self._title(), self._heads(), self.layers, self._cells()
+        )
 
     def __rich__(self) -> Any:
         return self.table()
@@ -356,6 +348,20 @@ class HeadPatchingResult:
         fig.colorbar(image, ax=ax, label="recovered fraction")
         fig.tight_layout()
         return _saved(plt, fig, path)
+
+
+def _fractions_table(
+    what: str, title: str, columns: list[str], layers: list[str], cells: list[list[str]]
+) -> Any:
+    """A `rich` table of recovered fractions: layers down, `columns` across, cells from
+    0.5 in bold."""
+    table = need("rich.table", what).Table(title=title)
+    table.add_column("layer")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for name, row in zip(layers, cells, strict=True):
+        table.add_row(name, *(f"[bold]{c}[/bold]" if float(c) >= 0.5 else c for c in row))
+    return table
 
 
 def _pyplot(what: str) -> Any:

@@ -239,3 +239,86 @@ class ByName(nn.Module):
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.inner(inputs_embeds)
+
+
+class TwoPaths(nn.Module):
+    """A site "a.fc" that is a path, and the suffix of another path ("x.a.fc")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Module()
+        self.a.fc = nn.Linear(4, 4)
+        self.x = nn.Module()
+        self.x.a = nn.Module()
+        self.x.a.fc = nn.Linear(4, 4)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        fc = getattr(self.a, "fc", None)
+        return self.x.a.fc(t if fc is None else fc(t))
+
+
+def test_a_deleted_and_collected_module_is_seen() -> None:
+    model, x = TwoPaths(), torch.randn(2, 4)
+    pl.run(model, x, [pl.save("a.fc")])
+    del model.a.fc  # no registration hook sees a deletion
+    gc.collect()
+    rec = pl.run(model, x, [pl.save("a.fc")])  # now the suffix of "x.a.fc"
+    assert torch.equal(rec["a.fc"], model(x))
+    del model.x.a.fc
+    gc.collect()
+    with pytest.raises(pl.SiteError, match="matches no module"):
+        pl.run(model, x, [pl.save("a.fc")])
+
+
+def test_a_model_collected_while_the_cache_is_locked_does_not_deadlock() -> None:
+    # A weak reference's callback runs in whatever thread collects: one that holds the
+    # cache's lock (inside Plan.cached) must not wait for it.
+    def collect_under_lock() -> None:
+        model = mlp()
+        pl.run(model, torch.randn(5, 3), [pl.save("2")])
+        cycle: list[object] = [model]
+        cycle.append(cycle)  # freed only by the collector
+        del model, cycle
+        with _plan._cache_lock:
+            gc.collect()
+
+    thread = threading.Thread(target=collect_under_lock, daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+
+
+def test_module_classes_made_on_the_fly_are_not_kept() -> None:
+    def make() -> nn.Module:
+        class Probe(nn.Linear):
+            pass
+
+        return Probe(3, 3)
+
+    model = make()
+    pl.run(model, torch.randn(2, 3), [pl.save("")])
+    kind = weakref.ref(type(model))
+    del model
+    gc.collect()
+    assert kind() is None
+
+
+def test_an_intervention_class_with_slots_only_works() -> None:
+    import dataclasses
+
+    from purelens._interventions import Writer
+
+    @dataclasses.dataclass(frozen=True, slots=True, eq=False, repr=False)
+    class Clamp(Writer):
+        site: str
+        step: object = None
+        batch: object = None
+        call: object = None
+
+        def new_value(self, rows: torch.Tensor, saved: object) -> torch.Tensor:
+            return rows.clamp(-0.1, 0.1)
+
+    model, x = mlp(), torch.randn(5, 3)
+    for _ in range(2):
+        rec = pl.run(model, x, [Clamp("0"), pl.save("0")])  # type: ignore[abstract]
+        assert torch.allclose(rec["0"], model[0](x).clamp(-0.1, 0.1))
