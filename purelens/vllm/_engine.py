@@ -12,11 +12,13 @@ through ``collective_rpc`` (as bytes across processes).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import uuid
 import weakref
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -95,15 +97,20 @@ _checked: weakref.WeakKeyDictionary[Any, OrderedDict[Any, None]] = weakref.WeakK
 _checked_lock = threading.Lock()
 
 
-def load(path: Any, **engine_args: Any) -> Any:
+def load(path: Any, *, multiprocess: bool | None = None, **engine_args: Any) -> Any:
     """A `vllm.LLM` for `path` that purelens can intervene in.
 
     The engine runs eagerly (CUDA graphs and vLLM's compilation would skip
     hooks), without chunked prefill (a request's prompt pass is one step)
     and with synchronous scheduling; every other engine argument is vLLM's.
+    Its engine core runs in this process unless `multiprocess` says otherwise
+    (the least overhead per step: no round trip for the records).
 
     Args:
         path: a local model folder (as `vllm.LLM(model=path)` takes it).
+        multiprocess: run vLLM's engine core in a process of its own (vLLM's
+            own default); None: as ``VLLM_ENABLE_V1_MULTIPROCESSING`` says
+            when it is set, else in this process.
         **engine_args: vLLM's engine arguments, e.g. ``dtype="float32"``,
             ``max_model_len=64``, ``gpu_memory_utilization=0.2``.
 
@@ -142,9 +149,12 @@ def load(path: Any, **engine_args: Any) -> Any:
     engine_args["enforce_eager"] = True
     engine_args.setdefault("enable_chunked_prefill", False)
     engine_args.setdefault("async_scheduling", False)
-    llm = vllm.LLM(
-        model=str(path), worker_extension_cls="purelens.vllm._worker.Extension", **engine_args
-    )
+    if multiprocess is None:
+        multiprocess = os.environ.get(_MULTIPROCESS, "0").lower() not in ("0", "false", "")
+    with _engine_process(multiprocess):
+        llm = vllm.LLM(
+            model=str(path), worker_extension_cls="purelens.vllm._worker.Extension", **engine_args
+        )
     workers = llm.collective_rpc("purelens_install")
     # Interventions reach workers in this process as objects (lambdas too), others as data.
     in_process = all(pid == os.getpid() for pid, _ in workers)
@@ -184,6 +194,27 @@ def generate_on(
     return _call(
         llm, inputs, ivs, max_new_tokens, sampling_params, tokenizer, validate, options, run=False
     )
+
+
+_MULTIPROCESS = "VLLM_ENABLE_V1_MULTIPROCESSING"
+
+
+@contextlib.contextmanager
+def _engine_process(multiprocess: bool) -> Iterator[None]:
+    """vLLM's switch for an engine core in a process of its own, set while an engine is
+    made (vLLM reads it then) and put back after in the environment."""
+    import vllm.envs
+
+    previous = os.environ.get(_MULTIPROCESS)
+    os.environ[_MULTIPROCESS] = "1" if multiprocess else "0"
+    getattr(vllm.envs, "disable_envs_cache", lambda: None)()  # vLLM caches its variables
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[_MULTIPROCESS]
+        else:
+            os.environ[_MULTIPROCESS] = previous
 
 
 def _hf_default_length(path: str) -> int | str:

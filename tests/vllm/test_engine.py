@@ -3,6 +3,7 @@ what the backend cannot do, and the multiprocess engine."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
@@ -324,3 +325,27 @@ def test_a_call_keeps_nothing_its_functions_capture(llm: Any) -> None:
     kept = run()
     gc.collect()
     assert kept() is None
+
+
+_KEPT: list[Any] = []  # engines made here live as long as the session's (see below)
+
+
+def test_the_engine_core_runs_in_this_process_unless_asked(
+    monkeypatch: pytest.MonkeyPatch, hf: Any
+) -> None:
+    from purelens.vllm._engine import _loaded
+    from tests.vllm.conftest import DEFAULT, ENGINE
+
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    for multiprocess, here in ((None, True), (True, False)):
+        llm = pl.vllm.load(DEFAULT, multiprocess=multiprocess, **ENGINE)
+        # Kept: an engine shut down (or collected) takes vLLM's process-wide parallel
+        # state with it, which the session's in-process engines use.
+        _KEPT.append(llm)
+        assert _loaded[llm] is here
+        assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ  # put back as it was
+        rec = pl.generate(llm, "leibrund lives in", [pl.save("h.1")], max_new_tokens=2)
+        model, tokenizer = hf
+        want = pl.generate(model, ["leibrund lives in"], [pl.save("h.1")],
+                           max_new_tokens=2, tokenizer=tokenizer)  # fmt: skip
+        assert torch.equal(rec.output, want.output)
