@@ -152,7 +152,7 @@ class Driver:
         cache blocks purelens cannot clear (see `_scrub`)."""
         check_supported(plan, generating=generating)
         if self.caches is None:
-            writer = next((iv for _, iv in plan.nodes if not isinstance(iv, Save | Stop)), None)
+            writer = next((iv for _, iv in plan.nodes if not _reads_only(iv)), None)
             if writer is not None:
                 raise PurelensError(_UNKNOWN_CACHE.format(what=repr(writer)))
         check_order(plan)
@@ -305,6 +305,12 @@ class Driver:
                 for plan_key in [k for k in self.plans if k[0] == group]:
                     del self.plans[plan_key]
         return out
+
+
+def _reads_only(iv: Intervention) -> bool:
+    """Whether `iv` cannot change a value: a stop, or a save without a function (a save's
+    function may change its value in place)."""
+    return isinstance(iv, Stop) or (isinstance(iv, Save) and iv.fn is None)
 
 
 def _cache_blocks(runner: Any) -> list[tuple[int, Tensor, int]] | None:
